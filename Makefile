@@ -1,0 +1,25 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test bench demo clean
+
+install: $(STAMP)
+
+# Re-install only when the declared dependencies change.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(VENV)/bin/ruff check af3 weights_convert examples tests
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m tests.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

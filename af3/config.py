@@ -1,0 +1,318 @@
+"""Model dimensions: one flat dataclass per part, read from an HF `config.json`, saved as ours.
+
+Field names follow the HF `config.json` names so that a reader can map one onto the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1  # bump when the JSON we write changes incompatibly
+
+
+class ConfigError(ValueError):
+    """A config value is missing, malformed or inconsistent."""
+
+
+def _require(d: dict, key: str, where: str, aliases: tuple[str, ...] = ()) -> Any:
+    for k in (key, *aliases):
+        if k in d and d[k] is not None:
+            return d[k]
+    names = " / ".join(repr(k) for k in (key, *aliases))
+    raise ConfigError(f"{where}: required key {names} is missing")
+
+
+def _optional(d: dict, key: str, default: Any, aliases: tuple[str, ...] = ()) -> Any:
+    for k in (key, *aliases):
+        if k in d and d[k] is not None:
+            return d[k]
+    return default
+
+
+@dataclass
+class AudioConfig:
+    """The Whisper-style audio encoder."""
+
+    num_mel_bins: int = 128
+    hidden_size: int = 1280  # HF: d_model
+    num_hidden_layers: int = 32  # HF: encoder_layers
+    num_attention_heads: int = 20  # HF: encoder_attention_heads
+    intermediate_size: int = 5120  # HF: encoder_ffn_dim
+    max_source_positions: int = 1500  # positions after conv2 (stride 2): 3000 mel frames / 2
+    activation_function: str = "gelu"
+    scale_embedding: bool = False
+    layer_norm_eps: float = 1e-5
+    head_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_mel_bins", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "intermediate_size", "max_source_positions")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"audio: hidden_size {self.hidden_size} is not divisible by "
+                              f"num_attention_heads {self.num_attention_heads}")
+        self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.activation_function != "gelu":
+            raise ConfigError(f"audio: activation_function {self.activation_function!r} is not "
+                              "supported (AF3 uses 'gelu')")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> AudioConfig:
+        w = "audio_config"
+        return cls(
+            num_mel_bins=_require(d, "num_mel_bins", w),
+            hidden_size=_require(d, "hidden_size", w, ("d_model",)),
+            num_hidden_layers=_require(d, "num_hidden_layers", w, ("encoder_layers",)),
+            num_attention_heads=_require(d, "num_attention_heads", w, ("encoder_attention_heads",)),
+            intermediate_size=_require(d, "intermediate_size", w, ("encoder_ffn_dim",)),
+            max_source_positions=_optional(d, "max_source_positions", 1500),
+            activation_function=_optional(d, "activation_function", "gelu"),
+            scale_embedding=bool(_optional(d, "scale_embedding", False)),
+        )
+
+
+@dataclass
+class TextConfig:
+    """The Qwen2 decoder."""
+
+    vocab_size: int = 151672
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    n_rep: int = field(init=False)  # query heads per key/value head (GQA)
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"text: hidden_size {self.hidden_size} is not divisible by "
+                              f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"text: num_attention_heads {self.num_attention_heads} is not "
+                              f"divisible by num_key_value_heads {self.num_key_value_heads}")
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise ConfigError(f"text: head_dim {self.head_dim} must be even for RoPE")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"text: rope_theta must be positive, got {self.rope_theta}")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"text: hidden_act {self.hidden_act!r} is not supported (Qwen2 uses 'silu')")
+        self.n_rep = self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf(cls, d: dict) -> TextConfig:
+        w = "text_config"
+        if d.get("use_sliding_window"):
+            raise ConfigError(f"{w}: use_sliding_window=true is not supported (AF3 does not use it)")
+        # Older files put rope_theta at the top level, newer ones inside rope_parameters.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ConfigError(f"{w}: rope type {rope.get('rope_type', rope.get('type'))!r} is not "
+                              "supported (AF3 uses plain RoPE)")
+        theta = rope.get("rope_theta", d.get("rope_theta"))
+        if theta is None:
+            raise ConfigError(f"{w}: required key 'rope_theta' (or rope_parameters.rope_theta) is missing")
+        n_heads = _require(d, "num_attention_heads", w)
+        return cls(
+            vocab_size=_require(d, "vocab_size", w),
+            hidden_size=_require(d, "hidden_size", w),
+            intermediate_size=_require(d, "intermediate_size", w),
+            num_hidden_layers=_require(d, "num_hidden_layers", w),
+            num_attention_heads=n_heads,
+            num_key_value_heads=_optional(d, "num_key_value_heads", n_heads),
+            max_position_embeddings=_require(d, "max_position_embeddings", w),
+            rms_norm_eps=float(_require(d, "rms_norm_eps", w)),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(_optional(d, "tie_word_embeddings", False)),
+            hidden_act=_optional(d, "hidden_act", "silu"),
+            head_dim=_optional(d, "head_dim", 0),
+        )
+
+
+@dataclass
+class FrontendConfig:
+    """The log-mel frontend and the windowing of long audio."""
+
+    sampling_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    num_mel_bins: int = 128  # HF: feature_size
+    chunk_length: int = 30  # seconds per window
+    max_windows: int = 20  # 20 x 30 s = 10 minutes
+    n_samples: int = field(init=False)  # samples per window: 480 000
+    n_frames: int = field(init=False)  # mel frames per window: 3000
+
+    def __post_init__(self) -> None:
+        _positive(self, "sampling_rate", "n_fft", "hop_length", "num_mel_bins", "chunk_length",
+                  "max_windows")
+        self.n_samples = self.chunk_length * self.sampling_rate
+        if self.n_samples % self.hop_length:
+            raise ConfigError(f"frontend: window of {self.n_samples} samples is not a multiple of "
+                              f"hop_length {self.hop_length}")
+        self.n_frames = self.n_samples // self.hop_length
+
+    @property
+    def max_samples(self) -> int:
+        return self.max_windows * self.n_samples
+
+    @classmethod
+    def from_hf(cls, d: dict, max_audio_len: float | None = None) -> FrontendConfig:
+        """From a `preprocessor_config.json` (or the `feature_extractor` part of a processor config)."""
+        chunk = int(_optional(d, "chunk_length", 30))
+        max_windows = 20 if max_audio_len is None else int(max_audio_len // chunk)
+        return cls(
+            sampling_rate=int(_optional(d, "sampling_rate", 16000)),
+            n_fft=int(_optional(d, "n_fft", 400)),
+            hop_length=int(_optional(d, "hop_length", 160)),
+            num_mel_bins=int(_optional(d, "feature_size", 128, ("num_mel_bins",))),
+            chunk_length=chunk,
+            max_windows=max_windows,
+        )
+
+
+@dataclass
+class AF3Config:
+    """The whole model: encoder + projector + decoder, and the frontend that feeds it."""
+
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    audio_token_id: int = 151669
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    dtype: str = "bfloat16"  # the dtype the checkpoint was saved in
+
+    def __post_init__(self) -> None:
+        if self.frontend.num_mel_bins != self.audio.num_mel_bins:
+            raise ConfigError(f"frontend makes {self.frontend.num_mel_bins} mel bins but the encoder "
+                              f"expects {self.audio.num_mel_bins}")
+        if not 0 <= self.audio_token_id < self.text.vocab_size:
+            raise ConfigError(f"audio_token_id {self.audio_token_id} is outside the vocabulary "
+                              f"(vocab_size {self.text.vocab_size})")
+        if self.projector_hidden_act != "gelu":
+            raise ConfigError(f"projector_hidden_act {self.projector_hidden_act!r} is not supported "
+                              "(AF3 uses 'gelu')")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16")
+        # Frames per window after conv2 (stride 2) must fit the encoder's position table.
+        if math.ceil(self.frontend.n_frames / 2) > self.audio.max_source_positions:
+            raise ConfigError(f"a {self.frontend.chunk_length} s window gives "
+                              f"{math.ceil(self.frontend.n_frames / 2)} encoder positions but "
+                              f"max_source_positions is {self.audio.max_source_positions}")
+
+    # ---- HF config.json ---------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, config: dict, preprocessor: dict | None = None) -> AF3Config:
+        """From an HF `config.json` dict and, when present, the feature-extractor settings."""
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        audio = _require(config, "audio_config", "config.json")
+        text = _require(config, "text_config", "config.json")
+        pre = preprocessor or {}
+        if "feature_extractor" in pre:  # processor_config.json nests it
+            max_len = pre.get("max_audio_len")
+            pre = pre["feature_extractor"]
+        else:
+            max_len = pre.get("max_audio_len")
+        dtype = _optional(config, "dtype", None, ("torch_dtype",))
+        dtype = _optional(text, "dtype", "bfloat16", ("torch_dtype",)) if dtype is None else dtype
+        return cls(
+            audio=AudioConfig.from_hf(audio),
+            text=TextConfig.from_hf(text),
+            frontend=FrontendConfig.from_hf(pre, max_len),
+            audio_token_id=int(_optional(config, "audio_token_id", 151669, ("audio_token_index",))),
+            projector_hidden_act=_optional(config, "projector_hidden_act", "gelu"),
+            projector_bias=bool(_optional(config, "projector_bias", True)),
+            dtype=str(dtype).replace("torch.", ""),
+        )
+
+    # ---- our own JSON -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        def part(obj: Any) -> dict:
+            return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+
+        return {
+            "format": "af3",
+            "format_version": FORMAT_VERSION,
+            "audio": part(self.audio),
+            "text": part(self.text),
+            "frontend": part(self.frontend),
+            "audio_token_id": self.audio_token_id,
+            "projector_hidden_act": self.projector_hidden_act,
+            "projector_bias": self.projector_bias,
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AF3Config:
+        if not isinstance(d, dict):
+            raise TypeError(f"config must be a dict, got {type(d).__name__}")
+        if d.get("format") != "af3":
+            raise ConfigError("not an af3 config (no \"format\": \"af3\"); an HF config.json must be "
+                              "converted with `python -m weights_convert SRC DST`")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ConfigError(f"config format_version {version!r} is not supported by this af3 "
+                              f"(expects {FORMAT_VERSION})")
+
+        def part(klass: type, key: str) -> Any:
+            sub = _require(d, key, "config")
+            known = {f.name for f in dataclasses.fields(klass) if f.init}
+            unknown = sorted(set(sub) - known)
+            if unknown:
+                raise ConfigError(f"config.{key}: unknown keys {unknown}")
+            return klass(**sub)
+
+        top = {"format", "format_version", "audio", "text", "frontend", "audio_token_id",
+               "projector_hidden_act", "projector_bias", "dtype"}
+        unknown = sorted(set(d) - top)
+        if unknown:
+            raise ConfigError(f"config: unknown keys {unknown}")
+        return cls(
+            audio=part(AudioConfig, "audio"),
+            text=part(TextConfig, "text"),
+            frontend=part(FrontendConfig, "frontend"),
+            audio_token_id=_require(d, "audio_token_id", "config"),
+            projector_hidden_act=_require(d, "projector_hidden_act", "config"),
+            projector_bias=_require(d, "projector_bias", "config"),
+            dtype=_require(d, "dtype", "config"),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AF3Config:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    where = type(obj).__name__
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{where}.{n} must be a positive integer, got {v!r}")
