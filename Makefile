@@ -18,8 +18,12 @@ test: install
 	$(VENV)/bin/ruff check af3 weights_convert examples tests
 	$(PY) -m pytest -q
 
+# Benchmarks print ratios against HF transformers measured in the same run (never asserted).
 bench: install
-	$(PY) -m tests.bench
+	@for f in tests/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+demo: install
+	$(PY) examples/demo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
