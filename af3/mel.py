@@ -1,0 +1,177 @@
+"""Log-mel frontend: 16 kHz windows -> Whisper log-mel features (n_windows, 128, 3000) and their mask.
+
+Per window, as Whisper and HF's WhisperFeatureExtractor do it:
+zero-pad to 30 s; centred STFT (reflect padding, periodic Hann, n_fft 400, hop 160), last frame
+dropped -> 3000 frames; power spectrum through a slaney mel filterbank (0-8 kHz, float64-built);
+log10(max(mel, 1e-10)); floor at (window max - 8); (x + 4) / 4.
+The mask marks the first ceil(n_samples_in_window / 160) frames of each window as real audio.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from af3.config import FrontendConfig
+from af3.windows import mel_length, window_ranges, window_token_count
+
+MASK_DTYPE = torch.int32  # what HF's processor returns for input_features_mask
+_CPU_WINDOWS_PER_STFT = 2
+
+
+@dataclass
+class AudioFeatures:
+    """The frontend's output for a batch of clips."""
+
+    input_features: torch.Tensor  # (total_windows, n_mels, n_frames) float32
+    input_features_mask: torch.Tensor  # (total_windows, n_frames) int32, 1 = real audio
+    windows_per_clip: list[int]  # clip i owns the next windows_per_clip[i] rows
+    tokens_per_clip: list[int]  # <sound> tokens each clip expands to
+
+
+def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
+    """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
+    logstep = math.log(6.4) / 27.0
+    return torch.where(f < 1000.0, 3.0 * f / 200.0, 15.0 + torch.log(f / 1000.0) / logstep)
+
+
+def _mel_to_hz(m: torch.Tensor) -> torch.Tensor:
+    logstep = math.log(6.4) / 27.0
+    return torch.where(m < 15.0, 200.0 * m / 3.0, 1000.0 * torch.exp(logstep * (m - 15.0)))
+
+
+def mel_filters(n_fft: int, n_mels: int, sampling_rate: int) -> torch.Tensor:
+    """Slaney-normalised triangular filters on the slaney mel scale, 0 Hz to Nyquist, (n_freqs, n_mels) float64.
+
+    The same filterbank as `torchaudio.functional.melscale_fbanks(..., norm="slaney", mel_scale="slaney")`
+    (the tests check it), built in float64 as librosa and Whisper build it: torchaudio builds it in
+    float32, whose error on the small weights at a triangle's edge (up to 0.3 %) moves the log-mel of a
+    pure tone by more than 1e-4.
+    """
+    freqs = torch.linspace(0, sampling_rate // 2, n_fft // 2 + 1, dtype=torch.float64)  # (n_freqs,)
+    m_max = _hz_to_mel(torch.tensor(sampling_rate / 2, dtype=torch.float64))
+    edges = _mel_to_hz(torch.linspace(0.0, float(m_max), n_mels + 2, dtype=torch.float64))  # (n_mels + 2,)
+    width = edges[1:] - edges[:-1]  # (n_mels + 1,)
+    slopes = edges[None, :] - freqs[:, None]  # (n_freqs, n_mels + 2)
+    rising = -slopes[:, :-2] / width[:-1]  # (n_freqs, n_mels)
+    falling = slopes[:, 2:] / width[1:]  # (n_freqs, n_mels)
+    fb = torch.clamp(torch.minimum(rising, falling), min=0.0)
+    return fb * (2.0 / (edges[2:] - edges[:-2]))  # slaney norm: equal area per filter
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_filters(n_fft: int, n_mels: int, sampling_rate: int, device: torch.device) -> torch.Tensor:
+    """`mel_filters` as float32 on `device`, (n_freqs, n_mels)."""
+    return mel_filters(n_fft, n_mels, sampling_rate).to(device, torch.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _hann(n_fft: int, device: torch.device) -> torch.Tensor:
+    return torch.hann_window(n_fft, periodic=True, dtype=torch.float32, device=device)
+
+
+def _log_mel(audio: torch.Tensor, frontend: FrontendConfig) -> torch.Tensor:
+    """(k, n_samples) zero-padded windows -> (k, n_mels, n_frames) normalised log-mel."""
+    device = audio.device
+    spec = torch.stft(audio, frontend.n_fft, frontend.hop_length, window=_hann(frontend.n_fft, device),
+                      center=True, pad_mode="reflect", return_complex=True)  # (k, n_freqs, n_frames + 1)
+    # torch.stft's result is a transposed view of (k, n_frames + 1, n_freqs) memory; work in that
+    # layout. Whisper drops the last frame so that 30 s give exactly 3000 frames.
+    spec = torch.view_as_real(spec.transpose(1, 2)[:, :-1])  # (k, n_frames, n_freqs, 2)
+    power = spec[..., 0].square() + spec[..., 1].square()  # |X|^2 without the sqrt of .abs()
+    filters = _mel_filters(frontend.n_fft, frontend.num_mel_bins, frontend.sampling_rate, device)
+    mel = torch.matmul(power, filters)  # (k, n_frames, n_freqs) @ (n_freqs, n_mels) -> (k, n_frames, n_mels)
+
+    log_spec = mel.clamp_(min=1e-10).log10_()
+    # Dynamic range: 80 dB below each window's own maximum.
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)  # (k, 1, 1)
+    log_spec = torch.maximum(log_spec, peak - 8.0).add_(4.0).div_(4.0)
+    return log_spec.transpose(1, 2)  # (k, n_mels, n_frames)
+
+
+def log_mel_spectrogram(windows: list[torch.Tensor],
+                        frontend: FrontendConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel features of up-to-30 s windows, computed on the windows' device (batched STFT).
+
+    Returns `input_features` (n, num_mel_bins, n_frames) float32 and `input_features_mask`
+    (n, n_frames) int32.
+    """
+    if not isinstance(windows, (list, tuple)):
+        raise TypeError(f"windows must be a list of 1-D tensors, got {type(windows).__name__}")
+    if not windows:
+        raise ValueError("windows is empty: need at least one window")
+    device = None
+    for i, w in enumerate(windows):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"window {i} must be a torch.Tensor, got {type(w).__name__}")
+        if w.ndim != 1 or not w.is_floating_point():
+            raise ValueError(f"window {i} must be a 1-D floating-point tensor, got shape "
+                             f"{tuple(w.shape)} dtype {w.dtype}")
+        if w.shape[0] > frontend.n_samples:
+            raise ValueError(f"window {i} has {w.shape[0]} samples, more than one "
+                             f"{frontend.chunk_length} s window ({frontend.n_samples}); "
+                             "cut clips with af3.windows.window_ranges or use extract_features")
+        device = w.device if device is None else device
+        if w.device != device:
+            raise ValueError(f"window {i} is on {w.device} but window 0 is on {device}")
+
+    n = len(windows)
+    features = torch.empty(n, frontend.num_mel_bins, frontend.n_frames, dtype=torch.float32, device=device)
+    # On the CPU a few windows at a time stay in cache and reuse freed buffers instead of
+    # page-faulting fresh 100 MB ones: about 3x faster than all 20 at once, and bounded memory.
+    step = _CPU_WINDOWS_PER_STFT if device.type == "cpu" else n
+    for first in range(0, n, step):
+        chunk = windows[first: first + step]
+        # Zero-pad every window to 30 s, in float32 like HF (which casts float64 input down).
+        audio = torch.zeros(len(chunk), frontend.n_samples, dtype=torch.float32, device=device)
+        for i, w in enumerate(chunk):
+            audio[i, : w.shape[0]] = w
+        features[first: first + len(chunk)] = _log_mel(audio, frontend)
+
+    valid = torch.tensor([mel_length(w.shape[0], frontend.hop_length) for w in windows], device=device)
+    frames = torch.arange(frontend.n_frames, device=device)
+    mask = (frames[None, :] < valid[:, None]).to(MASK_DTYPE)  # (n, n_frames)
+    return features, mask
+
+
+def extract_features(clips: list[torch.Tensor], frontend: FrontendConfig) -> AudioFeatures:
+    """Cut 16 kHz mono clips into 30 s windows and compute their log-mel features.
+
+    Clips longer than `frontend.max_samples` (10 minutes) are truncated with a warning.
+    All clips must be on the same device; the features are computed there.
+    """
+    if isinstance(clips, torch.Tensor) or not isinstance(clips, (list, tuple)):
+        raise TypeError(f"clips must be a list of 1-D tensors (one per clip), got {type(clips).__name__}")
+    if not clips:
+        raise ValueError("clips is empty: need at least one audio clip")
+    sr = frontend.sampling_rate
+    windows: list[torch.Tensor] = []
+    windows_per_clip: list[int] = []
+    tokens_per_clip: list[int] = []
+    for i, clip in enumerate(clips):
+        if not isinstance(clip, torch.Tensor):
+            raise TypeError(f"clip {i} must be a torch.Tensor, got {type(clip).__name__} "
+                            "(af3.audio.load_audio turns files, bytes, URLs and arrays into one)")
+        if clip.ndim != 1 or not clip.is_floating_point():
+            raise ValueError(f"clip {i} must be a 1-D floating-point tensor of {sr} Hz mono samples, "
+                             f"got shape {tuple(clip.shape)} dtype {clip.dtype}")
+        n = clip.shape[0]
+        if n == 0:
+            raise ValueError(f"clip {i} is empty (0 samples): there is no audio to encode")
+        if not bool(torch.isfinite(clip).all()):
+            raise ValueError(f"clip {i} contains NaN or infinite samples")
+        if n > frontend.max_samples:
+            warnings.warn(f"clip {i} is {n / sr:.1f} s long; only the first {frontend.max_samples / sr:.0f} s "
+                          f"({frontend.max_windows} windows of {frontend.chunk_length} s) are used",
+                          stacklevel=2)
+        ranges = window_ranges(n, window_samples=frontend.n_samples, max_windows=frontend.max_windows)
+        windows.extend(clip[start:end] for start, end in ranges)
+        windows_per_clip.append(len(ranges))
+        tokens_per_clip.append(sum(window_token_count(mel_length(end - start, frontend.hop_length))
+                                   for start, end in ranges))
+    features, mask = log_mel_spectrogram(windows, frontend)
+    return AudioFeatures(features, mask, windows_per_clip, tokens_per_clip)

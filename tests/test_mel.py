@@ -1,0 +1,182 @@
+"""Log-mel frontend: parity with HF's WhisperFeatureExtractor and AudioFlamingo3Processor, and bad input."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torchaudio
+import transformers
+
+from af3.config import FrontendConfig
+from af3.mel import MASK_DTYPE, extract_features, log_mel_spectrogram, mel_filters
+from af3.windows import audio_token_count
+
+SR = 16_000
+LENGTHS = [1, 159, 160, 161, 16_000, 123_457, 479_999, 480_000]
+
+
+def speech_like(n: int, seed: int) -> np.ndarray:
+    """Voiced harmonics with a gliding pitch, formant-shaped spectrum, syllable envelope and pauses."""
+    g = np.random.default_rng(seed)
+    t = np.arange(n) / SR
+    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t + g.uniform(0, 6))  # Hz
+    phase = 2 * np.pi * np.cumsum(f0) / SR
+    formants = [(700, 130), (1200, 200), (2600, 300)]
+    x = np.zeros(n)
+    for k in range(1, 30):
+        freq = k * f0
+        amp = sum(np.exp(-0.5 * ((freq - fc) / bw) ** 2) for fc, bw in formants) / k
+        x += amp * np.sin(k * phase) * (freq < SR / 2)
+    syllables = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) ** 2
+    pauses = (np.sin(2 * np.pi * 0.3 * t) > -0.6).astype(float)
+    x = x * syllables * pauses + 1e-3 * g.standard_normal(n)
+    return (0.3 * x / max(np.abs(x).max(), 1e-9)).astype(np.float32)
+
+
+def noise(n: int, seed: int) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal(n)).astype(np.float32)
+
+
+def tone(n: int, seed: int) -> np.ndarray:
+    # A pure tone concentrates the energy in a few STFT bins: the hardest case for filterbank error.
+    freq = 50 + 7900 * np.random.default_rng(seed).uniform()
+    return (0.5 * np.sin(2 * np.pi * freq * np.arange(n) / SR)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def hf_extractor():
+    return transformers.WhisperFeatureExtractor(feature_size=128)
+
+
+def hf_features(extractor, windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    # As AudioFlamingo3Processor calls it on its windows.
+    out = extractor(windows, sampling_rate=SR, return_attention_mask=True, return_tensors="pt")
+    return out["input_features"], out["attention_mask"]
+
+
+@pytest.mark.parametrize("make", [speech_like, noise, tone])
+def test_matches_whisper_feature_extractor(hf_extractor, make) -> None:
+    # Different gains in one batch: each window must be normalised by its own maximum.
+    windows = [make(n, seed) * gain for seed, (n, gain) in
+               enumerate(zip(LENGTHS, [1.0, 30.0, 0.01, 1.0, 3.0, 1.0, 0.001, 1.0]))]
+    ref_feat, ref_mask = hf_features(hf_extractor, windows)
+    feat, mask = log_mel_spectrogram([torch.from_numpy(w) for w in windows], FrontendConfig())
+    assert feat.shape == (len(LENGTHS), 128, 3000) and feat.dtype == torch.float32
+    assert (feat - ref_feat).abs().max().item() <= 1e-4
+    assert mask.dtype == ref_mask.dtype == MASK_DTYPE
+    assert torch.equal(mask, ref_mask)
+    assert mask.sum(-1).tolist() == [math.ceil(n / 160) for n in LENGTHS]
+
+
+def test_tones_across_the_band(hf_extractor) -> None:
+    windows = [tone(48_000, seed) for seed in range(24)]
+    ref_feat, _ = hf_features(hf_extractor, windows)
+    feat, _ = log_mel_spectrogram([torch.from_numpy(w) for w in windows], FrontendConfig())
+    assert (feat - ref_feat).abs().max().item() <= 1e-4
+
+
+def test_silence_and_float64(hf_extractor) -> None:
+    windows = [np.zeros(1000, np.float32), speech_like(20_000, 1)]
+    ref_feat, _ = hf_features(hf_extractor, windows)
+    feat, _ = log_mel_spectrogram([torch.from_numpy(w).double() for w in windows], FrontendConfig())
+    assert torch.all(feat[0] == -1.5)  # log10(1e-10) = -10 everywhere, (-10 + 4) / 4
+    assert (feat - ref_feat).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("n_fft, n_mels, sr", [(400, 128, 16_000), (400, 80, 16_000), (512, 64, 22_050)])
+def test_filterbank_is_torchaudios_slaney_filterbank(n_fft: int, n_mels: int, sr: int) -> None:
+    ref = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, 0.0, sr / 2, n_mels, sr,
+                                                norm="slaney", mel_scale="slaney")
+    ours = mel_filters(n_fft, n_mels, sr)
+    assert ours.shape == ref.shape and ours.dtype == torch.float64
+    # torchaudio works in float32; ours is the float64 version of the same filters.
+    torch.testing.assert_close(ours.float(), ref, atol=1e-6, rtol=0)
+
+
+def tiny_hf_processor():
+    """AudioFlamingo3Processor with a word-level tokenizer built in memory (no files, no network)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, "<sound>": 2, "hi": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                                     pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<sound>"]})
+    extractor = transformers.WhisperFeatureExtractor(feature_size=128)
+    return transformers.AudioFlamingo3Processor(extractor, tokenizer)
+
+
+def test_extract_features_matches_hf_processor() -> None:
+    processor = tiny_hf_processor()
+    lengths = [1_000, 480_001, 1_000_000, 350]
+    clips = [speech_like(n, seed) if seed % 2 else noise(n, seed) for seed, n in enumerate(lengths)]
+    ref = processor(text=["hi <sound>"] * len(clips), audio=clips)
+    ours = extract_features([torch.from_numpy(c) for c in clips], FrontendConfig())
+
+    assert ours.windows_per_clip == [1, 2, 3, 1]
+    assert ours.input_features.shape == ref["input_features"].shape == (7, 128, 3000)
+    assert (ours.input_features - ref["input_features"]).abs().max().item() <= 1e-4
+    assert ours.input_features_mask.dtype == ref["input_features_mask"].dtype
+    assert torch.equal(ours.input_features_mask, ref["input_features_mask"])
+    hf_tokens = (ref["input_ids"] == processor.audio_token_id).sum(-1).tolist()
+    assert ours.tokens_per_clip == hf_tokens == [audio_token_count(n) for n in lengths]
+
+
+def test_truncation_warns_with_duration() -> None:
+    frontend = FrontendConfig(chunk_length=1, max_windows=2)  # 1 s windows, 2 s at most
+    clip = torch.from_numpy(speech_like(40_000, 3))  # 2.5 s
+    with pytest.warns(UserWarning, match=r"clip 0 is 2\.5 s long; only the first 2 s"):
+        out = extract_features([clip], frontend)
+    assert out.windows_per_clip == [2]
+    assert out.tokens_per_clip == [2 * 25]
+    assert out.input_features.shape == (2, 128, 100)
+    kept = extract_features([clip[:32_000]], frontend)
+    assert torch.equal(out.input_features, kept.input_features)
+
+
+def test_no_warning_at_the_limit() -> None:
+    frontend = FrontendConfig(chunk_length=1, max_windows=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = extract_features([torch.zeros(32_000) + 0.1], frontend)
+    assert out.windows_per_clip == [2]
+
+
+def test_runs_on_input_device_and_keeps_it() -> None:
+    feat, mask = log_mel_spectrogram([torch.from_numpy(noise(1600, 0))], FrontendConfig())
+    assert feat.device == mask.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "clips, error, match",
+    [
+        (torch.zeros(100), TypeError, "list of 1-D tensors"),
+        ([], ValueError, "clips is empty"),
+        ([np.zeros(100, np.float32)], TypeError, "clip 0 must be a torch.Tensor"),
+        ([torch.zeros(2, 100)], ValueError, r"clip 0 must be a 1-D .* shape \(2, 100\)"),
+        ([torch.zeros(100, dtype=torch.int16)], ValueError, "clip 0 must be a 1-D floating-point"),
+        ([torch.zeros(10), torch.zeros(0)], ValueError, r"clip 1 is empty \(0 samples\)"),
+        ([torch.tensor([0.0, float("nan")])], ValueError, "clip 0 contains NaN"),
+        ([torch.tensor([0.0, float("inf")])], ValueError, "clip 0 contains NaN or infinite"),
+    ],
+)
+def test_extract_features_bad_input(clips, error, match) -> None:
+    with pytest.raises(error, match=match):
+        extract_features(clips, FrontendConfig())
+
+
+def test_log_mel_bad_input() -> None:
+    frontend = FrontendConfig()
+    with pytest.raises(ValueError, match="window 0 has 480001 samples"):
+        log_mel_spectrogram([torch.zeros(480_001)], frontend)
+    with pytest.raises(ValueError, match="windows is empty"):
+        log_mel_spectrogram([], frontend)
+    with pytest.raises(TypeError, match="window 1 must be a torch.Tensor"):
+        log_mel_spectrogram([torch.zeros(10), [0.0] * 10], frontend)
+    with pytest.raises(ValueError, match="window 1 is on meta"):
+        log_mel_spectrogram([torch.zeros(10), torch.zeros(10, device="meta")], frontend)
