@@ -1,0 +1,276 @@
+"""Convert an HF- or NVIDIA-layout AF3 checkpoint into af3's layout, one tensor at a time.
+
+Steps: read SRC's headers and config; map every tensor name (names.py) and check the result
+against the state dict of `AudioFlamingo3(config)` built on the meta device; plan the output
+shards; stream each tensor (read, merge LoRA, cast, write) into a temporary directory beside
+DST; re-read every written header and check it against the plan; rename into place.
+Nothing is written to DST itself until everything has been checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from af3.checkpoint import check_state
+from af3.config import AF3Config
+from weights_convert.layouts import Source, open_source, read_json
+from weights_convert.lora import LoraAdapter
+from weights_convert.names import hf_to_af3
+from weights_convert.safetensors_io import (
+    DTYPE_NAMES,
+    PlannedTensor,
+    ShardWriter,
+    TensorInfo,
+    plan_shards,
+    read_tensor,
+    shard_file_names,
+)
+
+DTYPE_CHOICES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INDEX_NAME = "model.safetensors.index.json"
+LM_HEAD = "decoder.lm_head.weight"
+EMBED = "decoder.embed_tokens.weight"
+
+# progress(tensors_done, tensors_total, bytes_done, bytes_total)
+Progress = Callable[[int, int, int, int], None]
+
+
+def expected_shapes(config: AF3Config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every persistent tensor of AudioFlamingo3(config), built without memory."""
+    from af3.model import (
+        AudioFlamingo3,  # the model is only needed for its tensor names
+    )
+
+    with torch.device("meta"):
+        model = AudioFlamingo3(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep",
+            adapter: str | os.PathLike | None = None, max_shard_size: int = 2 * 10**9,
+            force: bool = False, progress: Progress | None = None) -> str:
+    """Convert SRC into af3's layout at DST; returns a one-line summary."""
+    t0 = time.monotonic()
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_CHOICES)}")
+    if not isinstance(max_shard_size, int) or max_shard_size <= 0:
+        raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+    src, dst = Path(src), Path(dst)
+    source = open_source(src)
+    _check_destination(src, dst, force)
+    config = AF3Config.from_hf(source.config, source.preprocessor)
+    _check_tokenizer(source.tokenizer, config)
+    notes = []
+
+    # Map names and check them against the model before reading any data.
+    mapped: dict[str, TensorInfo] = {}
+    for hf_name, info in source.tensors.items():
+        name = hf_to_af3(hf_name)
+        if name in mapped:
+            raise ValueError(f"{info.path}: tensors {mapped[name].name!r} and {hf_name!r} both map to {name}")
+        mapped[name] = info
+    if config.text.tie_word_embeddings and LM_HEAD in mapped:
+        _check_tied(mapped.pop(LM_HEAD), mapped.get(EMBED))
+        notes.append("lm_head.weight dropped (tie_word_embeddings: it equals embed_tokens)")
+    expected = expected_shapes(config)
+    check_state({k: v.shape for k, v in mapped.items()}, expected, f"checkpoint {src}")
+
+    lora = None
+    if adapter is not None:
+        lora = LoraAdapter(adapter, hf_to_af3)
+        for name, pair in lora.pairs.items():
+            if name not in mapped:
+                raise ValueError(f"adapter {adapter}: targets {name}, which the checkpoint does not have")
+            want = (pair.b.shape[0], pair.a.shape[1])
+            if tuple(mapped[name].shape) != want:
+                raise ValueError(f"adapter {adapter}: update for {name} has shape {list(want)} but the "
+                                 f"weight is {list(mapped[name].shape)}")
+        notes.append(f"LoRA merged into {len(lora.pairs)} weights")
+
+    cast = DTYPE_CHOICES[dtype]
+    # Read in file order, so each source file is read front to back.
+    order = sorted(mapped, key=lambda k: (str(mapped[k].path), mapped[k].start))
+    plan = [PlannedTensor(k, _out_dtype(mapped[k].dtype, cast), tuple(mapped[k].shape)) for k in order]
+    config.dtype = _config_dtype(plan)
+    shards = plan_shards(plan, max_shard_size)
+    files = shard_file_names(len(shards))
+
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.mkdir()
+        _write_tensors(tmp, shards, files, mapped, lora, progress)
+        if len(shards) > 1:
+            _write_index(tmp, shards, files)
+        config.save(tmp / "config.json")
+        shutil.copyfile(source.tokenizer, tmp / "tokenizer.json")
+        notes.append(_write_generation_config(source, tmp))
+        verify_written(tmp, plan, expected)
+        _move_into_place(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    total = sum(t.nbytes for t in plan)
+    dtypes = "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in plan}))
+    return (f"converted {source.description} {src} -> {dst}: {len(plan)} tensors, "
+            f"{_gb(total)} {dtypes} in {len(files)} file(s); " + "; ".join(notes)
+            + f"; {time.monotonic() - t0:.1f} s")
+
+
+def _check_destination(src: Path, dst: Path, force: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s.is_relative_to(d) or d.is_relative_to(s):
+        raise ValueError(f"destination {dst} overlaps the source {src}; choose a separate directory")
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise ValueError(f"destination {dst} already exists; pass --force to replace it")
+        if not dst.is_dir():
+            raise ValueError(f"destination {dst} exists and is not a directory; remove it yourself")
+
+
+def _check_tokenizer(path: Path, config: AF3Config) -> None:
+    tok = read_json(path)
+    if not isinstance(tok.get("model"), dict):
+        # A file with the wrong content, not an argument of the wrong type.
+        raise ValueError(f"{path}: not a tokenizers tokenizer.json (no \"model\" object)")  # noqa: TRY004
+    for t in tok.get("added_tokens") or []:
+        if isinstance(t, dict) and t.get("content") == "<sound>" and t.get("id") != config.audio_token_id:
+            raise ValueError(f"{path}: <sound> is token {t.get('id')} but the config's audio_token_id "
+                             f"is {config.audio_token_id}")
+
+
+def _check_tied(lm_head: TensorInfo, embed: TensorInfo | None) -> None:
+    """A tied model has no lm_head of its own: the copy in SRC may go only if it is the same tensor."""
+    if embed is None:
+        return  # reported as missing by check_names
+    with open(lm_head.path, "rb") as f:
+        head = read_tensor(f, lm_head)
+    with open(embed.path, "rb") as f:
+        same = head.shape == embed.shape and torch.equal(head, read_tensor(f, embed))
+    if not same:
+        raise ValueError(f"{lm_head.path}: {lm_head.name} differs from {embed.name} but the config "
+                         "ties them (text_config.tie_word_embeddings); transformers would use the "
+                         "separate lm_head. Set tie_word_embeddings to false in the source "
+                         "config.json to keep it")
+
+
+def _out_dtype(src: torch.dtype, cast: torch.dtype | None) -> torch.dtype:
+    return cast if cast is not None and src.is_floating_point else src
+
+
+def _config_dtype(plan: list[PlannedTensor]) -> str:
+    """The dtype most floating bytes are stored in: what the config records as the checkpoint's."""
+    weights = Counter()
+    for t in plan:
+        if t.dtype.is_floating_point:
+            weights[t.dtype] += t.nbytes
+    if not weights:
+        raise ValueError("checkpoint has no floating-point tensors")
+    dtype = str(weights.most_common(1)[0][0]).removeprefix("torch.")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"checkpoint is stored in {dtype}; convert with --dtype bf16, fp16 or fp32")
+    return dtype
+
+
+def _write_tensors(tmp: Path, shards: list[list[PlannedTensor]], files: list[str],
+                   mapped: dict[str, TensorInfo], lora: LoraAdapter | None,
+                   progress: Progress | None) -> None:
+    n_total = sum(len(s) for s in shards)
+    bytes_total = sum(t.nbytes for s in shards for t in s)
+    n_done = bytes_done = 0
+    handles: dict[Path, object] = {}
+    with contextlib.ExitStack() as stack:
+        for shard, file in zip(shards, files):
+            writer = ShardWriter(tmp / file, shard)
+            for planned in shard:
+                info = mapped[planned.name]
+                if info.path not in handles:
+                    handles[info.path] = stack.enter_context(open(info.path, "rb"))
+                tensor = read_tensor(handles[info.path], info)
+                delta = lora.delta(planned.name) if lora is not None else None
+                if delta is not None:
+                    # Merge in float32, then round once to the output dtype.
+                    tensor = (tensor.float() + delta).to(planned.dtype)
+                    del delta
+                else:
+                    tensor = tensor.to(planned.dtype)
+                writer.write(planned.name, tensor)
+                del tensor
+                n_done += 1
+                bytes_done += planned.nbytes
+                if progress is not None:
+                    progress(n_done, n_total, bytes_done, bytes_total)
+            writer.close()
+
+
+def _write_index(tmp: Path, shards: list[list[PlannedTensor]], files: list[str]) -> None:
+    import json
+
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for s in shards for t in s)},
+        "weight_map": {t.name: file for shard, file in zip(shards, files) for t in shard},
+    }
+    with open(tmp / INDEX_NAME, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+
+
+def _write_generation_config(source: Source, tmp: Path) -> str:
+    from af3.generation import GenerationConfig
+
+    if source.generation is None:
+        GenerationConfig().save(tmp / "generation_config.json")
+        return "no generation_config.json in the source: af3's defaults written"
+    GenerationConfig.from_hf(source.generation).save(tmp / "generation_config.json")
+    return "generation_config.json converted"
+
+
+def verify_written(folder: Path, plan: list[PlannedTensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Re-read every header written under `folder` (with safetensors' own parser) against the plan."""
+    from safetensors import safe_open
+
+    want = {t.name: t for t in plan}
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = read_json(index)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        weight_map, files = None, ["model.safetensors"]
+    found: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(folder / file), framework="pt") as f:
+            for name in f:
+                sl = f.get_slice(name)
+                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                t = want.get(name)
+                if t is None or shape != t.shape or dtype != DTYPE_NAMES[t.dtype]:
+                    raise ValueError(f"{folder / file}: wrote {name} {dtype} {list(shape)}, which "
+                                     "is not what was planned")
+                if weight_map is not None and weight_map.get(name) != file:
+                    raise ValueError(f"{index}: {name} is not listed for {file}")
+                found[name] = shape
+    check_state(found, expected, f"converted checkpoint {folder}")
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    if not dst.exists():
+        os.rename(tmp, dst)
+        return
+    # Swap: the old DST is set aside (not deleted) until the new one is in place.
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    os.rename(dst, old)
+    os.rename(tmp, dst)
+    shutil.rmtree(old)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

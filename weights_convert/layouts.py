@@ -1,0 +1,186 @@
+"""Find out which checkpoint layout a directory holds, and list its tensors and settings.
+
+Two layouts are read (see ../shared/DESIGN.md):
+
+- "hf": what transformers writes for `nvidia/audio-flamingo-3-hf`: `config.json` with
+  `audio_config` and `text_config`, `model.safetensors` or an index + shards, `tokenizer.json`,
+  `generation_config.json`, and the frontend in `preprocessor_config.json` (or nested in
+  `processor_config.json`).
+- "nvidia": NVIDIA's original `nvidia/audio-flamingo-3`: `llm/` (a Qwen2 checkpoint),
+  `sound_tower/` (the encoder without the `audio_tower.` prefix) and `sound_mm_projector/`
+  (`layers.0.*` / `layers.2.*`). Its tensor names are rewritten to the HF ones here, so that
+  one name map (names.py) serves both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from weights_convert.safetensors_io import TensorInfo, read_header
+
+NVIDIA_PARTS = ("llm", "sound_tower", "sound_mm_projector")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class Source:
+    """A checkpoint to convert: its tensors under HF names and where its settings come from."""
+
+    root: Path
+    kind: str  # "hf" or "nvidia"
+    config: dict  # an HF-style config dict with audio_config and text_config
+    preprocessor: dict | None  # feature-extractor settings, None when the source has none
+    generation: dict | None  # generation_config.json, None when absent
+    tokenizer: Path
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)  # HF name -> where it is
+    n_files: int = 0
+
+    @property
+    def description(self) -> str:
+        files = "1 file" if self.n_files == 1 else f"{self.n_files} files"
+        return f"{self.kind} layout, {files}"
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")  # noqa: TRY004 (file content)
+    return d
+
+
+def detect_layout(root: str | Path) -> str:
+    """'af3', 'hf' or 'nvidia'; ValueError saying what was looked for when it is none of these."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"checkpoint directory not found: {root}")
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory (expected a checkpoint directory)")
+    if all((root / p).is_dir() for p in NVIDIA_PARTS):
+        return "nvidia"
+    config = root / "config.json"
+    if config.is_file():
+        d = read_json(config)
+        if d.get("format") == "af3":
+            return "af3"
+        if "audio_config" in d and "text_config" in d:
+            return "hf"
+        raise ValueError(f"{config} is neither an HF AudioFlamingo3 config (no audio_config / "
+                         f"text_config) nor an af3 config (no \"format\": \"af3\")")
+    raise ValueError(f"{root}: no config.json and no {'/, '.join(NVIDIA_PARTS)}/ folders; "
+                     "not an AF3 checkpoint in a layout this tool knows")
+
+
+def open_source(root: str | Path) -> Source:
+    """Read the layout, config and tensor headers of SRC (no tensor data is read)."""
+    root = Path(root)
+    kind = detect_layout(root)
+    if kind == "af3":
+        raise ValueError(f"{root} is already in af3's layout; load it with af3.load({str(root)!r})")
+    if kind == "hf":
+        return _open_hf(root)
+    return _open_nvidia(root)
+
+
+def _open_hf(root: Path) -> Source:
+    config = read_json(root / "config.json")
+    preprocessor = None
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if (root / name).is_file():
+            preprocessor = read_json(root / name)
+            break
+    tensors, n_files = _read_tensors(root)
+    return Source(root, "hf", config, preprocessor, _optional_json(root / "generation_config.json"),
+                  root / "tokenizer.json", tensors, n_files)
+
+
+def _open_nvidia(root: Path) -> Source:
+    llm, tower, _projector = (root / p for p in NVIDIA_PARTS)
+    tokenizer = llm / "tokenizer.json" if (llm / "tokenizer.json").is_file() else root / "tokenizer.json"
+    config = {
+        "audio_config": read_json(tower / "config.json"),
+        "text_config": read_json(llm / "config.json"),
+        # The original checkpoint keeps the <sound> id only in its tokenizer.
+        "audio_token_id": _added_token_id(tokenizer, "<sound>"),
+    }
+    preprocessor = None
+    for p in (root / "preprocessor_config.json", tower / "preprocessor_config.json"):
+        if p.is_file():
+            preprocessor = read_json(p)
+            break
+    generation = _optional_json(root / "generation_config.json") or _optional_json(
+        llm / "generation_config.json")
+
+    tensors: dict[str, TensorInfo] = {}
+    n_files = 0
+    for part in NVIDIA_PARTS:
+        part_tensors, n = _read_tensors(root / part)
+        n_files += n
+        for name, info in part_tensors.items():
+            tensors[_nvidia_to_hf(part, name, info)] = info
+    return Source(root, "nvidia", config, preprocessor, generation, tokenizer, tensors, n_files)
+
+
+def _nvidia_to_hf(part: str, name: str, info: TensorInfo) -> str:
+    if part == "llm":  # a Qwen2ForCausalLM: model.* and lm_head.weight
+        return f"language_model.{name}"
+    if part == "sound_tower":
+        return name if name.startswith("audio_tower.") else f"audio_tower.{name}"
+    # The projector is an nn.Sequential(Linear, GELU, Linear): indices 0 and 2.
+    for index, linear in (("layers.0.", "linear_1."), ("layers.2.", "linear_2.")):
+        if name.startswith(index):
+            return f"multi_modal_projector.{linear}{name[len(index):]}"
+    raise ValueError(f"{info.path}: tensor {name!r} is not one of the projector's layers.0.* / "
+                     "layers.2.* tensors")
+
+
+def _read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], int]:
+    """All tensors of the checkpoint in `folder`: single file or index + shards."""
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no \"weight_map\" object")
+        files = sorted(set(weight_map.values()))
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            path = (folder / str(file)).resolve()
+            # An index could point anywhere; only files inside the checkpoint folder are read.
+            if not isinstance(file, str) or path.parent != folder.resolve():
+                raise ValueError(f"{index}: shard {file!r} is not a file inside {folder}")
+            for name, info in read_header(path).items():
+                if weight_map.get(name) != file:
+                    raise ValueError(f"{path}: tensor {name!r} is not listed for this file in {index}")
+                tensors[name] = info
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise ValueError(f"{index} lists {len(missing)} tensors its shards do not hold, "
+                             f"first {missing[0]!r}")
+        return tensors, len(files)
+    if single.is_file():
+        return read_header(single), 1
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES) if folder.is_dir() else []
+    if found:
+        raise ValueError(f"{folder} holds only pickle weights ({', '.join(found[:3])}); they are not "
+                         "read, for safety. Save them as safetensors first "
+                         "(e.g. transformers' save_pretrained(safe_serialization=True))")
+    raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json found")
+
+
+def _optional_json(path: Path) -> dict | None:
+    return read_json(path) if path.is_file() else None
+
+
+def _added_token_id(tokenizer: Path, content: str) -> int:
+    for token in read_json(tokenizer).get("added_tokens") or []:
+        if isinstance(token, dict) and token.get("content") == content:
+            return int(token["id"])
+    raise ValueError(f"{tokenizer}: no added token {content!r}; cannot tell the audio token id")
