@@ -159,6 +159,9 @@ def extract_features(clips: list[torch.Tensor], frontend: FrontendConfig) -> Aud
         if clip.ndim != 1 or not clip.is_floating_point():
             raise ValueError(f"clip {i} must be a 1-D floating-point tensor of {sr} Hz mono samples, "
                              f"got shape {tuple(clip.shape)} dtype {clip.dtype}")
+        if clip.device != clips[0].device:
+            raise ValueError(f"clip {i} is on {clip.device} but clip 0 is on {clips[0].device}; "
+                             "put all clips on one device")
         n = clip.shape[0]
         if n == 0:
             raise ValueError(f"clip {i} is empty (0 samples): there is no audio to encode")

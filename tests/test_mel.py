@@ -127,6 +127,18 @@ def test_extract_features_matches_hf_processor() -> None:
     assert ours.tokens_per_clip == hf_tokens == [audio_token_count(n) for n in lengths]
 
 
+def test_truncation_matches_hf_processor() -> None:
+    processor = tiny_hf_processor()
+    clip = noise(FrontendConfig().max_samples + SR, 7)  # 601 s
+    ref = processor(text=["<sound>"], audio=[clip])
+    with pytest.warns(UserWarning, match=r"clip 0 is 601\.0 s long; only the first 600 s"):
+        ours = extract_features([torch.from_numpy(clip)], FrontendConfig())
+    assert ours.windows_per_clip == [20] and ours.tokens_per_clip == [15_000]
+    assert (ref["input_ids"] == processor.audio_token_id).sum().item() == 15_000
+    assert (ours.input_features - ref["input_features"]).abs().max().item() <= 1e-4
+    assert torch.equal(ours.input_features_mask, ref["input_features_mask"])
+
+
 def test_truncation_warns_with_duration() -> None:
     frontend = FrontendConfig(chunk_length=1, max_windows=2)  # 1 s windows, 2 s at most
     clip = torch.from_numpy(speech_like(40_000, 3))  # 2.5 s
@@ -147,9 +159,18 @@ def test_no_warning_at_the_limit() -> None:
     assert out.windows_per_clip == [2]
 
 
-def test_runs_on_input_device_and_keeps_it() -> None:
-    feat, mask = log_mel_spectrogram([torch.from_numpy(noise(1600, 0))], FrontendConfig())
-    assert feat.device == mask.device == torch.device("cpu")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_runs_on_input_device(device: str) -> None:
+    clips = [torch.from_numpy(speech_like(n, seed)) for seed, n in enumerate([1600, 500_000])]
+    ref = extract_features(clips, FrontendConfig())
+    out = extract_features([c.to(device) for c in clips], FrontendConfig())
+    assert out.input_features.device.type == out.input_features_mask.device.type == device
+    assert (out.input_features.cpu() - ref.input_features).abs().max().item() <= 1e-4
+    assert torch.equal(out.input_features_mask.cpu(), ref.input_features_mask)
+    assert out.tokens_per_clip == ref.tokens_per_clip
 
 
 @pytest.mark.parametrize(
@@ -163,6 +184,7 @@ def test_runs_on_input_device_and_keeps_it() -> None:
         ([torch.zeros(10), torch.zeros(0)], ValueError, r"clip 1 is empty \(0 samples\)"),
         ([torch.tensor([0.0, float("nan")])], ValueError, "clip 0 contains NaN"),
         ([torch.tensor([0.0, float("inf")])], ValueError, "clip 0 contains NaN or infinite"),
+        ([torch.zeros(10), torch.zeros(10, device="meta")], ValueError, "clip 1 is on meta"),
     ],
 )
 def test_extract_features_bad_input(clips, error, match) -> None:
