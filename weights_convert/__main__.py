@@ -22,26 +22,37 @@ def parse_size(text: str) -> int:
 
 
 class _Progress:
-    """Tensors and bytes done, on one self-rewriting line on a terminal, every few seconds otherwise."""
+    """Tensors and bytes done: one self-rewriting line on a terminal, a line per 10% otherwise."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = self.stream.isatty()
         self.last = 0.0
+        self.next_tenth = 1
 
     def __call__(self, n_done: int, n_total: int, bytes_done: int, bytes_total: int) -> None:
-        now = time.monotonic()
         finished = n_done == n_total
-        if not finished and now - self.last < (0.2 if self.tty else 5.0):
-            return
-        self.last = now
-        line = (f"{n_done}/{n_total} tensors, {bytes_done / 1e9:.2f}/{bytes_total / 1e9:.2f} GB "
+        if self.tty:
+            now = time.monotonic()
+            if not finished and now - self.last < 0.2:
+                return
+            self.last = now
+        else:
+            tenth = 10 * bytes_done // max(bytes_total, 1)
+            if not finished and tenth < self.next_tenth:
+                return
+            self.next_tenth = tenth + 1
+        line = (f"{n_done}/{n_total} tensors, {_size(bytes_done)} of {_size(bytes_total)} "
                 f"({100 * bytes_done / max(bytes_total, 1):.0f}%)")
         if self.tty:
             self.stream.write("\r" + line + ("\n" if finished else ""))
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def main(argv: list[str] | None = None) -> int:
