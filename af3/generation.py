@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,4 +138,191 @@ def _as_id_list(value: Any, name: str) -> list[int]:
     return [_as_id(value, name)]
 
 
-StreamCallback = Callable[[str], Any]
+
+# ---------------------------------------------------------------------------------------------
+# Logits processing, in HF's order. Every function takes and returns float scores (B, V).
+
+def apply_repetition_penalty(scores: torch.Tensor, seen_ids: torch.Tensor, penalty: float,
+                             ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """Divide positive (multiply negative) scores of every id in `seen_ids` (B, T) by `penalty`.
+
+    `ignore` (B, T) bool marks positions that do not count (left padding), as HF does.
+    """
+    if penalty == 1.0:
+        return scores
+    vocab = scores.shape[-1]
+    # Ids at or beyond the vocabulary (and ignored positions) land in one extra column, dropped after.
+    ids = seen_ids.clamp(max=vocab)
+    if ignore is not None:
+        ids = ids.masked_fill(ignore, vocab)
+    seen = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+    seen.scatter_(1, ids, True)
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen[:, :vocab], penalised, scores)
+
+
+def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    return scores if temperature == 1.0 else scores / temperature
+
+
+def apply_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the `top_k` highest scores (ties with the k-th are kept); 0 keeps all."""
+    if top_k == 0:
+        return scores
+    k = min(top_k, scores.shape[-1])
+    kth = torch.topk(scores, k, dim=-1).values[..., -1:]  # (B, 1)
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def apply_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of highest-probability ids whose mass exceeds `top_p` (nucleus)."""
+    if top_p >= 1.0:
+        return scores
+    # Ascending order, as HF: drop the low tail whose cumulative mass is <= 1 - top_p.
+    sorted_scores, order = torch.sort(scores, dim=-1)
+    tail_mass = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = tail_mass <= 1.0 - top_p
+    drop_sorted[..., -1] = False  # always keep the most likely id
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def process_scores(scores: torch.Tensor, seen_ids: torch.Tensor, config: GenerationConfig,
+                   ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """Repetition penalty (always, as HF), then temperature, top-k, top-p (sampling only)."""
+    scores = apply_repetition_penalty(scores, seen_ids, config.repetition_penalty, ignore)
+    if config.do_sample:
+        scores = apply_temperature(scores, config.temperature)
+        scores = apply_top_k(scores, config.top_k)
+        scores = apply_top_p(scores, config.top_p)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoding loop.
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             input_features: torch.Tensor | None = None, input_features_mask: torch.Tensor | None = None,
+             *, generation_config: GenerationConfig | None = None, streamer: Any = None,
+             seed: int | None = None, generator: torch.Generator | None = None,
+             **gen: Any) -> torch.Tensor:
+    """Prompt + new tokens (B, P + n) for a left-padded batch, like HF's `generate`.
+
+    Settings start from `generation_config` (default: `model.generation_config`) and are
+    overridden by keyword arguments (`max_new_tokens`, `do_sample`, `temperature`, `top_k`,
+    `top_p`, `repetition_penalty`, `eos_token_id`, `pad_token_id`). Rows stop independently
+    at an eos token and are then filled with `pad_token_id`. `seed` or `generator` makes
+    sampling reproducible (otherwise torch's global RNG is used, as HF does). `streamer`
+    (e.g. `af3.streaming.TextStreamer`) gets `put(new_ids)` each step and `end()` at the end;
+    it needs a batch of one.
+    """
+    config = _resolve_config(model, generation_config, gen)
+    input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
+    batch, prompt_len = input_ids.shape
+    if streamer is not None and batch != 1:
+        raise ValueError(f"streaming needs a batch of one prompt, got {batch}")
+    generator = _make_generator(seed, generator, input_ids.device)
+    eos = torch.tensor(config.eos_token_id, dtype=torch.long, device=input_ids.device)
+    pad_id = config.pad_token_id
+    if pad_id is None:
+        pad_id = config.eos_token_id[0] if config.eos_token_id else 0  # HF's fallback
+
+    total = prompt_len + config.max_new_tokens
+    limit = _context_length(model)
+    if limit is not None and total > limit:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({config.max_new_tokens}) = {total} "
+                         f"exceeds the model's context of {limit} tokens; lower max_new_tokens")
+    param = next(model.parameters())
+    cache = model.new_cache(batch, total, dtype=param.dtype, device=param.device)
+
+    # Preallocated outputs: tokens and mask grow by writing, never by torch.cat.
+    tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=input_ids.device)
+    tokens[:, :prompt_len] = input_ids
+    mask = torch.ones((batch, total), dtype=attention_mask.dtype, device=attention_mask.device)
+    mask[:, :prompt_len] = attention_mask
+    # Left padding takes no part in the repetition penalty (HF's prompt_ignore_length).
+    first_real = (attention_mask != 0).int().argmax(dim=1)  # (B,)
+    ignore = torch.arange(total, device=input_ids.device)[None, :] < first_real[:, None]  # (B, total)
+
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    step_ids, length = input_ids, prompt_len
+    features = {"input_features": input_features, "input_features_mask": input_features_mask}
+    try:
+        while True:
+            # Positions count real tokens only, so left padding does not shift them.
+            positions = (mask[:, :length].long().cumsum(-1) - 1).clamp(min=0)[:, length - step_ids.shape[1]:]
+            out = model(input_ids=step_ids, attention_mask=mask[:, :length], position_ids=positions,
+                        cache=cache, logits_to_keep=1, **features)
+            features = {}  # the audio is encoded once, at prefill
+            scores = out.logits[:, -1, :].float()
+            scores = process_scores(scores, tokens[:, :length], config, ignore[:, :length])
+            if config.do_sample:
+                probs = scores.softmax(dim=-1)
+                next_ids = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+            else:
+                next_ids = scores.argmax(dim=-1)
+            next_ids = torch.where(unfinished, next_ids, torch.full_like(next_ids, pad_id))
+            tokens[:, length] = next_ids
+            length += 1
+            if streamer is not None:
+                streamer.put(next_ids)
+            if eos.numel():
+                unfinished &= ~torch.isin(next_ids, eos)
+            if length == total or not bool(unfinished.any()):
+                break
+            step_ids = next_ids[:, None]  # (B, 1)
+    finally:
+        if streamer is not None:
+            streamer.end()
+    return tokens[:, :length]
+
+
+def _resolve_config(model: torch.nn.Module, config: GenerationConfig | None, gen: dict) -> GenerationConfig:
+    if config is None:
+        config = getattr(model, "generation_config", None) or GenerationConfig()
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(f"generation_config must be an af3 GenerationConfig, got {type(config).__name__}")
+    return config.replace(**gen) if gen else config
+
+
+def _check_inputs(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must have shape (batch, length) with both > 0, got {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int16):
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    input_ids = input_ids.long()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
+                         f"input_ids shape {tuple(input_ids.shape)}")
+    if not bool((attention_mask[:, -1] != 0).all()):
+        rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+        raise ValueError(f"rows {rows} end in padding: generation needs left padding "
+                         "(processor(..., padding_side='left'))")
+    return input_ids, attention_mask
+
+
+def _make_generator(seed: int | None, generator: torch.Generator | None,
+                    device: torch.device) -> torch.Generator | None:
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        return generator
+    if seed is None:
+        return None
+    _check_int(seed, "seed")
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _context_length(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    text = getattr(config, "text", None)
+    return getattr(text, "max_position_embeddings", None)

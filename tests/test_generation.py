@@ -1,0 +1,355 @@
+"""Generation: logits processing vs transformers' processors, and the decoding loop on a tiny fake
+model that implements af3's forward + new_cache contract (exact cache bookkeeping checked)."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from af3.generation import GenerationConfig, generate, process_scores
+from af3.streaming import TextStreamer
+
+VOCAB = 40
+EOS = 3
+PAD = 0
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny causal LM honouring af3's contract: forward(input_ids, attention_mask, input_features,
+# input_features_mask, position_ids, cache, logits_to_keep) -> .logits; new_cache(B, max_len).
+
+class FakeCache:
+    def __init__(self, batch: int, max_len: int, dim: int, dtype, device) -> None:
+        self.h = torch.zeros(batch, max_len, dim, dtype=dtype, device=device)
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class FakeLM(torch.nn.Module):
+    """Logits at t = f(mask-weighted mean of the prefix's embeddings, the position of t)."""
+
+    def __init__(self, dim: int = 16, max_pos: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Parameter(torch.randn(VOCAB, dim, generator=g))
+        self.pos = torch.nn.Parameter(torch.randn(max_pos, dim, generator=g))
+        self.audio = torch.nn.Parameter(torch.randn(dim, dim, generator=g))
+        self.head = torch.nn.Parameter(torch.randn(VOCAB, dim, generator=g) * 3)
+        self.config = SimpleNamespace(text=SimpleNamespace(max_position_embeddings=max_pos))
+        self.generation_config = GenerationConfig(eos_token_id=[EOS], pad_token_id=PAD)
+        self.calls: list[dict] = []
+
+    def new_cache(self, batch_size, max_len, dtype=None, device=None):
+        return FakeCache(batch_size, max_len, self.embed.shape[1], dtype or self.embed.dtype,
+                         device or self.embed.device)
+
+    def forward(self, input_ids, attention_mask=None, input_features=None, input_features_mask=None,
+                labels=None, position_ids=None, cache=None, logits_to_keep=0):
+        B, T = input_ids.shape
+        self.calls.append({"T": T, "features": input_features is not None,
+                           "cache_len": None if cache is None else cache.length})
+        x = self.embed[input_ids]  # (B, T, d)
+        if input_features is not None:  # audio shifts every prompt embedding: prefill-only matters
+            x = x + input_features.mean() * (x @ self.audio)
+        start = 0 if cache is None else cache.length
+        if attention_mask is None:
+            attention_mask = torch.ones(B, start + T, dtype=torch.long)
+        assert attention_mask.shape == (B, start + T)  # the contract: full mask over all positions
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        if cache is not None:
+            cache.h[:, start:start + T] = x
+            cache.length += T
+            x = cache.h[:, :start + T]
+        m = attention_mask.to(x.dtype)[..., None]  # (B, S, 1)
+        causal_sum = (x * m).cumsum(1)[:, start:]  # (B, T, d)
+        count = m.cumsum(1)[:, start:].clamp(min=1)
+        h = torch.tanh(causal_sum / count + self.pos[position_ids])
+        logits = h @ self.head.T  # (B, T, V)
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return SimpleNamespace(logits=logits, loss=None)
+
+
+def naive_greedy(model: FakeLM, ids: list[int], n: int, penalty: float = 1.0, features=None) -> list[int]:
+    """Reference: every step recomputes the whole sequence in two chunks (prompt with audio, the rest)."""
+    out = list(ids)
+    for _ in range(n):
+        x = torch.tensor([out])
+        cache = model.new_cache(1, len(out))
+        logits = model(x[:, :len(ids)], input_features=features, cache=cache).logits
+        if len(out) > len(ids):
+            logits = model(x[:, len(ids):], attention_mask=torch.ones_like(x), cache=cache).logits
+        scores = process_scores(logits[:, -1].float(), x, GenerationConfig(repetition_penalty=penalty))
+        out.append(int(scores.argmax(-1)))
+        if out[-1] == EOS:
+            break
+    return out
+
+
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+# --------------------------------------------------------------------------------------------
+# Logits processors against transformers'.
+
+def hf_processors(cfg: GenerationConfig, pad_lengths: torch.Tensor | None):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+    procs = LogitsProcessorList()
+    if cfg.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty, prompt_ignore_length=pad_lengths))
+    if cfg.do_sample:
+        if cfg.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(cfg.temperature))
+        if cfg.top_k != 0:
+            procs.append(TopKLogitsWarper(cfg.top_k))
+        if cfg.top_p < 1.0:
+            procs.append(TopPLogitsWarper(cfg.top_p))
+    return procs
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), do_sample=st.booleans(),
+       penalty=st.sampled_from([1.0, 1.05, 1.3, 0.8]), temperature=st.sampled_from([1.0, 0.7, 1.6]),
+       top_k=st.sampled_from([0, 1, 5, 20, 100]), top_p=st.sampled_from([1.0, 0.8, 0.3, 0.01]))
+def test_processing_matches_transformers(seed, do_sample, penalty, temperature, top_k, top_p):
+    g = torch.Generator().manual_seed(seed)
+    batch, seq, vocab = 3, 9, 50
+    scores = torch.randn(batch, vocab, generator=g) * 4
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    pad_lengths = torch.tensor([0, 2, 5])
+    ignore = torch.arange(seq)[None, :] < pad_lengths[:, None]
+    cfg = GenerationConfig(do_sample=do_sample, repetition_penalty=penalty, temperature=temperature,
+                           top_k=top_k, top_p=top_p)
+    ours = process_scores(scores.clone(), ids, cfg, ignore)
+    theirs = hf_processors(cfg, pad_lengths)(ids, scores.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    finite = torch.isfinite(theirs)
+    torch.testing.assert_close(ours[finite], theirs[finite], rtol=0, atol=0)
+
+
+def test_penalty_covers_prompt_and_skips_left_padding():
+    scores = torch.tensor([[2.0, -2.0, 2.0, 2.0]])
+    ids = torch.tensor([[2, 0, 1]])
+    ignore = torch.tensor([[True, False, False]])  # id 2 sits in the padding
+    out = process_scores(scores, ids, GenerationConfig(repetition_penalty=2.0), ignore)
+    assert out.tolist() == [[1.0, -4.0, 2.0, 2.0]]
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+
+def test_greedy_matches_uncached_reference_and_encodes_audio_once():
+    model = FakeLM()
+    prompt = [5, 9, 11, 2, 7]
+    feats = torch.full((1, 4, 6), 0.5)
+    for penalty in (1.0, 1.3):
+        model.calls.clear()
+        out = generate(model, torch.tensor([prompt]), input_features=feats,
+                       input_features_mask=torch.ones(1, 6, dtype=torch.bool), max_new_tokens=12,
+                       repetition_penalty=penalty)
+        assert out[0].tolist() == naive_greedy(model, prompt, 12, penalty, feats)[:out.shape[1]]
+    model.calls.clear()
+    out = generate(model, torch.tensor([prompt]), input_features=feats, max_new_tokens=6, eos_token_id=[])
+    calls = model.calls
+    assert calls[0] == {"T": 5, "features": True, "cache_len": 0}
+    assert all(c["T"] == 1 and not c["features"] for c in calls[1:])
+    assert [c["cache_len"] for c in calls] == [0, 5, 6, 7, 8, 9]
+    assert out.shape == (1, 11) and out[0, :5].tolist() == prompt
+
+
+def test_batch_left_padded_rows_equal_runs_alone_and_stop_independently():
+    model = FakeLM(seed=3)
+    rows = [[5, 9, 11, 2, 7, 8, 1], [4, 6], [12, 13, 14], [30]]
+    ids, mask = left_pad(rows)
+    n = 15
+    # eos = row 1's first new token, so row 1 stops at once while others run on.
+    eos = int(generate(model, torch.tensor([rows[1]]), max_new_tokens=1)[0, -1])
+    kw = {"max_new_tokens": n, "repetition_penalty": 1.1, "eos_token_id": [eos], "pad_token_id": PAD}
+    batched = generate(model, ids, mask, **kw)
+    width = ids.shape[1]
+    saw_early_stop = False
+    for i, row in enumerate(rows):
+        alone = generate(model, torch.tensor([row]), **kw)[0].tolist()
+        new_alone = alone[len(row):]
+        new_batched = batched[i, width:].tolist()
+        assert new_batched[:len(new_alone)] == new_alone
+        # After its eos a row holds only padding.
+        assert all(t == PAD for t in new_batched[len(new_alone):])
+        saw_early_stop |= len(new_alone) < batched.shape[1] - width
+    assert saw_early_stop, "choose rows so that at least one stops before the others"
+    # The whole batch stops once every row has stopped, or at max_new_tokens.
+    assert batched.shape[1] <= width + n
+
+
+def test_stops_when_all_rows_hit_eos_and_returns_prompt_plus_new():
+    model = FakeLM()
+    prompt = torch.tensor([[5, 9, 11]])
+    logits = model(prompt).logits[0, -1]
+    first = int(logits.argmax())
+    out = generate(model, prompt, max_new_tokens=10, eos_token_id=first)
+    assert out.tolist() == [[5, 9, 11, first]]
+    out = generate(model, prompt, max_new_tokens=1, eos_token_id=[])
+    assert out.shape == (1, 4)
+
+
+def test_seed_reproduces_and_generator_equals_seed():
+    model = FakeLM()
+    prompt = torch.tensor([[5, 9, 11, 2]])
+    kw = {"do_sample": True, "temperature": 1.5, "top_k": 0, "max_new_tokens": 20, "eos_token_id": []}
+    a = generate(model, prompt, seed=7, **kw)
+    b = generate(model, prompt, seed=7, **kw)
+    c = generate(model, prompt, generator=torch.Generator().manual_seed(7), **kw)
+    d = generate(model, prompt, seed=8, **kw)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(a, d)
+    torch.manual_seed(3)
+    e = generate(model, prompt, **kw)
+    torch.manual_seed(3)
+    assert torch.equal(e, generate(model, prompt, **kw))
+
+
+def test_top_k_one_sampling_equals_greedy():
+    model = FakeLM()
+    prompt = torch.tensor([[5, 9, 11, 2]])
+    greedy = generate(model, prompt, max_new_tokens=10)
+    sampled = generate(model, prompt, max_new_tokens=10, do_sample=True, top_k=1, temperature=0.3, seed=1)
+    assert torch.equal(greedy, sampled)
+
+
+def test_defaults_come_from_model_generation_config():
+    model = FakeLM()
+    model.generation_config = GenerationConfig(max_new_tokens=3, eos_token_id=[], pad_token_id=PAD)
+    assert generate(model, torch.tensor([[5, 9]])).shape == (1, 5)
+    assert generate(model, torch.tensor([[5, 9]]), max_new_tokens=4).shape == (1, 6)
+    explicit = GenerationConfig(max_new_tokens=2, eos_token_id=[])
+    assert generate(model, torch.tensor([[5, 9]]), generation_config=explicit).shape == (1, 4)
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"max_new_tokens": 0}, ValueError),
+    ({"max_new_tokens": 2.0}, TypeError),
+    ({"do_sample": True, "temperature": 0.0}, ValueError),
+    ({"do_sample": True, "temperature": -1.0}, ValueError),
+    ({"top_p": 0.0}, ValueError),
+    ({"top_p": 1.5}, ValueError),
+    ({"top_k": -1}, ValueError),
+    ({"repetition_penalty": 0.0}, ValueError),
+    ({"eos_token_id": -3}, ValueError),
+    ({"num_beams": 4}, ValueError),
+    ({"seed": 1, "generator": torch.Generator()}, ValueError),
+    ({"generator": 3}, TypeError),
+    ({"max_new_tokens": 100}, ValueError),  # beyond the fake model's 64-token context
+])
+def test_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        generate(FakeLM(), torch.tensor([[5, 9]]), **kwargs)
+
+
+def test_bad_inputs():
+    model = FakeLM()
+    with pytest.raises(TypeError, match="input_ids"):
+        generate(model, [[1, 2]])
+    with pytest.raises(ValueError, match="shape"):
+        generate(model, torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="dtype"):
+        generate(model, torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="does not match"):
+        generate(model, torch.tensor([[1, 2]]), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="left padding"):
+        generate(model, torch.tensor([[1, 2]]), torch.tensor([[1, 0]]))
+    with pytest.raises(ValueError, match="batch of one"):
+        generate(model, torch.tensor([[1, 2], [3, 4]]), streamer=TextStreamer(ByteTokenizer()))
+    # Sampling settings are checked even when greedy would ignore them (as the config is).
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, torch.tensor([[1, 2]]), do_sample=False, top_p=2.0)
+
+
+def test_generation_config_hf_and_json(tmp_path):
+    hf = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+          "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
+          "transformers_version": "4.57.0"}
+    cfg = GenerationConfig.from_hf(hf)
+    assert (cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty) == (True, 0.7, 20, 0.8, 1.05)
+    assert cfg.eos_token_id == [151645, 151643] and cfg.pad_token_id == 151643
+    assert GenerationConfig.from_hf({"eos_token_id": 7}).eos_token_id == [7]
+    cfg.save(tmp_path / "g.json")
+    assert GenerationConfig.load(tmp_path / "g.json") == cfg
+    with pytest.raises(FileNotFoundError):
+        GenerationConfig.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        GenerationConfig.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="unknown key"):
+        GenerationConfig.from_dict({**dataclasses.asdict(cfg), "num_beams": 2})
+    with pytest.raises(TypeError):
+        GenerationConfig.from_hf([1])
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming.
+
+class ByteTokenizer:
+    """Ids 0..255 are bytes (as byte-level BPE ends up), 256+ are special tokens."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        data = bytes(i for i in ids if i < 256)
+        text = data.decode("utf-8", errors="replace")
+        if not skip_special_tokens:
+            text += "".join(f"<{i}>" for i in ids if i >= 256)
+        return text
+
+
+@pytest.mark.parametrize("text", ["héllo wörld", "中文字符 and 😀 emoji", "plain ascii", "é"])
+def test_streamer_never_splits_a_character(text):
+    pieces: list[str] = []
+    streamer = TextStreamer(ByteTokenizer(), pieces.append)
+    for b in text.encode():
+        streamer.put(torch.tensor([b]))
+    streamer.put(torch.tensor([300]))  # eos: skipped
+    streamer.end()
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_streamer_flushes_invalid_tail_at_end():
+    pieces: list[str] = []
+    streamer = TextStreamer(ByteTokenizer(), pieces.append)
+    streamer.put([ord("a"), 0xE4])  # 'a' then the first byte of a 3-byte character, never completed
+    assert pieces == ["a"]
+    streamer.end()
+    assert "".join(pieces) == "a\ufffd"
+
+
+def test_generate_streams_exactly_the_new_tokens():
+    model = FakeLM()
+    received: list[int] = []
+
+    class Recorder:
+        ended = False
+
+        def put(self, ids):
+            received.extend(ids.tolist())
+
+        def end(self):
+            Recorder.ended = True
+
+    out = generate(model, torch.tensor([[5, 9, 11]]), max_new_tokens=8, streamer=Recorder())
+    assert received == out[0, 3:].tolist() and Recorder.ended
