@@ -158,10 +158,11 @@ class ShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if not self._todo:
             raise ValueError(f"{self.path}: tensor {name!r} was not planned for this shard")
-        want = self._todo.pop(0)
+        want = self._todo[0]
         if (name, tensor.dtype, tuple(tensor.shape)) != (want.name, want.dtype, want.shape):
             raise ValueError(f"{self.path}: expected {want.name} {want.dtype} {list(want.shape)}, "
                              f"got {name} {tensor.dtype} {list(tensor.shape)}")
+        self._todo.pop(0)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._f.write(memoryview(data.numpy()))
 
