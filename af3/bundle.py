@@ -1,13 +1,26 @@
-"""The af3 bundle: model + processor + tokenizer behind three calls (transcribe, chat, generate)."""
+"""The af3 bundle: model + processor + tokenizer behind a few calls.
+
+    m = af3.load("af3-checkpoint")
+    m.transcribe("speech.wav")                       # -> "the words spoken"
+    m.chat([{"role": "user", "content": [...]}])     # -> the assistant's reply
+    m.generate([conversation, conversation])         # -> one reply each, batched
+    session = m.start_chat("speech.wav")             # multi-turn, the audio encoded once
+    session.ask("Who is speaking?")
+"""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from af3.config import AF3Config
-from af3.generation import GenerationConfig
+from af3.generation import GenerationConfig, generate
+from af3.streaming import TextStreamer
+
+THINK_PROMPT = "Please think and reason about the input audio before you respond."
 
 
 class AF3:
@@ -15,6 +28,9 @@ class AF3:
 
     Attributes are the parts, usable on their own exactly as with transformers:
     `model` (AudioFlamingo3), `processor`, `tokenizer`, `config`, `generation_config`.
+    Keyword arguments `**gen` of every method override `generation_config` for that call
+    (`max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `repetition_penalty`,
+    `eos_token_id`, `pad_token_id`, `seed`, `generator`).
     """
 
     def __init__(self, *, model: torch.nn.Module, processor: Any, tokenizer: Any, config: AF3Config,
@@ -35,3 +51,169 @@ class AF3:
 
     def __repr__(self) -> str:
         return f"AF3(device={self.device}, dtype={self.dtype})"
+
+    # ---- the three calls ---------------------------------------------------------------------
+
+    def transcribe(self, audio: Any, prompt: str | Sequence[str | None] | None = None, *,
+                   batch_size: int = 8, stream: Callable[[str], Any] | None = None,
+                   **gen: Any) -> str | list[str]:
+        """Transcribe one clip (-> str) or a list of clips (-> list[str]), framing stripped.
+
+        A clip is a path, URL, bytes, or an array of 16 kHz samples. `prompt` defaults to
+        "Transcribe the input speech."; a list gives one per clip. Lists run `batch_size` clips
+        at a time. `stream(piece)` receives text as it is generated (one clip only).
+        """
+        single = not isinstance(audio, (list, tuple))
+        clips = [audio] if single else list(audio)
+        if not clips:
+            raise ValueError("audio is an empty list: give at least one clip to transcribe")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if stream is not None and len(clips) != 1:
+            raise ValueError(f"stream needs a single clip, got {len(clips)}")
+        prompts = prompt if isinstance(prompt, (list, tuple)) else [prompt] * len(clips)
+        if len(prompts) != len(clips):
+            raise ValueError(f"got {len(prompts)} prompt(s) for {len(clips)} audio clip(s); give one prompt, "
+                             "or one per clip")
+        texts: list[str] = []
+        for start in range(0, len(clips), batch_size):
+            inputs = self.processor.apply_transcription_request(clips[start:start + batch_size],
+                                                                list(prompts[start:start + batch_size]))
+            texts += self._run(inputs, stream, gen, strip_prefix=True)
+        return texts[0] if single else texts
+
+    def chat(self, conversation: list[dict], *, think: bool = False,
+             stream: Callable[[str], Any] | None = None, **gen: Any) -> str:
+        """The assistant's reply to one conversation (HF message format, audio items included).
+
+        `think=True` appends NVIDIA's thinking prompt to the last user turn, asking the model
+        to reason before it answers (the think-mode checkpoint was trained with it).
+        """
+        if think:
+            conversation = add_think_prompt(conversation)
+        inputs = self.processor.apply_chat_template(conversation)
+        return self._run(inputs, stream, gen)[0]
+
+    def generate(self, conversations: list[list[dict]], *, think: bool = False, **gen: Any) -> list[str]:
+        """One reply per conversation, generated as one left-padded batch."""
+        if not isinstance(conversations, (list, tuple)) or not conversations or \
+                not all(isinstance(c, (list, tuple)) for c in conversations):
+            raise TypeError("conversations must be a non-empty list of conversations (each a list of "
+                            "messages); for one conversation use chat()")
+        if think:
+            conversations = [add_think_prompt(c) for c in conversations]
+        inputs = self.processor.apply_chat_template(list(conversations))
+        return self._run(inputs, None, gen)
+
+    def start_chat(self, audio: Any = None, *, system: str | None = None,
+                   max_tokens: int = 8192) -> ChatSession:
+        """A multi-turn chat about one clip that keeps its KV cache, so the audio is encoded once."""
+        return ChatSession(self, audio, system=system, max_tokens=max_tokens)
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _run(self, inputs: Any, stream: Callable[[str], Any] | None, gen: dict,
+             strip_prefix: bool = False) -> list[str]:
+        inputs = inputs.to(self.device)
+        streamer = TextStreamer(self.tokenizer, stream) if stream is not None else None
+        out = generate(self.model, **_model_inputs(inputs), generation_config=self.generation_config,
+                       streamer=streamer, **gen)
+        new = out[:, inputs["input_ids"].shape[1]:]  # (B, n_new): the prompt is returned too, as in HF
+        return self.processor.batch_decode(new, skip_special_tokens=True, strip_prefix=strip_prefix)
+
+
+class ChatSession:
+    """Multi-turn chat whose KV cache lives across turns.
+
+    Each turn appends the user's text (and the closing of the previous reply) as tokens after
+    what is already cached, so only the new tokens are run: the audio is encoded on the first
+    turn only. `history` holds the conversation in HF message format.
+    """
+
+    def __init__(self, bundle: AF3, audio: Any = None, *, system: str | None = None,
+                 max_tokens: int = 8192) -> None:
+        limit = bundle.config.text.max_position_embeddings
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        self.bundle = bundle
+        self.audio = audio
+        self.capacity = min(max_tokens, limit)
+        self.history: list[dict] = [] if system is None else [{"role": "system", "content": system}]
+        self.ids: torch.Tensor | None = None  # (1, n): every token so far, the last reply included
+        self.cache = bundle.model.new_cache(1, self.capacity, dtype=bundle.dtype, device=bundle.device)
+
+    def ask(self, text: str, *, think: bool = False, stream: Callable[[str], Any] | None = None,
+            **gen: Any) -> str:
+        """The assistant's reply to `text`, given everything said so far."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        if think:
+            text = f"{text} {THINK_PROMPT}" if text else THINK_PROMPT
+        bundle, processor = self.bundle, self.bundle.processor
+        features: dict[str, torch.Tensor] = {}
+        if self.ids is None:
+            content: list[dict] = [{"type": "text", "text": text}]
+            if self.audio is not None:
+                content.insert(0, {"type": "audio", "audio": self.audio})
+            inputs = processor.apply_chat_template(self.history + [{"role": "user", "content": content}])
+            inputs = inputs.to(bundle.device)
+            ids = inputs["input_ids"]
+            features = {k: inputs[k] for k in ("input_features", "input_features_mask") if k in inputs}
+            self.history.append({"role": "user", "content": content})
+        else:
+            # Close the previous reply as the chat template does, then open the next turns.
+            turn = f"<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+            new = torch.tensor([bundle.tokenizer.encode(turn)], device=self.ids.device)
+            ids = torch.cat([self.ids, new], dim=1)  # (1, n + new): once per turn, not per token
+            self.history.append({"role": "user", "content": text})
+        max_new = gen.pop("max_new_tokens", bundle.generation_config.max_new_tokens)
+        room = self.capacity - ids.shape[1]
+        if room < 1 or max_new > room:
+            raise ValueError(f"this chat holds {ids.shape[1]} tokens and max_new_tokens={max_new}, beyond its "
+                             f"{self.capacity}-token cache; start a new chat (start_chat(max_tokens=...)) "
+                             "or lower max_new_tokens")
+        streamer = TextStreamer(bundle.tokenizer, stream) if stream is not None else None
+        out = generate(bundle.model, ids, **features, generation_config=bundle.generation_config,
+                       streamer=streamer, cache=self.cache, max_new_tokens=max_new, **gen)
+        reply_ids = out[0, ids.shape[1]:].tolist()
+        eos = set(bundle.generation_config.replace(**_gen_only(gen)).eos_token_id)
+        if reply_ids and reply_ids[-1] in eos:
+            reply_ids = reply_ids[:-1]  # the template closes the turn itself, next time
+        # The cache holds every token but the last one generated, so it stays a prefix of self.ids
+        # whether or not that token was an eos (dropped here, re-added by the next turn's text).
+        self.ids = torch.cat([ids, torch.tensor([reply_ids], dtype=ids.dtype, device=ids.device)], dim=1)
+        reply = bundle.tokenizer.decode(reply_ids, skip_special_tokens=True)
+        self.history.append({"role": "assistant", "content": reply})
+        return reply
+
+
+def add_think_prompt(conversation: list[dict]) -> list[dict]:
+    """A copy of `conversation` with THINK_PROMPT appended to the text of its last user turn."""
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise TypeError("conversation must be a non-empty list of messages")
+    conversation = copy.deepcopy(list(conversation))
+    users = [m for m in conversation if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise ValueError("think=True needs a user message to append the thinking prompt to")
+    last = users[-1]
+    content = last.get("content")
+    if isinstance(content, str):
+        last["content"] = f"{content} {THINK_PROMPT}" if content else THINK_PROMPT
+    elif isinstance(content, list):
+        texts = [item for item in content if isinstance(item, dict) and item.get("type") == "text"]
+        if texts:
+            texts[-1]["text"] = f"{texts[-1]['text']} {THINK_PROMPT}" if texts[-1].get("text") else THINK_PROMPT
+        else:
+            content.append({"type": "text", "text": THINK_PROMPT})
+    else:
+        raise TypeError(f"the last user message's content must be a string or a list, got {type(content).__name__}")
+    return conversation
+
+
+def _model_inputs(inputs: Any) -> dict:
+    keys = ("input_ids", "attention_mask", "input_features", "input_features_mask")
+    return {k: inputs[k] for k in keys if k in inputs}
+
+
+def _gen_only(gen: dict) -> dict:
+    return {k: v for k, v in gen.items() if k not in ("seed", "generator")}

@@ -206,7 +206,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
              input_features: torch.Tensor | None = None, input_features_mask: torch.Tensor | None = None,
              *, generation_config: GenerationConfig | None = None, streamer: Any = None,
              seed: int | None = None, generator: torch.Generator | None = None,
-             **gen: Any) -> torch.Tensor:
+             cache: Any = None, **gen: Any) -> torch.Tensor:
     """Prompt + new tokens (B, P + n) for a left-padded batch, like HF's `generate`.
 
     Settings start from `generation_config` (default: `model.generation_config`) and are
@@ -215,7 +215,9 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     at an eos token and are then filled with `pad_token_id`. `seed` or `generator` makes
     sampling reproducible (otherwise torch's global RNG is used, as HF does). `streamer`
     (e.g. `af3.streaming.TextStreamer`) gets `put(new_ids)` each step and `end()` at the end;
-    it needs a batch of one.
+    it needs a batch of one. `cache` continues from a KV cache holding the first `cache.length`
+    tokens of `input_ids` (a multi-turn chat reuses it, so the audio is encoded once); it must
+    have room for the whole result.
     """
     config = _resolve_config(model, generation_config, gen)
     input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
@@ -233,8 +235,13 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     if limit is not None and total > limit:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({config.max_new_tokens}) = {total} "
                          f"exceeds the model's context of {limit} tokens; lower max_new_tokens")
-    param = next(model.parameters())
-    cache = model.new_cache(batch, total, dtype=param.dtype, device=param.device)
+    if cache is None:
+        param = next(model.parameters())
+        cache = model.new_cache(batch, total, dtype=param.dtype, device=param.device)
+    cached = int(cache.length)
+    if cached >= prompt_len:
+        raise ValueError(f"the cache already holds {cached} tokens but input_ids has only {prompt_len}: "
+                         "give the whole sequence so far plus at least one new token")
 
     # Preallocated outputs: tokens and mask grow by writing, never by torch.cat.
     tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=input_ids.device)
@@ -246,7 +253,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     ignore = torch.arange(total, device=input_ids.device)[None, :] < first_real[:, None]  # (B, total)
 
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-    step_ids, length = input_ids, prompt_len
+    step_ids, length = input_ids[:, cached:], prompt_len
     features = {"input_features": input_features, "input_features_mask": input_features_mask}
     try:
         while True:
