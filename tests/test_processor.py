@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import math
 import shutil
+import threading
 import warnings
 
 import numpy as np
@@ -283,6 +286,33 @@ def test_long_audio_warns_and_truncates(tiny):
         out = tiny("<sound>", audio=audio)
     assert audio_count(out["input_ids"], tiny) == 15_000
     assert out["input_features"].shape == (20, 128, 3000)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_chat_items_by_path_url_and_array(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    audio = clip(2.0)
+    soundfile.write(tmp_path / "a.wav", audio, SR, subtype="FLOAT")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            functools.partial(_QuietHandler, directory=str(tmp_path)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/a.wav"
+        items = [{"type": "audio", "path": str(tmp_path / "a.wav")}, {"type": "audio", "url": url},
+                 {"type": "audio", "audio": torch.from_numpy(audio)}]
+        outs = [tiny.apply_chat_template([{"role": "user", "content": [item, {"type": "text", "text": "hi"}]}])
+                for item in items]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    for out in outs[1:]:
+        assert torch.equal(out["input_ids"], outs[0]["input_ids"])
+        torch.testing.assert_close(out["input_features"], outs[0]["input_features"], atol=1e-6, rtol=0)
 
 
 # ---- conversations ---------------------------------------------------------------------------------
