@@ -353,3 +353,85 @@ def test_generate_streams_exactly_the_new_tokens():
 
     out = generate(model, torch.tensor([[5, 9, 11]]), max_new_tokens=8, streamer=Recorder())
     assert received == out[0, 3:].tolist() and Recorder.ended
+
+
+# --------------------------------------------------------------------------------------------
+# Against transformers' generate on the same tiny weights (audio included).
+
+@pytest.fixture(scope="module")
+def hf_and_af3():
+    from tests.model_helpers import hf_to_af3_model, tiny_hf_model
+
+    hf = tiny_hf_model(seed=1)
+    return hf, hf_to_af3_model(hf)
+
+
+def eos_that_stops_rows_apart(new: torch.Tensor) -> int:
+    """A token id that one row produces well before another row does (or never does)."""
+    n = new.shape[1]
+    for token in new.flatten().tolist():
+        first = [(row == token).nonzero()[0, 0].item() if (row == token).any() else n for row in new]
+        if token != PAD and min(first) < n - 2 and max(first) > min(first) + 1:
+            return token
+    raise AssertionError(f"no token separates the rows in {new.tolist()}")
+
+
+def audio_batch(valid_frames: list[int], texts: list[list[int]], seed: int = 0):
+    """Left-padded prompts `text + <sound> * n + [7, 8]` with one window of audio each."""
+    from tests.model_helpers import TINY_AUDIO_ID
+
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(len(valid_frames), 128, 3000, generator=g)
+    fmask = torch.zeros(len(valid_frames), 3000, dtype=torch.long)
+    rows = []
+    for i, (frames, text) in enumerate(zip(valid_frames, texts)):
+        fmask[i, :frames] = 1
+        rows.append(text + [TINY_AUDIO_ID] * ((frames + 1) // 4) + [7, 8])
+    ids, mask = left_pad(rows)
+    return ids, mask, feats, fmask
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_equals_transformers_single_and_batched(hf_and_af3, penalty):
+    hf, ours = hf_and_af3
+    ids, mask, feats, fmask = audio_batch([400, 160, 1000], [[5, 6, 9], [11], [12, 13, 14, 15, 16]])
+    n = 12
+    base = {"max_new_tokens": n, "do_sample": False, "repetition_penalty": penalty, "pad_token_id": PAD}
+    hf_free = hf.generate(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask,
+                          eos_token_id=None, **base)
+    eos = eos_that_stops_rows_apart(hf_free[:, ids.shape[1]:])
+    kw = dict(base, eos_token_id=[eos])
+    theirs = hf.generate(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask, **kw)
+    mine = generate(ours, ids, mask, feats, fmask, **kw)
+    assert torch.equal(mine, theirs)
+    stops = [(row == eos).nonzero()[0, 0].item() if (row == eos).any() else None for row in mine[:, ids.shape[1]:]]
+    early = [i for i, s in enumerate(stops) if s is not None and s + 1 < mine.shape[1] - ids.shape[1]]
+    assert early, "some row must stop before the batch does"
+    for i in early:
+        assert (mine[i, ids.shape[1] + stops[i] + 1:] == PAD).all()
+    # Each row alone (no padding) gives the same tokens as in the batch.
+    for i in range(3):
+        real = mask[i].bool()
+        alone = generate(ours, ids[i:i + 1, real], None, feats[i:i + 1], fmask[i:i + 1], **kw)
+        new = alone[0, int(real.sum()):]
+        assert torch.equal(mine[i, ids.shape[1]:ids.shape[1] + len(new)], new)
+
+
+def test_seeded_sampling_equals_transformers(hf_and_af3):
+    hf, ours = hf_and_af3
+    ids, mask, feats, fmask = audio_batch([400, 800], [[5, 6, 9], [11]], seed=2)
+    kw = {"max_new_tokens": 10, "do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
+          "repetition_penalty": 1.05, "pad_token_id": PAD, "eos_token_id": None}
+    torch.manual_seed(123)
+    theirs = hf.generate(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask, **kw)
+    torch.manual_seed(123)
+    mine = generate(ours, ids, mask, feats, fmask, **kw)
+    assert torch.equal(mine, theirs)
+
+
+def test_model_generate_method_and_text_only(hf_and_af3):
+    hf, ours = hf_and_af3
+    ids = torch.tensor([[5, 6, 9, 30, 31]])
+    theirs = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                         pad_token_id=PAD, eos_token_id=None)
+    assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=8, eos_token_id=[]), theirs)
