@@ -1,0 +1,131 @@
+"""Transcribe audio files with an af3 checkpoint: one line per file, in the order given.
+
+    python examples/transcribe.py speech.wav other.flac --checkpoint af3-checkpoint
+    python examples/transcribe.py *.wav --checkpoint af3-checkpoint --json --batch-size 4
+
+Lines are `path<TAB>text` (newlines and tabs in the text become spaces), or with --json one
+JSON object per line, {"path": ..., "text": ...}. With a single file the text is streamed as
+it is generated. A file that cannot be read or transcribed gets an error line on stderr; the
+others are still transcribed, and the exit code is 1 if any file failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# Run from a clone without installing: make the repository importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+import af3
+from af3.audio import load_audio
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3) or http(s) URLs")
+    p.add_argument("--checkpoint", required=True, help="af3 checkpoint directory (made by weights_convert)")
+    p.add_argument("--prompt", default=None, help='instruction (default: "Transcribe the input speech.")')
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's setting")
+    p.add_argument("--batch-size", type=int, default=4, help="files transcribed together (default 4)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the checkpoint's sampling")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of path<TAB>text")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    try:
+        model = af3.load(args.checkpoint, device=device, dtype=dtype)
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
+
+    gen: dict = {}
+    if args.max_new_tokens is not None:
+        gen["max_new_tokens"] = args.max_new_tokens
+    if args.greedy:
+        gen["do_sample"] = False
+    if args.seed is not None:
+        gen["seed"] = args.seed
+
+    # Decode every file first, so one unreadable file costs only its own line.
+    clips: dict[str, torch.Tensor] = {}
+    failed = 0
+    for path in args.audio:
+        try:
+            clips[path] = load_audio(path)
+        except (OSError, ValueError, TypeError, RuntimeError) as e:
+            print(f"error: {path}: {e}", file=sys.stderr)
+            failed += 1
+
+    paths = list(clips)
+    stream = len(args.audio) == 1 and paths and not args.json
+    for start in range(0, len(paths), args.batch_size):
+        batch = paths[start:start + args.batch_size]
+        for path, text, error in transcribe_batch(model, batch, [clips[p] for p in batch], args.prompt,
+                                                  gen, stream):
+            if error is not None:
+                print(f"error: {path}: {error}", file=sys.stderr)
+                failed += 1
+            elif not stream:
+                print(format_line(path, text, args.json), flush=True)
+    return 1 if failed else 0
+
+
+def transcribe_batch(model, paths: list[str], clips: list[torch.Tensor], prompt: str | None, gen: dict,
+                     stream: bool):
+    """Yield (path, text, error) per file; a failing batch is retried file by file to find the culprit."""
+    if stream:
+        print(f"{paths[0]}\t", end="", flush=True)
+        try:
+            text = model.transcribe(clips[0], prompt, stream=_print_piece, **gen)
+        except (ValueError, TypeError, RuntimeError) as e:
+            print(flush=True)
+            yield paths[0], None, e
+            return
+        print(flush=True)
+        yield paths[0], text, None
+        return
+    try:
+        texts = model.transcribe(clips, prompt, batch_size=len(clips), **gen)
+    except (ValueError, TypeError, RuntimeError) as e:
+        if len(clips) == 1:
+            yield paths[0], None, e
+            return
+        for path, clip in zip(paths, clips):
+            yield from transcribe_batch(model, [path], [clip], prompt, gen, False)
+        return
+    for path, text in zip(paths, texts):
+        yield path, text, None
+
+
+def _print_piece(piece: str) -> None:
+    print(piece.replace("\n", " ").replace("\t", " "), end="", flush=True)
+
+
+def format_line(path: str, text: str, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"path": path, "text": text}, ensure_ascii=False)
+    return f"{path}\t{text.replace(chr(10), ' ').replace(chr(9), ' ')}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
