@@ -78,7 +78,7 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
                 state[name] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
     model.load_state_dict(state, strict=True, assign=True)
     del state
-    _init_non_persistent(model, device)
+    _check_nothing_on_meta(model)
     return model.eval()
 
 
@@ -175,13 +175,13 @@ def _some(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + more
 
 
-def _init_non_persistent(model: torch.nn.Module, device: torch.device) -> None:
-    """Buffers outside the state dict were created on meta; the model knows how to remake them."""
-    on_meta = [n for n, b in model.named_buffers() if b.is_meta]
-    if on_meta and hasattr(model, "init_buffers"):
-        model.init_buffers(device)
-        on_meta = [n for n, b in model.named_buffers() if b.is_meta]
-    on_meta += [n for n, p in model.named_parameters() if p.is_meta]
+def _check_nothing_on_meta(model: torch.nn.Module) -> None:
+    """A tensor outside the state dict (a non-persistent buffer) would still be on meta here.
+
+    AudioFlamingo3 has none (RoPE angles are computed per call, the KV cache is made by
+    `new_cache`); this keeps it that way rather than failing later inside a forward pass.
+    """
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
         raise ValueError(f"after loading, {len(on_meta)} tensors of the model are still unset: "
                          f"{_some(on_meta)}")

@@ -1,0 +1,122 @@
+"""af3.load: the bundle it returns, dtype/device handling, and every refusal (by name)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import af3
+from af3.generation import GenerationConfig
+from tests.tiny_checkpoint import write_tiny_hf_checkpoint, write_tiny_nvidia_checkpoint
+from weights_convert.convert import convert
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("load")
+    hf = write_tiny_hf_checkpoint(root / "hf")
+    convert(hf, root / "af3")
+    convert(hf, root / "af3-sharded", max_shard_size=50_000)
+    return {"root": root, "hf": hf, "af3": root / "af3", "sharded": root / "af3-sharded"}
+
+
+def copy_of(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_bundle_parts(tiny):
+    bundle = af3.load(tiny["af3"])
+    assert not bundle.model.training
+    assert bundle.config.text.hidden_size == 48 and bundle.config.dtype == "float32"
+    assert isinstance(bundle.generation_config, GenerationConfig)
+    assert bundle.generation_config.top_k == 20 and bundle.model.generation_config is bundle.generation_config
+    assert bundle.tokenizer.convert_ids_to_tokens(bundle.config.audio_token_id) == "<sound>"
+    assert bundle.processor is not None
+    ref = load_file(str(tiny["hf"] / "model.safetensors"))
+    assert torch.equal(bundle.model.state_dict()["decoder.layers.1.mlp.down.weight"],
+                       ref["language_model.model.layers.1.mlp.down_proj.weight"])
+    assert all(not t.is_meta for t in bundle.model.state_dict().values())
+    assert all(not b.is_meta for b in bundle.model.buffers())
+
+
+def test_sharded_equals_single(tiny):
+    one = af3.load(tiny["af3"]).model.state_dict()
+    many = af3.load(tiny["sharded"]).model.state_dict()
+    assert len(list(tiny["sharded"].glob("model-*.safetensors"))) > 1
+    assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "float16", "bf16"])
+def test_dtype_cast_on_load(tiny, dtype):
+    model = af3.load(tiny["af3"], dtype=dtype).model
+    want = {torch.bfloat16: torch.bfloat16, "float16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    assert {p.dtype for p in model.parameters()} == {want}
+
+
+def test_device_argument(tiny):
+    devices = ["cpu", torch.device("cpu")] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        model = af3.load(tiny["af3"], device=device).model
+        assert {p.device.type for p in model.parameters()} == {torch.device(device).type}
+
+
+def test_hf_and_nvidia_layouts_get_the_convert_command(tiny):
+    with pytest.raises(ValueError, match=r"python -m weights_convert .*hf .*hf-af3") as e:
+        af3.load(tiny["hf"])
+    assert "Hugging Face" in str(e.value)
+    nvidia = write_tiny_nvidia_checkpoint(tiny["root"] / "nvidia", tiny["hf"])
+    with pytest.raises(ValueError, match=r"NVIDIA.*\n +python -m weights_convert .*nvidia .*nvidia-af3"):
+        af3.load(nvidia)
+
+
+def test_missing_unexpected_and_misshaped_are_named(tiny, tmp_path):
+    d = copy_of(tiny["af3"], tmp_path / "bad")
+    state = load_file(str(d / "model.safetensors"))
+    del state["encoder.layers.0.fc1.bias"]
+    state["decoder.extra.weight"] = torch.zeros(3)
+    state["projector.linear1.weight"] = torch.zeros(5, 5)
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(ValueError) as e:
+        af3.load(d)
+    msg = str(e.value)
+    assert "1 missing: encoder.layers.0.fc1.bias" in msg
+    assert "1 unexpected: decoder.extra.weight" in msg
+    assert "projector.linear1.weight [5, 5] (config wants [48, 32])" in msg
+
+
+def test_bad_inputs(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        af3.load(tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="path must be"):
+        af3.load(42)
+    with pytest.raises(ValueError, match="not one of"):
+        af3.load(tiny["af3"], dtype="int8")
+    with pytest.raises(ValueError, match="floating-point"):
+        af3.load(tiny["af3"], dtype=torch.int32)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        af3.load(tmp_path / "file")
+    d = copy_of(tiny["af3"], tmp_path / "no-weights")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        af3.load(d)
+    d = copy_of(tiny["sharded"], tmp_path / "escaping-index")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../elsewhere.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="not a file inside"):
+        af3.load(d)
+    d = copy_of(tiny["af3"], tmp_path / "old-format")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["format_version"] = 999
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="format_version"):
+        af3.load(d)
