@@ -1,0 +1,136 @@
+"""The bundle API on a tiny random checkpoint, made the way users make theirs: an HF-layout
+checkpoint written by transformers, converted by weights_convert, loaded by af3.load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import af3
+from af3.bundle import THINK_PROMPT, add_think_prompt
+from af3.generation import generate
+from weights_convert.convert import convert
+
+GREEDY = {"do_sample": False, "max_new_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tests.tiny_checkpoint import tiny_hf_model, write_tiny_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("bundle")
+    write_tiny_hf_checkpoint(root / "hf", seed=0)
+    convert(root / "hf", root / "af3")
+    return af3.load(root / "af3"), tiny_hf_model(seed=0)
+
+
+def clip(seconds: float, seed: int = 0) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal(int(16000 * seconds))).astype(np.float32)
+
+
+def test_transcribe_equals_transformers_generate(tiny):
+    m, hf = tiny
+    inputs = m.processor.apply_transcription_request(clip(3.0))
+    theirs = hf.generate(**inputs, max_new_tokens=8, do_sample=False, repetition_penalty=1.05,
+                         eos_token_id=m.generation_config.eos_token_id,
+                         pad_token_id=m.generation_config.pad_token_id)
+    expected = m.processor.decode(theirs[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
+                                  strip_prefix=True)
+    assert m.transcribe(clip(3.0), **GREEDY) == expected
+
+
+def test_transcribe_list_batches_like_singles(tiny):
+    m, _ = tiny
+    clips = [clip(3.0), clip(1.0, 1), clip(2.0, 2)]
+    singles = [m.transcribe(c, **GREEDY) for c in clips]
+    assert m.transcribe(clips, **GREEDY) == singles
+    assert m.transcribe(clips, batch_size=2, **GREEDY) == singles
+    prompts = ["Transcribe the input speech.", None, "What is said?"]
+    assert m.transcribe(clips, prompts, **GREEDY)[:2] == singles[:2]
+
+
+def test_stream_pieces_join_to_the_reply(tiny):
+    m, _ = tiny
+    pieces: list[str] = []
+    reply = m.chat(conversation("Describe it."), stream=pieces.append, seed=3, max_new_tokens=12)
+    assert "".join(pieces) == reply and len(pieces) > 1
+    # Seeded sampling repeats itself.
+    assert m.chat(conversation("Describe it."), seed=3, max_new_tokens=12) == reply
+
+
+def conversation(text: str = "What do you hear?", seconds: float = 2.0) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "audio", "audio": clip(seconds)},
+                                         {"type": "text", "text": text}]}]
+
+
+def test_chat_think_and_batched_generate(tiny):
+    m, _ = tiny
+    conv = conversation()
+    thought = add_think_prompt(conv)
+    assert thought[-1]["content"][-1]["text"] == f"What do you hear? {THINK_PROMPT}"
+    assert conv[-1]["content"][-1]["text"] == "What do you hear?"  # the caller's list is not changed
+    assert add_think_prompt([{"role": "user", "content": "Hi"}])[0]["content"] == f"Hi {THINK_PROMPT}"
+    prompt = m.processor.apply_chat_template(thought, tokenize=False)
+    assert prompt.endswith(f"{THINK_PROMPT}<|im_end|>\n<|im_start|>assistant\n")
+
+    reply = m.chat(conv, think=True, **GREEDY)
+    assert reply == m.generate([thought], **GREEDY)[0]
+    text_only = [{"role": "user", "content": "Hello there"}]
+    both = m.generate([conv, text_only], **GREEDY)
+    assert both == [m.chat(conv, **GREEDY), m.chat(text_only, **GREEDY)]
+
+
+def test_chat_session_reuses_the_cache_exactly_and_encodes_audio_once(tiny, monkeypatch):
+    m, _ = tiny
+    calls = []
+    original = m.model.get_audio_features
+    monkeypatch.setattr(m.model, "get_audio_features", lambda *a, **k: calls.append(1) or original(*a, **k))
+    audio = clip(2.0)
+    session = m.start_chat(audio, max_tokens=300)
+    first = session.ask("What do you hear?", **GREEDY)
+    second = session.ask("Say more.", **GREEDY)
+    assert len(calls) == 1
+    assert [msg["role"] for msg in session.history] == ["user", "assistant", "user", "assistant"]
+    assert session.history[-1]["content"] == second
+    assert first == m.chat(conversation(), **GREEDY)
+
+    # The second reply equals a from-scratch run on the same tokens (cache reuse changes nothing).
+    before = session.ids[:, :session.ids.shape[1] - len(m.tokenizer.encode(second))]
+    inputs = m.processor.apply_chat_template(conversation())
+    redo = generate(m.model, before, input_features=inputs["input_features"],
+                    input_features_mask=inputs["input_features_mask"], generation_config=m.generation_config,
+                    **GREEDY)
+    assert m.tokenizer.decode(redo[0, before.shape[1]:].tolist(), skip_special_tokens=True) == second
+
+    with pytest.raises(ValueError, match="start a new chat"):
+        session.ask("Again?", max_new_tokens=300)
+
+
+def test_bad_arguments(tiny):
+    m, _ = tiny
+    with pytest.raises(ValueError, match="empty"):
+        m.transcribe([])
+    with pytest.raises(ValueError, match="prompt"):
+        m.transcribe([clip(1.0), clip(1.0)], ["a"])
+    with pytest.raises(ValueError, match="single clip"):
+        m.transcribe([clip(1.0), clip(1.0)], stream=print)
+    with pytest.raises(ValueError, match="batch_size"):
+        m.transcribe([clip(1.0)], batch_size=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        m.transcribe(clip(1.0), max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        m.chat(conversation(), do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="unknown generation argument"):
+        m.chat(conversation(), num_beams=2)
+    with pytest.raises(TypeError):
+        m.generate(conversation())  # one conversation, not a list of them
+    with pytest.raises(ValueError, match="user message"):
+        add_think_prompt([{"role": "system", "content": "x"}])
+
+
+def test_parts_are_exposed(tiny):
+    m, _ = tiny
+    assert m.model.generation_config is m.generation_config
+    assert m.device == torch.device("cpu") and m.dtype == torch.float32
+    assert "AF3(" in repr(m)
