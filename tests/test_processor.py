@@ -25,49 +25,9 @@ from af3.processor import (
     Processor,
     strip_transcription_prefix,
 )
+from af3.tokenizer import Tokenizer
 from af3.windows import audio_token_count
-
-# TEMPORARY stand-ins until af3/tokenizer.py and tests/tiny_tokenizer.py land.
-try:
-    from af3.tokenizer import Tokenizer
-except ImportError:
-    import tokenizers as _hf_tokenizers
-
-    class Tokenizer:
-        def __init__(self, tok):
-            self._tok = tok
-            self.pad_token_id = tok.token_to_id("<|endoftext|>")
-            self.eos_token_id = tok.token_to_id("<|im_end|>")
-
-        @classmethod
-        def from_file(cls, path):
-            return cls(_hf_tokenizers.Tokenizer.from_file(str(path)))
-
-        def encode(self, text, add_special_tokens=False):
-            return self._tok.encode(text, add_special_tokens=False).ids
-
-        def decode(self, ids, skip_special_tokens=False):
-            return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-        def convert_tokens_to_ids(self, t):
-            return self._tok.token_to_id(t)
-try:
-    from tests.tiny_tokenizer import write_tiny_tokenizer
-except ImportError:
-    def write_tiny_tokenizer(directory):
-        from tokenizers import Tokenizer as T
-        from tokenizers import decoders, models, pre_tokenizers, trainers
-        tok = T(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>"]
-        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(["the quick brown fox jumps over the lazy dog assistant user system"] * 10,
-                                trainer)
-        path = directory / "tokenizer.json"
-        tok.save(str(path))
-        return path
+from tests.tiny_tokenizer import write_tiny_tokenizer
 
 SR = 16_000
 FRONTEND = FrontendConfig()
