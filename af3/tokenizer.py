@@ -1,0 +1,385 @@
+"""Text -> token ids -> text: the byte-level BPE of a checkpoint's `tokenizer.json` (Qwen2's for AF3).
+
+Encoding, in the order HF `tokenizers` applies it:
+  1. added tokens (`<|im_start|>`, `<sound>`, ...) are cut out of the raw text first, longest match
+     at the leftmost position;
+  2. every other stretch of text is normalized (NFC for AF3);
+  3. the pre-tokenizer splits it into words with a regex, and each word's UTF-8 bytes are written
+     with GPT-2's printable stand-in characters (byte 0x20 ' ' -> 'Ġ', 0x0A '\\n' -> 'Ċ');
+  4. BPE merges the word's characters pairwise, lowest merge rank first, and the pieces are looked
+     up in the vocabulary. A per-word cache makes repeated words free.
+Decoding maps every token back to its bytes and reads them as UTF-8.
+
+Only the features AF3's tokenizer uses (and a few close relatives) are implemented; a tokenizer.json
+asking for anything else is refused with a ValueError rather than tokenised differently from HF.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import unicodedata
+from collections.abc import Iterable
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import regex
+
+# The split pattern HF's ByteLevel pre-tokenizer uses when `use_regex` is true (GPT-2's).
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+_NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")
+_CACHE_LIMIT = 100_000  # words; the cache is emptied when it grows past this, so memory stays bounded
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character, so every byte string is a visible word.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, ...) are
+    moved to U+0100 onwards in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shift = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shift)
+            shift += 1
+    return table
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer read from a HF `tokenizer.json`.
+
+    `pad_token` / `eos_token` name tokens of the vocabulary (None for none); AF3's
+    `tokenizer_config.json` uses `<|endoftext|>` and `<|im_end|>`.
+    """
+
+    def __init__(self, spec: dict[str, Any], *, pad_token: str | None = "<|endoftext|>",
+                 eos_token: str | None = "<|im_end|>", source: str = "tokenizer.json") -> None:
+        if not isinstance(spec, dict):
+            raise TypeError(f"{source}: expected a JSON object, got {type(spec).__name__}")
+        self._source = source
+        for key in ("truncation", "padding"):
+            if spec.get(key) is not None:
+                raise ValueError(f"{source}: '{key}' is set ({spec[key]!r}); af3's Tokenizer never truncates or "
+                                 f"pads inside encode, set it to null")
+        self._normal_forms = self._read_normalizer(spec.get("normalizer"))
+        self._split_patterns = self._read_pre_tokenizer(spec.get("pre_tokenizer"))
+        self._read_decoder(spec.get("decoder"))
+        self._read_post_processor(spec.get("post_processor"))
+        self._read_model(spec.get("model"))
+        self._read_added_tokens(spec.get("added_tokens") or [])
+
+        byte_char = bytes_to_unicode()
+        missing = [c for c in byte_char.values() if c not in self._vocab]
+        if missing:
+            raise ValueError(f"{source}: the BPE vocabulary lacks {len(missing)} of the 256 byte tokens "
+                             f"(e.g. {missing[0]!r}); a byte-level tokenizer needs all of them")
+        # str.translate table: a UTF-8 byte (read as a Latin-1 character) -> its printable stand-in.
+        self._to_stand_in = {b: c for b, c in byte_char.items()}
+        self._from_stand_in = {c: b for b, c in byte_char.items()}
+        self._token_bytes: dict[int, bytes] = {}  # id -> bytes, filled lazily by decode
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+        self.pad_token_id = self._named_token(pad_token, "pad_token")
+        self.eos_token_id = self._named_token(eos_token, "eos_token")
+        self.pad_token, self.eos_token = pad_token, eos_token
+
+    @classmethod
+    def from_file(cls, path: str | Path, pad_token: str | None = "<|endoftext|>",
+                  eos_token: str | None = "<|im_end|>") -> Tokenizer:
+        """Read a HF `tokenizer.json` (or a directory holding one)."""
+        if not isinstance(path, (str, Path)):
+            raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls(spec, pad_token=pad_token, eos_token=eos_token, source=str(path))
+
+    # ---- reading tokenizer.json ----------------------------------------------------------------
+
+    def _unsupported(self, what: str, value: Any) -> ValueError:
+        return ValueError(f"{self._source}: unsupported {what}: {json.dumps(value)[:300]}; af3's Tokenizer "
+                          f"implements byte-level BPE as in Qwen2/AF3 and refuses rather than mis-tokenise")
+
+    def _read_normalizer(self, spec: Any) -> list[str]:
+        if spec is None:
+            return []
+        steps = spec.get("normalizers") if spec.get("type") == "Sequence" else [spec]
+        if not isinstance(steps, list) or any(not isinstance(s, dict) or s.get("type") not in _NORMALIZERS
+                                              for s in steps):
+            raise self._unsupported("normalizer (only NFC/NFD/NFKC/NFKD and Sequences of them)", spec)
+        return [s["type"] for s in steps]
+
+    def _read_pre_tokenizer(self, spec: Any) -> list[regex.Pattern]:
+        if not isinstance(spec, dict):
+            raise self._unsupported("pre_tokenizer (a ByteLevel one is required)", spec)
+        steps = spec.get("pretokenizers") if spec.get("type") == "Sequence" else [spec]
+        if not isinstance(steps, list) or not steps or not isinstance(steps[-1], dict) \
+                or steps[-1].get("type") != "ByteLevel":
+            raise self._unsupported("pre_tokenizer (it must end in ByteLevel)", spec)
+        patterns = []
+        for step in steps[:-1]:
+            if step.get("type") != "Split" or step.get("behavior") != "Isolated" or step.get("invert"):
+                raise self._unsupported("pre_tokenizer step (only Split with behavior Isolated, invert false)",
+                                        step)
+            pattern = step.get("pattern") or {}
+            if "Regex" in pattern:
+                patterns.append(regex.compile(pattern["Regex"]))
+            elif "String" in pattern:
+                patterns.append(regex.compile(regex.escape(pattern["String"])))
+            else:
+                raise self._unsupported("Split pattern", pattern)
+        byte_level = steps[-1]
+        if byte_level.get("add_prefix_space"):
+            raise self._unsupported("ByteLevel pre_tokenizer with add_prefix_space", byte_level)
+        if byte_level.get("use_regex", True):
+            patterns.append(regex.compile(GPT2_SPLIT_PATTERN))
+        return patterns
+
+    def _read_decoder(self, spec: Any) -> None:
+        if not isinstance(spec, dict) or spec.get("type") != "ByteLevel":
+            raise self._unsupported("decoder (only ByteLevel)", spec)
+
+    def _read_post_processor(self, spec: Any) -> None:
+        # ByteLevel's post-processor only trims offsets; it adds no ids, so add_special_tokens has nothing to do.
+        if spec is not None and spec.get("type") != "ByteLevel":
+            raise self._unsupported("post_processor (only null or ByteLevel)", spec)
+
+    def _read_model(self, spec: Any) -> None:
+        if not isinstance(spec, dict) or spec.get("type") != "BPE":
+            raise self._unsupported("model (only BPE)", spec)
+        for key, ok in (("dropout", (None, 0, 0.0)), ("continuing_subword_prefix", (None, "")),
+                        ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False))):
+            if spec.get(key) not in ok:
+                raise self._unsupported(f"BPE option {key}", spec[key])
+        vocab = spec.get("vocab")
+        if not isinstance(vocab, dict):
+            raise self._unsupported("BPE vocab (expected an object token -> id)", type(vocab).__name__)
+        self._vocab: dict[str, int] = vocab
+        self._ignore_merges = bool(spec.get("ignore_merges", False))
+        merges = spec.get("merges") or []
+        if merges and isinstance(merges[0], str):  # older files write each merge as "a b"
+            merges = [m.split(" ") for m in merges]
+        bad = next((m for m in merges if not isinstance(m, list) or len(m) != 2), None)
+        if bad is not None:
+            raise ValueError(f"{self._source}: malformed merge {bad!r}; expected a pair of tokens")
+        # Rank = position in the list; built from the end so a repeated merge keeps its first rank, as in HF.
+        # (That every merge's tokens are in the vocabulary is checked when a word first uses it, which
+        # keeps loading the 151k merges fast.)
+        self._ranks: dict[tuple[str, str], int] = dict(zip(map(tuple, reversed(merges)),
+                                                           range(len(merges) - 1, -1, -1)))
+
+    def _read_added_tokens(self, tokens: list[dict[str, Any]]) -> None:
+        self._added: dict[str, int] = {}
+        self._special_ids: set[int] = set()
+        for token in tokens:
+            for flag in ("lstrip", "rstrip", "single_word", "normalized"):
+                if token.get(flag):
+                    raise self._unsupported(f"added token option {flag}", token)
+            content, token_id = token["content"], token["id"]
+            self._added[content] = token_id
+            if token.get("special"):
+                self._special_ids.add(token_id)
+        # Longest first, so at any position the alternation takes the longest added token (HF's rule).
+        alternatives = sorted(self._added, key=len, reverse=True)
+        self._added_pattern = regex.compile("|".join(map(regex.escape, alternatives))) if alternatives else None
+        self._id_to_token: dict[int, str] = {i: t for t, i in self._vocab.items()}
+        self._id_to_token.update({i: t for t, i in self._added.items()})
+        self._token_to_id = {**self._vocab, **self._added}
+
+    def _named_token(self, token: str | None, name: str) -> int | None:
+        if token is None:
+            return None
+        if not isinstance(token, str):
+            raise TypeError(f"{name} must be a str or None, got {type(token).__name__}")
+        if token not in self._token_to_id:
+            raise ValueError(f"{name} {token!r} is not a token of {self._source}")
+        return self._token_to_id[token]
+
+    # ---- public surface ------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct ids, added tokens included (HF's `len(tokenizer)`)."""
+        return len(self._id_to_token)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Ids of the added tokens flagged `special` (what `skip_special_tokens` drops), sorted."""
+        return sorted(self._special_ids)
+
+    @property
+    def added_tokens(self) -> dict[str, int]:
+        """The added tokens (`<|im_start|>`, `<sound>`, ...) and their ids."""
+        return dict(self._added)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. Added tokens written in the text (e.g. `<sound>`) become their ids.
+
+        `add_special_tokens` is accepted for HF compatibility; AF3's tokenizer.json has no
+        post-processor, so it adds nothing either way.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids: list[int] = []
+        if self._added_pattern is None:
+            self._encode_ordinary(text, ids)
+            return ids
+        start = 0
+        for match in self._added_pattern.finditer(text):
+            if match.start() > start:
+                self._encode_ordinary(text[start:match.start()], ids)
+            ids.append(self._added[match.group()])
+            start = match.end()
+        if start < len(text):
+            self._encode_ordinary(text[start:], ids)
+        return ids
+
+    def decode(self, ids: Iterable[int] | int, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`. Bytes that are not valid UTF-8 (e.g. half a character) become U+FFFD, as in HF."""
+        return self.decode_bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int] | int, skip_special_tokens: bool = False) -> bytes:
+        """The raw UTF-8 bytes of `ids`; for streaming, where a character may span several tokens."""
+        out = bytearray()
+        for i in self._as_id_list(ids):
+            if skip_special_tokens and i in self._special_ids:
+                continue
+            piece = self._token_bytes.get(i)
+            if piece is None:
+                piece = self._token_bytes[i] = self._bytes_of(i)
+            out += piece
+        return bytes(out)
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int]:
+        """Id of a token string (vocabulary form, e.g. 'Ġthe'), or a list of ids for a list."""
+        if isinstance(tokens, str):
+            if tokens not in self._token_to_id:
+                raise ValueError(f"token {tokens!r} is not in the vocabulary of {self._source}")
+            return self._token_to_id[tokens]
+        if not isinstance(tokens, (list, tuple)):
+            raise TypeError(f"tokens must be a str or a list of str, got {type(tokens).__name__}")
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | list[str]:
+        """Token string of an id, or a list of token strings for a list of ids."""
+        if isinstance(ids, int) or (hasattr(ids, "ndim") and ids.ndim == 0):
+            return self._id_to_token[self._check_id(ids)]
+        return [self._id_to_token[i] for i in self._as_id_list(ids)]
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _encode_ordinary(self, text: str, ids: list[int]) -> None:
+        """Append the ids of text that holds no added token."""
+        for form in self._normal_forms:
+            text = unicodedata.normalize(form, text)
+        words = [text]
+        for pattern in self._split_patterns:
+            words = [piece for word in words for piece in _split_isolated(pattern, word)]
+        cache = self._cache
+        for word in words:
+            word_ids = cache.get(word)
+            if word_ids is None:
+                word_ids = self._encode_word(word)
+                if len(cache) >= _CACHE_LIMIT:
+                    cache.clear()
+                cache[word] = word_ids
+            ids.extend(word_ids)
+
+    def _encode_word(self, word: str) -> tuple[int, ...]:
+        # UTF-8 bytes -> one Latin-1 char per byte -> printable stand-ins, all in C.
+        chars = word.encode("utf-8").decode("latin-1").translate(self._to_stand_in)
+        vocab = self._vocab
+        if self._ignore_merges and chars in vocab:
+            return (vocab[chars],)
+        parts = self._bpe(chars)
+        try:
+            return tuple(vocab[p] for p in parts)
+        except KeyError:
+            missing = next(p for p in parts if p not in vocab)
+            raise ValueError(f"{self._source}: BPE made the piece {missing!r}, which is not in the vocabulary "
+                             f"(a merge or byte token is missing from the file)") from None
+
+    def _bpe(self, chars: str) -> list[str]:
+        """Merge adjacent pieces, always the pair with the lowest merge rank, until none applies."""
+        parts = list(chars)
+        ranks = self._ranks
+        while len(parts) > 1:
+            best_rank, best = None, None
+            for pair in pairwise(parts):
+                rank = ranks.get(pair)
+                if rank is not None and (best_rank is None or rank < best_rank):
+                    best_rank, best = rank, pair
+            if best is None:
+                break
+            first, second = best
+            merged, i, n = [], 0, len(parts)
+            while i < n:  # merge every occurrence, left to right (what HF's lowest-(rank, position) order does)
+                if i + 1 < n and parts[i] == first and parts[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return parts
+
+    def _bytes_of(self, token_id: int) -> bytes:
+        token = self._id_to_token[self._check_id(token_id)]
+        # HF's ByteLevel decoder: a token made only of stand-in characters gives their bytes; any
+        # other token (an added token such as "<|im_end|>" whose characters are not all stand-ins)
+        # gives its own UTF-8.
+        back = self._from_stand_in
+        if all(c in back for c in token):
+            return bytes(back[c] for c in token)
+        return token.encode("utf-8")
+
+    def _check_id(self, token_id: Any) -> int:
+        try:
+            token_id = operator.index(token_id)
+        except TypeError:
+            hint = "; decode each row of a batch separately" if isinstance(token_id, (list, tuple)) else ""
+            raise TypeError(f"token ids must be integers, got {type(token_id).__name__}{hint}") from None
+        if token_id not in self._id_to_token:
+            raise ValueError(f"token id {token_id} is not in the vocabulary of {self._source} "
+                             f"({self.vocab_size} ids); a model with a padded embedding can emit ids the "
+                             f"tokenizer does not have")
+        return token_id
+
+    def _as_id_list(self, ids: Iterable[int] | int) -> list[int]:
+        if hasattr(ids, "tolist"):  # torch / numpy arrays
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TypeError(f"ids must be an int or a sequence of ints, got {type(ids).__name__}")
+        known = self._id_to_token
+        return [i if type(i) is int and i in known else self._check_id(i) for i in ids]
+
+
+def _split_isolated(pattern: regex.Pattern, text: str) -> list[str]:
+    """HF's Split(behavior=Isolated): every match is a word and so is every gap between matches."""
+    if not pattern.groups:
+        words = pattern.findall(text)
+        if sum(map(len, words)) == len(text):  # the usual case: the pattern covers the whole text
+            return [w for w in words if w]
+    words, start = [], 0
+    for match in pattern.finditer(text):
+        if match.start() > start:
+            words.append(text[start:match.start()])
+        if match.end() > match.start():
+            words.append(match.group())
+        start = match.end()
+    if start < len(text):
+        words.append(text[start:])
+    return words
