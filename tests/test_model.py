@@ -1,0 +1,269 @@
+"""AudioFlamingo3 against transformers on tiny random configs, through the converter's name map."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from af3.model import AudioFlamingo3
+from tests.model_helpers import TINY_AUDIO_ID, hf_to_af3_model, tiny_hf_model
+
+N_FRAMES = 3000  # mel frames per window
+
+
+def make_batch(windows: list[list[int]], *, seed: int = 0, padding_side: str = "left",
+               text: tuple[int, int] = (4, 6)) -> dict[str, torch.Tensor]:
+    """Inputs for samples whose audio windows have the given valid mel lengths.
+
+    Each sample: `text[0]` random tokens, one <sound> per audio frame, `text[1]` random tokens,
+    padded to the longest sample. Labels cover the text after the audio only.
+    """
+    g = torch.Generator().manual_seed(seed)
+    lengths = [L for sample in windows for L in sample]
+    features = torch.randn(len(lengths), 128, N_FRAMES, generator=g)
+    mask = (torch.arange(N_FRAMES)[None] < torch.tensor(lengths)[:, None]).to(torch.int32)
+    rows, label_rows = [], []
+    for i, sample in enumerate(windows):
+        n_audio = sum((L + 1) // 4 for L in sample)
+        pre = torch.randint(0, 150, (text[0] + i,), generator=g)  # rows differ in length
+        post = torch.randint(0, 150, (text[1],), generator=g)
+        rows.append(torch.cat([pre, torch.full((n_audio,), TINY_AUDIO_ID), post]))
+        label_rows.append(torch.cat([torch.full((len(pre) + n_audio,), -100), post]))
+    t = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), t, dtype=torch.long)
+    attn = torch.zeros(len(rows), t, dtype=torch.long)
+    labels = torch.full((len(rows), t), -100)
+    for i, (r, lab) in enumerate(zip(rows, label_rows)):
+        s = slice(t - len(r), t) if padding_side == "left" else slice(0, len(r))
+        ids[i, s], attn[i, s], labels[i, s] = r, 1, lab
+    return {"input_ids": ids, "attention_mask": attn, "input_features": features,
+            "input_features_mask": mask, "labels": labels}
+
+
+def hf_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    # transformers' forward counts positions 0..T-1 whatever the mask; its generate() derives them
+    # from the mask like this, which is what af3 does by default.
+    return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def assert_close_scaled(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
+    scale = max(1.0, ref.abs().max().item())
+    diff = (ours - ref).abs().max().item()
+    assert diff <= tol * scale, f"max abs diff {diff:.3g} > {tol} x scale {scale:.3g}"
+
+
+# (text overrides, audio overrides): GQA ratios 1, 2, 4; tied and untied heads; several widths.
+CONFIGS = {
+    "mha-untied": ({"num_attention_heads": 4, "num_key_value_heads": 4}, {}),
+    "gqa2-tied": ({"num_key_value_heads": 2, "tie_word_embeddings": True}, {}),
+    "gqa4-wide": ({"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 8,
+                   "num_key_value_heads": 2, "num_hidden_layers": 3, "rope_theta": 1e6},
+                  {"d_model": 24, "encoder_attention_heads": 3, "encoder_layers": 1}),
+}
+# Windows per sample (valid mel frames): several windows, a short last one, one-window samples.
+WINDOWS = [[3000, 1001], [397], [8]]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request):
+    text, audio = CONFIGS[request.param]
+    hf = tiny_hf_model(audio=audio, seed=len(request.param), **text)
+    return hf, hf_to_af3_model(hf)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_batch(WINDOWS)
+
+
+def test_parity_with_transformers(pair, batch) -> None:
+    hf, ours = pair
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        ref = hf(**batch, position_ids=hf_positions(batch["attention_mask"]))
+        ref_enc = hf.model.audio_tower(batch["input_features"], batch["input_features_mask"]).last_hidden_state
+        ref_audio = hf.get_audio_features(batch["input_features"], batch["input_features_mask"]).pooler_output
+        out = ours(**batch)
+        enc = ours.encoder(batch["input_features"], batch["input_features_mask"].sum(-1))
+        audio = ours.get_audio_features(batch["input_features"], batch["input_features_mask"])
+    assert_close_scaled(enc, ref_enc)
+    assert audio.shape == ref_audio.shape == (sum((L + 1) // 4 for w in WINDOWS for L in w),
+                                              ours.config.text.hidden_size)
+    assert_close_scaled(audio, ref_audio)
+    # Padding positions carry no meaning (and differ between implementations) but must be finite.
+    assert_close_scaled(out.logits[real], ref.logits[real])
+    assert torch.isfinite(out.logits).all()
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * max(1.0, ref.loss.item())
+
+
+def test_math_attention_matches_sdpa(batch) -> None:
+    ours = hf_to_af3_model(tiny_hf_model(num_key_value_heads=1))
+    with torch.no_grad():
+        fused = ours(**batch)
+        ours.set_attention("math")
+        math = ours(**batch)
+    real = batch["attention_mask"].bool()
+    assert torch.isfinite(math.logits).all()  # fully masked (left-padding) rows give no NaN
+    assert_close_scaled(math.logits[real], fused.logits[real], 1e-5)
+    assert abs(math.loss.item() - fused.loss.item()) <= 1e-5
+    with pytest.raises(ValueError, match="'sdpa' or 'math'"):
+        ours.set_attention("flash")
+
+
+def test_right_padding_and_text_only_parity(pair) -> None:
+    hf, ours = pair
+    b = make_batch([[1200], [3000, 40]], padding_side="right", seed=3)
+    real = b["attention_mask"].bool()
+    ids = torch.randint(0, 150, (2, 7))
+    with torch.no_grad():
+        assert_close_scaled(ours(**b).logits[real], hf(**b).logits[real])
+        assert_close_scaled(ours(ids).logits, hf(input_ids=ids).logits)
+
+
+def test_left_padded_rows_equal_rows_alone(pair, batch) -> None:
+    _, ours = pair
+    with torch.no_grad():
+        together = ours(**batch).logits
+        first = 0
+        for i, sample in enumerate(WINDOWS):
+            real = batch["attention_mask"][i].bool()
+            alone = ours(batch["input_ids"][i:i + 1, real],
+                         input_features=batch["input_features"][first:first + len(sample)],
+                         input_features_mask=batch["input_features_mask"][first:first + len(sample)]).logits
+            first += len(sample)
+            assert (together[i, real] - alone[0]).abs().max().item() <= 1e-5
+
+
+def test_cached_decoding_equals_full_forward(pair) -> None:
+    _, ours = pair
+    batch = make_batch([[3000, 401], [97], [8]], seed=1, text=(4, 7))
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    t = ids.shape[1]
+    prefill = t - 6
+    for backend in ("sdpa", "math") if ours.config.text.n_rep == 4 else ("sdpa",):
+        ours.set_attention(backend)
+        with torch.no_grad():
+            full = ours(**batch).logits
+            cache = ours.new_cache(ids.shape[0], t + 4)
+            k_ptr = cache.k.data_ptr()
+            out = ours(ids[:, :prefill], attn[:, :prefill], batch["input_features"],
+                       batch["input_features_mask"], cache=cache)
+            assert cache.length == prefill
+            steps = [out.logits]
+            for i in range(prefill, t):
+                steps.append(ours(ids[:, i:i + 1], attn[:, :i + 1], cache=cache).logits)
+            cached = torch.cat(steps, dim=1)
+        real = attn.bool()
+        assert (cached[real] - full[real]).abs().max().item() <= 1e-5
+        assert cache.length == t and cache.k.data_ptr() == k_ptr  # written in place, never regrown
+        cache.reset()
+        assert cache.length == 0
+    ours.set_attention("sdpa")
+
+
+def test_logits_to_keep(pair, batch) -> None:
+    _, ours = pair
+    with torch.no_grad():
+        full = ours(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        last = ours(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=2).logits
+    assert last.shape[1] == 2
+    assert torch.allclose(last, full[:, -2:], atol=1e-6, rtol=0)
+
+
+def test_training_gradients_and_loss_match_transformers() -> None:
+    hf = tiny_hf_model(seed=5)
+    ours = hf_to_af3_model(hf)
+    b = make_batch([[1600], [3000, 500]], seed=7)
+    hf.train()
+    ours.train()
+    ref = hf(**b, position_ids=hf_positions(b["attention_mask"]))
+    ref.loss.backward()
+    out = ours(**b)
+    out.loss.backward()
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * max(1.0, ref.loss.item())
+    pairs = [(ours.encoder.conv1.weight, hf.model.audio_tower.conv1.weight),
+             (ours.encoder.layers[0].attn.q.weight, hf.model.audio_tower.layers[0].self_attn.q_proj.weight),
+             (ours.projector.linear1.weight, hf.model.multi_modal_projector.linear_1.weight),
+             (ours.decoder.embed_tokens.weight, hf.model.language_model.embed_tokens.weight)]
+    for mine, theirs in pairs:
+        assert mine.grad is not None and mine.grad.abs().sum() > 0
+        assert_close_scaled(mine.grad, theirs.grad, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_without_nans(dtype) -> None:
+    hf = tiny_hf_model(seed=2)
+    ref_model = hf_to_af3_model(hf)
+    ours = hf_to_af3_model(hf).to(dtype)
+    b = make_batch([[801], [3000, 201]], seed=4)
+    real = b["attention_mask"].bool()
+    with torch.no_grad():
+        ref = ref_model(**b)
+        for backend in ("sdpa", "math") if dtype == torch.bfloat16 else ("sdpa",):
+            ours.set_attention(backend)
+            out = ours(**b)  # float32 features are cast to the model's dtype
+            assert out.logits.dtype == dtype
+            assert torch.isfinite(out.logits).all()
+            assert_close_scaled(out.logits[real].float(), ref.logits[real], 5e-2)
+            assert abs(out.loss.item() - ref.loss.item()) < 5e-2 * max(1.0, ref.loss.item())
+            cache = ours.new_cache(2, b["input_ids"].shape[1])
+            assert cache.k.dtype == dtype
+            step = ours(b["input_ids"], b["attention_mask"], b["input_features"], b["input_features_mask"],
+                        cache=cache)
+            assert torch.isfinite(step.logits).all()
+
+
+def test_audio_token_mismatch_names_both_counts(batch) -> None:
+    ours = hf_to_af3_model(tiny_hf_model())
+    n_frames = sum((L + 1) // 4 for w in WINDOWS for L in w)
+    n_tokens = int((batch["input_ids"] == TINY_AUDIO_ID).sum())
+    assert n_tokens == n_frames
+    ids = batch["input_ids"].clone()
+    ids[0, -1] = TINY_AUDIO_ID  # one <sound> too many
+    with pytest.raises(ValueError, match=f"Audio tokens and features mismatch: {n_tokens + 1} <sound> "
+                                         f"tokens but {n_frames} audio frames"):
+        ours(ids, batch["attention_mask"], batch["input_features"], batch["input_features_mask"])
+    with pytest.raises(ValueError, match=f"{n_tokens} <sound> tokens but {n_frames - 750} audio frames"):
+        ours(batch["input_ids"], batch["attention_mask"], batch["input_features"][1:],
+             batch["input_features_mask"][1:])
+    with pytest.raises(ValueError, match=f"{n_tokens} <sound> tokens but 0 audio frames"):
+        ours(batch["input_ids"], batch["attention_mask"])
+
+
+def test_state_dict_names_are_the_contract() -> None:
+    for tied in (False, True):
+        model = hf_to_af3_model(tiny_hf_model(tie_word_embeddings=tied, num_hidden_layers=1,
+                                              audio={"encoder_layers": 1}))
+        enc = [f"encoder.{n}" for n in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
+                                        "embed_positions.weight", "norm.weight", "norm.bias")]
+        enc += [f"encoder.layers.0.{m}.{p}" for m in ("attn_norm", "attn.q", "attn.v", "attn.o", "mlp_norm",
+                                                       "fc1", "fc2") for p in ("weight", "bias")]
+        enc += ["encoder.layers.0.attn.k.weight"]
+        proj = [f"projector.linear{i}.{p}" for i in (1, 2) for p in ("weight", "bias")]
+        dec = ["decoder.embed_tokens.weight", "decoder.norm.weight"] + ([] if tied else ["decoder.lm_head.weight"])
+        dec += [f"decoder.layers.0.attn.{m}.{p}" for m in "qkv" for p in ("weight", "bias")]
+        dec += [f"decoder.layers.0.{m}.weight" for m in ("attn.o", "attn_norm", "mlp_norm", "mlp.gate",
+                                                         "mlp.up", "mlp.down")]
+        assert sorted(model.state_dict()) == sorted(enc + proj + dec)
+        assert model.encoder.embed_positions.weight.shape == (1500, 16)
+        model.new_cache(1, 8)
+        assert not list(model.buffers())  # caches live outside the model; nothing to save or re-init
+
+
+def test_builds_on_meta_device() -> None:
+    config = hf_to_af3_model(tiny_hf_model()).config
+    with torch.device("meta"):
+        model = AudioFlamingo3(config)
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_generate_delegates(monkeypatch) -> None:
+    import af3.generation
+
+    seen = {}
+    monkeypatch.setattr(af3.generation, "generate", lambda model, **kw: seen.update(model=model, **kw) or 7)
+    model = hf_to_af3_model(tiny_hf_model())
+    assert isinstance(model.generation_config, af3.generation.GenerationConfig)
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    assert model.generate(input_ids=ids, max_new_tokens=2) == 7
+    assert seen["model"] is model and seen["input_ids"] is ids and seen["max_new_tokens"] == 2
