@@ -113,6 +113,19 @@ def test_placeholder_count_errors(tiny):
         tiny(["<sound>", "<sound>"], audio=clip(1.0))
 
 
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40_000), min_size=1, max_size=3),
+       mode=st.sampled_from(["per_clip", "none"]), words=st.lists(st.sampled_from(["hi", "the dog", "?"]),
+                                                                   max_size=3))
+def test_audio_token_count_property(tiny, lengths, mode, words):
+    clips = [clip(0, seed, n=n) for seed, n in enumerate(lengths)]
+    text = " ".join(words) + ("<sound>" * len(clips) if mode == "per_clip" else "")
+    out = tiny(text, audio=[clips])
+    assert audio_count(out["input_ids"], tiny) == sum(audio_token_count(n) for n in lengths)
+    assert out["input_features_mask"].sum(dim=1).tolist() == [math.ceil(n / 160) for n in lengths]
+    assert out["attention_mask"].all()
+
+
 def test_mixed_batch_with_and_without_audio(tiny):
     out = tiny(["<sound>Hi", "Just text"], audio=[clip(1.0), []])
     assert audio_count(out["input_ids"][0], tiny) == 25
