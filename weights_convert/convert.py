@@ -21,6 +21,7 @@ import torch
 
 from af3.checkpoint import check_state
 from af3.config import AF3Config
+from af3.generation import GenerationConfig
 from weights_convert.layouts import Source, open_source, read_json
 from weights_convert.lora import LoraAdapter
 from weights_convert.names import hf_to_af3
@@ -68,7 +69,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     _check_destination(src, dst, force)
     config = AF3Config.from_hf(source.config, source.preprocessor)
     _check_tokenizer(source.tokenizer, config)
-    notes = []
+    generation, note = _generation_config(source)  # parsed now, so a bad one fails before the long part
+    notes = [note]
 
     # Map names and check them against the model before reading any data.
     mapped: dict[str, TensorInfo] = {}
@@ -112,7 +114,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
             _write_index(tmp, shards, files)
         config.save(tmp / "config.json")
         shutil.copyfile(source.tokenizer, tmp / "tokenizer.json")
-        notes.append(_write_generation_config(source, tmp))
+        generation.save(tmp / "generation_config.json")
         verify_written(tmp, plan, expected)
         _move_into_place(tmp, dst)
     except BaseException:
@@ -224,14 +226,10 @@ def _write_index(tmp: Path, shards: list[list[PlannedTensor]], files: list[str])
         f.write("\n")
 
 
-def _write_generation_config(source: Source, tmp: Path) -> str:
-    from af3.generation import GenerationConfig
-
+def _generation_config(source: Source) -> tuple[GenerationConfig, str]:
     if source.generation is None:
-        GenerationConfig().save(tmp / "generation_config.json")
-        return "no generation_config.json in the source: af3's defaults written"
-    GenerationConfig.from_hf(source.generation).save(tmp / "generation_config.json")
-    return "generation_config.json converted"
+        return GenerationConfig(), "no generation_config.json in the source: af3's defaults written"
+    return GenerationConfig.from_hf(source.generation), "generation_config.json converted"
 
 
 def verify_written(folder: Path, plan: list[PlannedTensor], expected: dict[str, tuple[int, ...]]) -> None:
