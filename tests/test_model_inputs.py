@@ -1,0 +1,136 @@
+"""AudioFlamingo3 on bad input: clear errors naming the input, and no NaNs at the edges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from af3.config import AF3Config, AudioConfig, TextConfig
+from af3.model import AudioFlamingo3
+
+AUDIO_ID = 63
+
+
+@pytest.fixture(scope="module")
+def model() -> AudioFlamingo3:
+    torch.manual_seed(0)
+    config = AF3Config(
+        audio=AudioConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+        text=TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256),
+        audio_token_id=AUDIO_ID)
+    return AudioFlamingo3(config).eval()
+
+
+def ids(*shape: int) -> torch.Tensor:
+    return torch.randint(0, AUDIO_ID, shape, generator=torch.Generator().manual_seed(1))
+
+
+def features(n: int, valid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = (torch.arange(3000)[None] < torch.tensor(valid)[:, None]).long()
+    return torch.randn(n, 128, 3000), mask
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    ([[1, 2]], TypeError, "input_ids must be a torch.Tensor"),
+    (torch.ones(1, 3), TypeError, "int64 or int32"),
+    (torch.ones(3, dtype=torch.long), ValueError, r"shape \(batch, seq_len\)"),
+    (torch.ones(2, 0, dtype=torch.long), ValueError, "seq_len >= 1"),
+    (torch.tensor([[1, 64]]), ValueError, r"contains 64, outside the vocabulary \[0, 64\)"),
+    (torch.tensor([[-1, 2]]), ValueError, "contains -1"),
+])
+def test_bad_input_ids(model, bad, error, message) -> None:
+    with pytest.raises(error, match=message):
+        model(bad)
+
+
+def test_bad_masks_positions_and_options(model) -> None:
+    x = ids(2, 5)
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 5\), got \(2, 4\)"):
+        model(x, torch.ones(2, 4))
+    with pytest.raises(TypeError, match="attention_mask must be a torch.Tensor"):
+        model(x, [[1] * 5] * 2)
+    with pytest.raises(ValueError, match=r"position_ids must have shape \(2, 5\)"):
+        model(x, position_ids=torch.arange(4)[None])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(x, logits_to_keep=-1)
+    with pytest.raises(ValueError, match="logits_to_keep must be 0 to train"):
+        model(x, labels=x, logits_to_keep=1)
+    with pytest.raises(ValueError, match="input_features_mask given without input_features"):
+        model(x, input_features_mask=torch.ones(1, 3000))
+
+
+def test_bad_audio_features(model) -> None:
+    x = torch.full((1, 4), AUDIO_ID)
+    feats, mask = features(1, [3000])
+    with pytest.raises(ValueError, match=r"shape \(n_windows, 128, 3000\), got \(1, 128, 1500\)"):
+        model(x, input_features=feats[..., :1500])
+    with pytest.raises(TypeError, match="floating point"):
+        model(x, input_features=feats.long())
+    with pytest.raises(ValueError, match=r"input_features_mask must have shape \(1, 3000\)"):
+        model(x, input_features=feats, input_features_mask=mask[:, :100])
+    with pytest.raises(ValueError, match="input_features is on meta but the model is on cpu"):
+        model(x, input_features=feats.to("meta"))
+    with pytest.raises(TypeError, match="input_features must be a torch.Tensor"):
+        model.get_audio_features(feats.numpy())
+
+
+def test_short_and_empty_windows_give_finite_frames(model) -> None:
+    # 0 valid frames: every key masked (the NaN trap); 2 frames round to 0 tokens, 3 to 1.
+    feats, mask = features(4, [0, 2, 3, 3000])
+    with torch.no_grad():
+        audio = model.get_audio_features(feats, mask)
+        hidden = model.encoder(feats, mask.sum(-1))
+    assert audio.shape == (0 + 0 + 1 + 750, 16)
+    assert torch.isfinite(audio).all() and torch.isfinite(hidden).all()
+
+
+def test_cache_lifecycle_and_errors(model) -> None:
+    with pytest.raises(ValueError, match="max_len must be positive, got 0"):
+        model.new_cache(1, 0)
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        model.new_cache(1.0, 8)
+    cache = model.new_cache(2, 6)
+    assert cache.k.shape == (2, 2, 1, 6, 4)  # (layers, B, kv_heads, max_len, head_dim)
+    assert cache.state_dict() == {}  # non-persistent: never saved
+    x = ids(2, 4)
+    with torch.no_grad():
+        model(x, cache=cache)
+        assert cache.length == 4
+        with pytest.raises(ValueError, match=r"cache is full: 4 positions filled \+ 3 new > max_len 6"):
+            model(ids(2, 3), cache=cache)
+        with pytest.raises(ValueError, match="cache was made for batch size 2 but the input has batch size 1"):
+            model(ids(1, 1), cache=cache)
+        with pytest.raises(ValueError, match=r"cache.length \+ new tokens"):
+            model(ids(2, 1), torch.ones(2, 1), cache=cache)
+        with pytest.raises(TypeError, match="KVCache"):
+            model(x, cache={})
+        assert cache.length == 4  # failed calls leave the cache as it was
+        cache.reset()
+        again = model(x, cache=cache).logits
+        assert torch.allclose(again, model(x).logits, atol=1e-6)
+
+
+def test_positions_follow_the_mask(model) -> None:
+    x = ids(1, 6)
+    with torch.no_grad():
+        plain = model(x).logits
+        explicit = model(x, position_ids=torch.arange(6)[None]).logits
+        shifted = model(x, position_ids=torch.arange(6)[None] + 3).logits
+        gap = model(x, position_ids=torch.tensor([[0, 1, 2, 3, 4, 9]])).logits
+        padded = model(torch.cat([ids(1, 2), x], 1), torch.tensor([[0, 0] + [1] * 6])).logits
+    assert torch.allclose(plain, explicit, atol=1e-6)
+    assert torch.allclose(plain, shifted, atol=1e-5)  # RoPE sees only relative positions
+    assert torch.allclose(plain[:, :5], gap[:, :5], atol=1e-6)
+    assert not torch.allclose(plain[:, 5], gap[:, 5], atol=1e-3)  # ... and it is in play
+    assert torch.allclose(padded[:, 2:], plain, atol=1e-5)  # left padding does not shift positions
+    assert torch.isfinite(padded).all()
+
+
+def test_sound_tokens_after_prefill_are_text(model) -> None:
+    # During cached decoding the model may emit the <sound> id; it is embedded like any token.
+    cache = model.new_cache(1, 8)
+    with torch.no_grad():
+        model(ids(1, 3), cache=cache)
+        out = model(torch.tensor([[AUDIO_ID]]), cache=cache)
+    assert torch.isfinite(out.logits).all()
