@@ -104,7 +104,8 @@ class Processor:
         (-100) at audio tokens and at every pad-token id, padding included), or "assistant"
         (the same, but also IGNORE_INDEX everywhere outside assistant turns: only the tokens an
         assistant wrote, and the `<|im_end|>` closing each turn, are learned; the usual fine-tuning
-        choice). Returns `input_ids`, `attention_mask`, and with audio `input_features` (float32,
+        choice; a token that holds both the header's newline and the reply's first characters
+        counts as reply). Returns `input_ids`, `attention_mask`, and with audio `input_features` (float32,
         (total_windows, n_mels, n_frames)) and `input_features_mask`, plus `labels` when asked.
         """
         texts = _as_texts(text)

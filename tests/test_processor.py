@@ -171,7 +171,9 @@ def test_labels_as_hf(tiny):
     assert list(out)[-1] == "labels"
 
 
-def test_labels_assistant_turns_only(tiny):
+@pytest.mark.parametrize("which", ["tiny", "ours"])  # the tiny tokenizer, and the real one when present
+def test_labels_assistant_turns_only(request, which):
+    tiny = request.getfixturevalue(which)
     conversation = [
         {"role": "user", "content": [{"type": "audio", "audio": clip(1.0)}, {"type": "text", "text": "What?"}]},
         {"role": "assistant", "content": "A dog barking."},
@@ -183,8 +185,12 @@ def test_labels_assistant_turns_only(tiny):
     for row, (ids, labels) in enumerate(zip(out["input_ids"].tolist(), out["labels"].tolist())):
         learned = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
         assert all(t == lab for t, lab in zip(ids, labels) if lab != IGNORE_INDEX)
-        expected = "A dog barking.<|im_end|>" + ("\n\nYes, quite sure.<|im_end|>" if row == 0 else "")
-        assert tiny.decode(learned) == expected
+        # The header's newline and the reply's leading newlines may share one token (the real
+        # tokenizer merges "\n\n\n"); such a token is learned, as it holds reply text.
+        pieces = [tiny.decode([t]) for t in tiny.tokenizer.encode("assistant\n\n\nYes")]
+        merged = next(p for p in pieces if "\n" in p) != "\n"
+        reply = ("\n" if merged else "") + "\n\nYes, quite sure.<|im_end|>"
+        assert tiny.decode(learned) == "A dog barking.<|im_end|>" + (reply if row == 0 else "")
     # With a generation prompt the trailing empty assistant header learns nothing.
     out = tiny.apply_chat_template(conversation[:1], output_labels="assistant")
     assert bool((out["labels"] == IGNORE_INDEX).all())
