@@ -253,6 +253,24 @@ def test_audio_input_kinds_agree(tiny, tmp_path):
         torch.testing.assert_close(out["input_features"], outs[0]["input_features"], atol=1e-6, rtol=0)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensor_audio_stays_on_its_device(tiny, device):
+    audio = torch.from_numpy(clip(2.0))
+    reference = tiny("<sound>hi", audio=audio)
+    out = tiny("<sound>hi", audio=audio.to(device))
+    assert out["input_features"].device.type == device
+    assert out["input_ids"].device.type == "cpu"  # token ids are made on the CPU; .to() moves them
+    out = out.to(device, torch.float16)
+    assert all(v.device.type == device for v in out.values())
+    assert out["input_features"].dtype == torch.float16 and out["input_ids"].dtype == torch.int64
+    assert torch.equal(out["input_ids"].cpu(), reference["input_ids"])
+    torch.testing.assert_close(out["input_features"].float().cpu(), reference["input_features"],
+                               atol=2e-3, rtol=0)
+
+
 def test_sampling_rate_resamples(tiny):
     out = tiny("<sound>", audio=clip(4.0)[::2].copy(), sampling_rate=8000)
     assert audio_count(out["input_ids"], tiny) == 100
