@@ -298,7 +298,12 @@ class Tokenizer:
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
         # UTF-8 bytes -> one Latin-1 char per byte -> printable stand-ins, all in C.
-        chars = word.encode("utf-8").decode("latin-1").translate(self._to_stand_in)
+        try:
+            utf8 = word.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text holds a lone surrogate {word[e.start]!r} (in {word!r}), which has no UTF-8 "
+                             f"form; fix how the text was decoded (e.g. errors='surrogateescape')") from None
+        chars = utf8.decode("latin-1").translate(self._to_stand_in)
         vocab = self._vocab
         if self._ignore_merges and chars in vocab:
             return (vocab[chars],)

@@ -324,6 +324,8 @@ def test_broken_files_and_bad_inputs_raise_clear_errors(tmp_path, tiny, tiny_pat
         Tokenizer(_with("model.merges", [["a", "b", "c"]]))
     with pytest.raises(ValueError, match="not in the vocabulary"):
         Tokenizer(_with("model.merges", [["x", "y"]])).encode("xy")  # "xy" is not a token
+    with pytest.raises(ValueError, match="lone surrogate '\\\\udc80'"):
+        tiny.encode("ab\udc80c")
     with pytest.raises(TypeError, match="text must be a str"):
         tiny.encode(b"bytes")
     with pytest.raises(ValueError, match="token id 583 is not in the vocabulary"):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import regex
 
+from af3.tokenizer import bytes_to_unicode
+
 # The real AF3 tokenizer's pre-tokenizer split pattern (Qwen2).
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -58,22 +60,8 @@ In 2025 the model was trained on 10 million clips of up to 10 minutes each.
 """
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in character for each byte (kept in sync with af3.tokenizer on purpose)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    table, shift = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + shift)
-            shift += 1
-    return table
-
-
 def _learn_merges(text: str, n_merges: int) -> list[tuple[str, str]]:
-    byte_char = _bytes_to_unicode()
+    byte_char = bytes_to_unicode()
     words = Counter("".join(byte_char[b] for b in w.encode("utf-8")) for w in regex.findall(SPLIT_PATTERN, text))
     splits = {w: list(w) for w in words}
     merges: list[tuple[str, str]] = []
@@ -102,7 +90,7 @@ def _learn_merges(text: str, n_merges: int) -> list[tuple[str, str]]:
 
 def tiny_tokenizer_json() -> dict:
     """The tiny tokenizer as the dict that `write_tiny_tokenizer` saves."""
-    byte_char = _bytes_to_unicode()
+    byte_char = bytes_to_unicode()
     vocab = {byte_char[b]: b for b in range(256)}
     merges = _learn_merges(TRAINING_TEXT, TINY_MERGES)
     for a, b in merges:
