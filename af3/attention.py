@@ -20,11 +20,12 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
-              scale: float, use_sdpa: bool = True) -> torch.Tensor:
+              scale: float, causal: bool = False, use_sdpa: bool = True) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v.
 
     q: (B, H, Tq, hd); k, v: (B, H_kv, Tk, hd) with H a multiple of H_kv (GQA);
-    mask: bool, broadcastable to (B, H, Tq, Tk), or None for no mask. Returns (B, H, Tq, hd).
+    mask: bool, broadcastable to (B, H, Tq, Tk), or None. With mask None, `causal` selects a
+    plain causal mask (Tq == Tk), which lets SDPA pick its fastest kernels. Returns (B, H, Tq, hd).
     A query row with no visible key (a left-padding position under a causal mask) would be
     0/0 = NaN; such rows are let see every key instead, so their (unused) output stays finite.
     """
@@ -33,7 +34,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask is not None:
         mask = mask | ~mask.any(dim=-1, keepdim=True)
     if use_sdpa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              scale=scale)
+    if mask is None and causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     # Plain math; scores and softmax in fp32.
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
     if mask is not None:

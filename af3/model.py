@@ -83,7 +83,9 @@ class AudioFlamingo3(nn.Module):
         input_features: (n_windows, mel_bins, 3000) log-mel; input_features_mask: (n_windows, 3000),
         nonzero on valid frames (all valid when None).
         """
-        mel_lengths = self._check_features(input_features, input_features_mask)
+        return self._encode(input_features, self._check_features(input_features, input_features_mask))
+
+    def _encode(self, input_features: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
         weight = self.encoder.conv1.weight
         hidden = self.encoder(input_features.to(weight.dtype), mel_lengths)  # (n, 750, d_audio)
         keep = torch.arange(hidden.shape[1], device=hidden.device) < pooled_lengths(mel_lengths)[:, None]
@@ -141,19 +143,25 @@ class AudioFlamingo3(nn.Module):
             self._check_mask(attention_mask, b, start + t, cache is not None, device)
         if position_ids is None:
             position_ids = _positions(attention_mask, start, t, device)
-        elif position_ids.shape[-1] != t or position_ids.dim() != 2:
+        elif not isinstance(position_ids, torch.Tensor):
+            raise TypeError(f"position_ids must be a torch.Tensor, got {type(position_ids).__name__}")
+        elif position_ids.dim() != 2 or position_ids.shape[0] not in (1, b) or position_ids.shape[1] != t:
             raise ValueError(f"position_ids must have shape ({b}, {t}), got {tuple(position_ids.shape)}")
         if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        if labels is not None:
+            _check_labels(labels, b, t, logits_to_keep)
 
-        x = self.decoder.embed_tokens(input_ids)  # (B, T, d)
         is_audio = input_ids == self.config.audio_token_id
-        n_tokens = int(is_audio.sum())
+        n_tokens = self._check_ids_values(input_ids, is_audio)
+        x = self.decoder.embed_tokens(input_ids)  # (B, T, d)
         if input_features is not None:
-            audio = self.get_audio_features(input_features, input_features_mask)
-            if n_tokens != audio.shape[0]:
+            mel_lengths = self._check_features(input_features, input_features_mask)
+            n_frames = int(pooled_lengths(mel_lengths).sum())
+            if n_tokens != n_frames:  # checked before the encoder runs
                 raise ValueError(f"Audio tokens and features mismatch: {n_tokens} <sound> tokens but "
-                                 f"{audio.shape[0]} audio frames")
+                                 f"{n_frames} audio frames")
+            audio = self._encode(input_features, mel_lengths)  # (n_frames, d)
             x[is_audio] = audio.to(x.dtype)  # row-major order: sample by sample, left to right
         elif n_tokens and (cache is None or cache.length == 0):
             raise ValueError(f"Audio tokens and features mismatch: {n_tokens} <sound> tokens but 0 "
@@ -161,7 +169,8 @@ class AudioFlamingo3(nn.Module):
         elif input_features_mask is not None:
             raise ValueError("input_features_mask given without input_features")
 
-        mask = causal_mask(attention_mask, start, t, device)
+        # Without padding or history, leave the mask implicit (SDPA's causal kernels are faster).
+        mask = None if attention_mask is None and start == 0 else causal_mask(attention_mask, start, t, device)
         h = self.decoder(x, position_ids, mask, cache)
         if cache is not None:
             cache.advance(t)
@@ -191,12 +200,17 @@ class AudioFlamingo3(nn.Module):
         if input_ids.device != device:
             raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}; "
                              "move the inputs with .to(device)")
+        return input_ids.shape[0], input_ids.shape[1]
+
+    def _check_ids_values(self, input_ids: torch.Tensor, is_audio: torch.Tensor) -> int:
+        """Check the ids are in the vocabulary; return the <sound> count. One device sync."""
+        lo, hi, n_audio = torch.stack([input_ids.min(), input_ids.max(), is_audio.sum()]).tolist()
         vocab = self.config.text.vocab_size
-        lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab:
+            # An out-of-range id would be a device-side assert on GPU; say which id instead.
             raise ValueError(f"input_ids contains {lo if lo < 0 else hi}, outside the vocabulary "
                              f"[0, {vocab})")
-        return input_ids.shape[0], input_ids.shape[1]
+        return n_audio
 
     @staticmethod
     def _check_mask(mask: Any, b: int, s: int, cached: bool, device: torch.device) -> None:
@@ -219,13 +233,19 @@ def _positions(attention_mask: torch.Tensor | None, start: int, t: int,
     return pos.masked_fill(~real, 0)[:, start:]  # (B, T)
 
 
-def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting labels[:, i + 1] from logits[:, i]; -100 is ignored."""
+def _check_labels(labels: object, b: int, t: int, logits_to_keep: int) -> None:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels must have shape {tuple(logits.shape[:2])} (one per logit row; "
-                         f"logits_to_keep must be 0 to train), got {tuple(labels.shape)}")
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): the last has no target
+    if labels.shape != (b, t):
+        raise ValueError(f"labels must have shape ({b}, {t}) like input_ids, got {tuple(labels.shape)}")
+    if logits_to_keep:
+        raise ValueError("labels need every position's logits: logits_to_keep must be 0 to train")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+
+
+def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[:, i + 1] from logits[:, i]; -100 is ignored."""
+    shifted = F.pad(labels.long(), (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): the last has no target
     return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten().to(logits.device),
                            ignore_index=IGNORE_INDEX)

@@ -112,7 +112,8 @@ class DecoderAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd), S = past + T
-        y = attention(q, k, v, mask, scale=self.head_dim**-0.5, use_sdpa=self.use_sdpa)
+        # mask None: no padding and no history, so plain causal attention.
+        y = attention(q, k, v, mask, scale=self.head_dim**-0.5, causal=mask is None, use_sdpa=self.use_sdpa)
         return self.o(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, d)
 
 
@@ -170,7 +171,8 @@ class Qwen2Decoder(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        """x: input embeddings (B, T, d); position_ids (B or 1, T); mask bool (B or 1, 1, T, S)."""
+        """x: input embeddings (B, T, d); position_ids (B or 1, T); mask: bool (B or 1, 1, T, S),
+        or None for plain causal attention over the T tokens (no padding, empty cache)."""
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
