@@ -79,7 +79,7 @@ class Tokenizer:
             raise ValueError(f"{source}: the BPE vocabulary lacks {len(missing)} of the 256 byte tokens "
                              f"(e.g. {missing[0]!r}); a byte-level tokenizer needs all of them")
         # str.translate table: a UTF-8 byte (read as a Latin-1 character) -> its printable stand-in.
-        self._to_stand_in = {b: c for b, c in byte_char.items()}
+        self._to_stand_in = dict(byte_char)
         self._from_stand_in = {c: b for b, c in byte_char.items()}
         self._token_bytes: dict[int, bytes] = {}  # id -> bytes, filled lazily by decode
         self._cache: dict[str, tuple[int, ...]] = {}
@@ -114,6 +114,8 @@ class Tokenizer:
     def _read_normalizer(self, spec: Any) -> list[str]:
         if spec is None:
             return []
+        if not isinstance(spec, dict):
+            raise self._unsupported("normalizer", spec)
         steps = spec.get("normalizers") if spec.get("type") == "Sequence" else [spec]
         if not isinstance(steps, list) or any(not isinstance(s, dict) or s.get("type") not in _NORMALIZERS
                                               for s in steps):
@@ -129,7 +131,7 @@ class Tokenizer:
             raise self._unsupported("pre_tokenizer (it must end in ByteLevel)", spec)
         patterns = []
         for step in steps[:-1]:
-            if step.get("type") != "Split" or step.get("behavior") != "Isolated" or step.get("invert"):
+            if not isinstance(step, dict) or step.get("type") != "Split" or step.get("behavior") != "Isolated" or step.get("invert"):
                 raise self._unsupported("pre_tokenizer step (only Split with behavior Isolated, invert false)",
                                         step)
             pattern = step.get("pattern") or {}
@@ -152,7 +154,7 @@ class Tokenizer:
 
     def _read_post_processor(self, spec: Any) -> None:
         # ByteLevel's post-processor only trims offsets; it adds no ids, so add_special_tokens has nothing to do.
-        if spec is not None and spec.get("type") != "ByteLevel":
+        if spec is not None and (not isinstance(spec, dict) or spec.get("type") != "ByteLevel"):
             raise self._unsupported("post_processor (only null or ByteLevel)", spec)
 
     def _read_model(self, spec: Any) -> None:
