@@ -117,7 +117,7 @@ class AF3:
         inputs = inputs.to(self.device)
         streamer = TextStreamer(self.tokenizer, stream) if stream is not None else None
         out = generate(self.model, **_model_inputs(inputs), generation_config=self.generation_config,
-                       streamer=streamer, **gen)
+                       streamer=streamer, vocab_limit=self.tokenizer.vocab_size, **gen)
         new = out[:, inputs["input_ids"].shape[1]:]  # (B, n_new): the prompt is returned too, as in HF
         return self.processor.batch_decode(new, skip_special_tokens=True, strip_prefix=strip_prefix)
 
@@ -174,7 +174,8 @@ class ChatSession:
                              "or lower max_new_tokens")
         streamer = TextStreamer(bundle.tokenizer, stream) if stream is not None else None
         out = generate(bundle.model, ids, **features, generation_config=bundle.generation_config,
-                       streamer=streamer, cache=self.cache, max_new_tokens=max_new, **gen)
+                       streamer=streamer, cache=self.cache, max_new_tokens=max_new,
+                       vocab_limit=bundle.tokenizer.vocab_size, **gen)
         reply_ids = out[0, ids.shape[1]:].tolist()
         eos = set(bundle.generation_config.replace(**_gen_only(gen)).eos_token_id)
         if reply_ids and reply_ids[-1] in eos:

@@ -206,7 +206,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
              input_features: torch.Tensor | None = None, input_features_mask: torch.Tensor | None = None,
              *, generation_config: GenerationConfig | None = None, streamer: Any = None,
              seed: int | None = None, generator: torch.Generator | None = None,
-             cache: Any = None, **gen: Any) -> torch.Tensor:
+             cache: Any = None, vocab_limit: int | None = None, **gen: Any) -> torch.Tensor:
     """Prompt + new tokens (B, P + n) for a left-padded batch, like HF's `generate`.
 
     Settings start from `generation_config` (default: `model.generation_config`) and are
@@ -217,7 +217,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     (e.g. `af3.streaming.TextStreamer`) gets `put(new_ids)` each step and `end()` at the end;
     it needs a batch of one. `cache` continues from a KV cache holding the first `cache.length`
     tokens of `input_ids` (a multi-turn chat reuses it, so the audio is encoded once); it must
-    have room for the whole result.
+    have room for the whole result. `vocab_limit`: ids at or above it are never generated (the
+    unused rows of a padded embedding, which the tokenizer cannot decode).
     """
     config = _resolve_config(model, generation_config, gen)
     input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
@@ -263,6 +264,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
                         cache=cache, logits_to_keep=1, **features)
             features = {}  # the audio is encoded once, at prefill
             scores = out.logits[:, -1, :].float()
+            if vocab_limit is not None and vocab_limit < scores.shape[-1]:
+                scores[:, vocab_limit:] = float("-inf")
             scores = process_scores(scores, tokens[:, :length], config, ignore[:, :length])
             if config.do_sample:
                 probs = scores.softmax(dim=-1)

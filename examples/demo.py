@@ -44,7 +44,7 @@ def build() -> None:
     if DEMO.exists():
         shutil.rmtree(DEMO)
     DEMO.mkdir()
-    print(f"[demo] writing a tiny random HF-layout checkpoint to {HF_DIR.relative_to(ROOT)}", flush=True)
+    print(f"[demo] writing a tiny random HF-layout checkpoint to {_rel(HF_DIR)}", flush=True)
     write_tiny_hf_checkpoint(HF_DIR)
     print("[demo] converting it: python -m weights_convert", flush=True)
     subprocess.run([sys.executable, "-m", "weights_convert", str(HF_DIR), str(AF3_DIR), "--quiet"],
@@ -61,12 +61,16 @@ def write_audio(path: Path, seconds: float = 3.0, rate: int = 16000) -> None:
     sweep = 0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)  # 200 Hz rising to about 2 kHz
     noise = 0.02 * np.random.default_rng(0).standard_normal(t.size)
     soundfile.write(str(path), (sweep + noise).astype(np.float32), rate)
-    print(f"[demo] synthesised {seconds:.0f} s of audio: {path.relative_to(ROOT)}", flush=True)
+    print(f"[demo] synthesised {seconds:.0f} s of audio: {_rel(path)}", flush=True)
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def main() -> int:
     if DONE.exists():
-        print(f"[demo] using the cached tiny checkpoint in {DEMO.relative_to(ROOT)}/ (delete it to rebuild)")
+        print(f"[demo] using the cached tiny checkpoint in {_rel(DEMO)}/ (delete it to rebuild)")
     else:
         build()
     print("[demo] python examples/transcribe.py .demo/speech.wav --checkpoint .demo/af3-checkpoint", flush=True)
