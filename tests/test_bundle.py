@@ -81,15 +81,16 @@ def test_chat_think_and_batched_generate(tiny):
     assert both == [m.chat(conv, **GREEDY), m.chat(text_only, **GREEDY)]
 
 
-def test_chat_session_reuses_the_cache_exactly_and_encodes_audio_once(tiny, monkeypatch):
+def test_chat_session_reuses_the_cache_exactly_and_encodes_audio_once(tiny):
     m, _ = tiny
     calls = []
-    original = m.model.get_audio_features
-    monkeypatch.setattr(m.model, "get_audio_features", lambda *a, **k: calls.append(1) or original(*a, **k))
-    audio = clip(2.0)
-    session = m.start_chat(audio, max_tokens=300)
-    first = session.ask("What do you hear?", **GREEDY)
-    second = session.ask("Say more.", **GREEDY)
+    hook = m.model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        session = m.start_chat(clip(2.0), max_tokens=300)
+        first = session.ask("What do you hear?", **GREEDY)
+        second = session.ask("Say more.", **GREEDY)
+    finally:
+        hook.remove()
     assert len(calls) == 1
     assert [msg["role"] for msg in session.history] == ["user", "assistant", "user", "assistant"]
     assert session.history[-1]["content"] == second
