@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# SDPA can share key/value heads between query heads itself from torch 2.5 (no copies of the cache).
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, kv_heads, T, hd) -> (B, kv_heads * n_rep, T, hd): each key/value head serves n_rep query heads."""
@@ -23,24 +26,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               scale: float, causal: bool = False, use_sdpa: bool = True) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v.
 
-    q: (B, H, Tq, hd); k, v: (B, H_kv, Tk, hd) with H a multiple of H_kv (GQA);
-    mask: bool, broadcastable to (B, H, Tq, Tk), or None. With mask None, `causal` selects a
-    plain causal mask (Tq == Tk), which lets SDPA pick its fastest kernels. Returns (B, H, Tq, hd).
+    q: (B, H, Tq, hd); k, v: (B, H_kv, Tk, hd) with H a multiple of H_kv (GQA: query head i
+    uses key/value head i // (H / H_kv)); mask: bool (B or 1, 1, Tq, Tk), or None. With mask
+    None, `causal` selects a plain causal mask (Tq == Tk), which lets SDPA pick its fastest
+    kernels. Returns (B, H, Tq, hd).
     A query row with no visible key (a left-padding position under a causal mask) would be
     0/0 = NaN; such rows are let see every key instead, so their (unused) output stays finite.
     """
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    b, h, tq, hd = q.shape
+    h_kv = k.shape[1]
+    n_rep = h // h_kv
     if mask is not None:
         mask = mask | ~mask.any(dim=-1, keepdim=True)
     if use_sdpa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                              scale=scale)
+        is_causal = causal and mask is None
+        if _SDPA_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                                  enable_gqa=n_rep > 1)
+        return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask,
+                                              is_causal=is_causal, scale=scale)
+
+    # Plain math, scores and softmax in fp32. The query heads that share a key/value head are
+    # grouped on their own axis, so the keys and values are never copied.
     if mask is None and causal:
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-    # Plain math; scores and softmax in fp32.
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+        mask = torch.ones(tq, k.shape[2], dtype=torch.bool, device=q.device).tril()[None, None]
+    qg = q.view(b, h_kv, n_rep, tq, hd).float()  # (B, H_kv, n_rep, Tq, hd)
+    scores = torch.matmul(qg, k.float()[:, :, None].transpose(-1, -2)) * scale  # (B, H_kv, n_rep, Tq, Tk)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask: (B, 1, 1, Tq, Tk)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)  # (B, H, Tq, hd)
+    out = torch.matmul(probs, v[:, :, None])  # (B, H_kv, n_rep, Tq, hd)
+    return out.reshape(b, h, tq, hd)

@@ -74,7 +74,7 @@ class EncoderLayer(nn.Module):
 
 
 class AudioEncoder(nn.Module):
-    """input_features (n, mel_bins, 3000) + mask (n, 3000) -> (n, 750, d_audio), padded per window."""
+    """input_features (n, mel_bins, 3000) + valid mel lengths (n,) -> (n, <= 750, d_audio), padded."""
 
     def __init__(self, cfg: AudioConfig):
         super().__init__()
@@ -95,13 +95,21 @@ class AudioEncoder(nn.Module):
         return 2 * self.cfg.max_source_positions
 
     def forward(self, input_features: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
-        """Encode windows; `mel_lengths` (n,) are the valid mel frames of each window."""
+        """Encode windows; `mel_lengths` (n,) are the valid mel frames of each window.
+
+        Returns (n, T_out, d): frame j of window i is valid for j < pooled_lengths(mel_lengths)[i];
+        T_out covers the longest window (750 when one window is full), the rest is padding.
+        """
         x = F.gelu(self.conv1(input_features))  # (n, d, 3000)
         x = F.gelu(self.conv2(x))  # (n, d, 1500)
         x = x.transpose(1, 2) + self.embed_positions.weight  # (n, 1500, d)
 
-        t = x.shape[1]
+        # Valid positions attend only to valid keys, so positions past the longest window's valid
+        # length cannot change any valid output: drop them (a 5 s clip needs 1/6 of the work).
+        # Keep an even count so the pool's pairs stay aligned.
         valid = conv_lengths(mel_lengths)
+        t = min(x.shape[1], max(2, 2 * ((int(valid.max()) + 1) // 2)))
+        x = x[:, :t]  # (n, T, d)
         mask = None
         if bool((valid < t).any()):
             # Only keys are masked: padded positions still get (unused) outputs.
@@ -110,5 +118,5 @@ class AudioEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, mask)
 
-        x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)  # (n, 750, d)
+        x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)  # (n, T/2, d)
         return layer_norm(x, self.norm)

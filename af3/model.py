@@ -87,7 +87,7 @@ class AudioFlamingo3(nn.Module):
 
     def _encode(self, input_features: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
         weight = self.encoder.conv1.weight
-        hidden = self.encoder(input_features.to(weight.dtype), mel_lengths)  # (n, 750, d_audio)
+        hidden = self.encoder(input_features.to(weight.dtype), mel_lengths)  # (n, <= 750, d_audio)
         keep = torch.arange(hidden.shape[1], device=hidden.device) < pooled_lengths(mel_lengths)[:, None]
         # Projecting only the kept frames is the same per-frame math as projecting all of them.
         return self.projector(hidden[keep])  # (total_valid, d_text)

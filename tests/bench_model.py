@@ -1,0 +1,87 @@
+"""Benchmark: af3's AudioFlamingo3 vs transformers' on the same random weights (same run).
+
+Times (1) a prefill forward with audio (encoder + projector + decoder) on a left-padded batch,
+(2) the same for one short clip (af3's encoder skips positions past the longest valid window)
+and (3) prefill plus 32 greedy decoding steps with each implementation's KV cache. Prints the times and the
+ratio HF / af3 (> 1 means af3 is faster). Run: .venv/bin/python tests/bench_model.py
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.model_helpers import hf_to_af3_model, tiny_hf_model
+from tests.test_model import hf_positions, make_batch
+
+AUDIO = {"d_model": 256, "encoder_layers": 4, "encoder_attention_heads": 4, "encoder_ffn_dim": 1024}
+TEXT = {"vocab_size": 160, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+        "num_attention_heads": 8, "num_key_value_heads": 2}
+STEPS = 32
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    hf = tiny_hf_model(audio=AUDIO, **TEXT)
+    ours = hf_to_af3_model(hf)
+    b = make_batch([[3000, 1200], [2000]], seed=0)
+    del b["labels"]
+    pos = hf_positions(b["attention_mask"])
+    ids, attn = b["input_ids"], b["attention_mask"]
+    n, t = ids.shape
+    print(f"batch {n} x {t} tokens, {b['input_features'].shape[0]} audio windows; torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads")
+
+    with torch.inference_mode():
+        def hf_prefill():
+            return hf(**b, position_ids=pos, use_cache=True)
+
+        def af3_prefill(cache=None):
+            return ours(**b, cache=cache)
+
+        rows = [("prefill (audio + text)", best_of(hf_prefill), best_of(af3_prefill))]
+
+        short = make_batch([[500]], seed=1)  # one 5 s clip
+        del short["labels"]
+        rows.append(("prefill, one 5 s clip", best_of(lambda: hf(**short)), best_of(lambda: ours(**short))))
+
+        def hf_decode():
+            out = hf_prefill()
+            cache, mask, p = out.cache, attn, pos[:, -1:]
+            token = out.logits[:, -1:].argmax(-1)
+            for _ in range(STEPS):
+                mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype)], 1)
+                p = p + 1
+                out = hf(input_ids=token, attention_mask=mask, position_ids=p, cache=cache, use_cache=True)
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+
+        def af3_decode():
+            cache = ours.new_cache(n, t + STEPS)
+            out = af3_prefill(cache)
+            mask = torch.cat([attn, torch.ones(n, STEPS, dtype=attn.dtype)], 1)
+            token = out.logits[:, -1:].argmax(-1)
+            for i in range(STEPS):
+                token = ours(token, mask[:, :t + i + 1], cache=cache).logits[:, -1:].argmax(-1)
+
+        rows.append((f"prefill + {STEPS} cached steps", best_of(hf_decode), best_of(af3_decode)))
+
+    for name, t_hf, t_af3 in rows:
+        print(f"{name:28s} HF {t_hf * 1000:8.1f} ms   af3 {t_af3 * 1000:8.1f} ms   HF/af3 {t_hf / t_af3:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
