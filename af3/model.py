@@ -204,7 +204,7 @@ class AudioFlamingo3(nn.Module):
 
     def _check_ids_values(self, input_ids: torch.Tensor, is_audio: torch.Tensor) -> int:
         """Check the ids are in the vocabulary; return the <sound> count. One device sync."""
-        lo, hi, n_audio = torch.stack([input_ids.min(), input_ids.max(), is_audio.sum()]).tolist()
+        lo, hi, n_audio = torch.stack([input_ids.min().long(), input_ids.max().long(), is_audio.sum()]).tolist()
         vocab = self.config.text.vocab_size
         if lo < 0 or hi >= vocab:
             # An out-of-range id would be a device-side assert on GPU; say which id instead.

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from af3.config import AF3Config, AudioConfig, TextConfig
+from af3.encoder import pooled_lengths
 from af3.model import AudioFlamingo3
+from af3.windows import window_token_count
 
 AUDIO_ID = 63
 
@@ -44,6 +46,21 @@ def test_bad_input_ids(model, bad, error, message) -> None:
         model(bad)
 
 
+def test_encoder_frame_counts_agree_with_the_token_counts() -> None:
+    # Every mel length a window can have: the model keeps exactly as many frames as the
+    # processor writes <sound> tokens.
+    lengths = torch.arange(0, 3001)
+    assert pooled_lengths(lengths).tolist() == [window_token_count(int(L)) for L in lengths]
+
+
+def test_int32_ids_bool_mask_and_int32_labels_work(model) -> None:
+    x = ids(2, 5)
+    with torch.no_grad():
+        ref = model(x, torch.ones(2, 5, dtype=torch.long), labels=x)
+        out = model(x.int(), torch.ones(2, 5, dtype=torch.bool), labels=x.int())
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+
+
 def test_bad_masks_positions_and_options(model) -> None:
     x = ids(2, 5)
     with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 5\), got \(2, 4\)"):
@@ -56,6 +73,12 @@ def test_bad_masks_positions_and_options(model) -> None:
         model(x, logits_to_keep=-1)
     with pytest.raises(ValueError, match="logits_to_keep must be 0 to train"):
         model(x, labels=x, logits_to_keep=1)
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 5\) like input_ids, got \(2, 4\)"):
+        model(x, labels=x[:, :4])
+    with pytest.raises(TypeError, match="labels must be int64 or int32"):
+        model(x, labels=x.float())
+    with pytest.raises(TypeError, match="position_ids must be a torch.Tensor"):
+        model(x, position_ids=[[0, 1, 2, 3, 4]])
     with pytest.raises(ValueError, match="input_features_mask given without input_features"):
         model(x, input_features_mask=torch.ones(1, 3000))
 
