@@ -137,6 +137,8 @@ class AudioFlamingo3(nn.Module):
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a KVCache from model.new_cache, got {type(cache).__name__}")
+            if cache.k.device != device:
+                raise ValueError(f"cache is on {cache.k.device} but input_ids is on {device}")
             cache.check_room(b, t)
             start = cache.length
         if attention_mask is not None:

@@ -112,6 +112,7 @@ class DecoderAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd), S = past + T
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache was made in another dtype
         # mask None: no padding and no history, so plain causal attention.
         y = attention(q, k, v, mask, scale=self.head_dim**-0.5, causal=mask is None, use_sdpa=self.use_sdpa)
         return self.o(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, d)

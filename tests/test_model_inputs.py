@@ -134,6 +134,19 @@ def test_cache_lifecycle_and_errors(model) -> None:
         assert torch.allclose(again, model(x).logits, atol=1e-6)
 
 
+def test_cache_in_another_dtype_or_device(model) -> None:
+    x = ids(1, 5)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_cache(1, 5, dtype=torch.float64)
+        model(x[:, :3], cache=cache)
+        steps = [model(x[:, i:i + 1], cache=cache).logits for i in (3, 4)]
+    assert cache.k.dtype == torch.float64
+    assert torch.allclose(torch.cat(steps, 1), full[:, 3:], atol=1e-5)
+    with pytest.raises(ValueError, match="cache is on meta but input_ids is on cpu"):
+        model(x, cache=model.new_cache(1, 5, device="meta"))
+
+
 def test_positions_follow_the_mask(model) -> None:
     x = ids(1, 6)
     with torch.no_grad():
