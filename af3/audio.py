@@ -27,6 +27,9 @@ MAX_SECONDS = 600.0  # 20 windows of 30 s: AF3 ignores anything later
 MAX_CHANNELS = 16  # a 2-D array with more "channels" than this is more likely a batch of clips
 DOWNLOAD_TIMEOUT_S = 30.0
 MAX_DOWNLOAD_BYTES = 256 * 2**20  # 10 minutes of 48 kHz 24-bit stereo WAV is 173 MB
+# torchaudio's resampler builds a (new, orig + 2 * width) polyphase filter from the two rates divided by
+# their gcd: tiny for 44.1 / 48 / 8 kHz, but billions of elements for a rate such as 44 101 Hz.
+MAX_RESAMPLE_FILTER = 2**24  # elements
 
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | np.ndarray | torch.Tensor
 
@@ -59,7 +62,10 @@ def load_audio(source: AudioSource, sampling_rate: int | None = None, *,
     if isinstance(source, (torch.Tensor, np.ndarray)):
         kind = "tensor" if isinstance(source, torch.Tensor) else "array"
         name = f"{kind} of shape {tuple(source.shape)}"
-        samples = _mono(_to_float(source, name), name)
+        samples = _to_float(source, name)
+        if samples.numel() == 0:  # before _mono, whose mean over an empty axis would be NaN
+            raise AudioError(f"{name}: the audio is empty (0 samples)")
+        samples = _mono(samples, name)
         return _finish(samples, sampling_rate or SAMPLING_RATE, name)
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
@@ -143,8 +149,21 @@ def _finish(samples: torch.Tensor, rate: int, name: str) -> torch.Tensor:
         first = int((~finite).nonzero()[0, 0])
         raise AudioError(f"{name}: the audio contains NaN or infinite samples (first at sample {first})")
     if rate != SAMPLING_RATE:
+        _check_resample_filter(rate, name)
         samples = torchaudio.functional.resample(samples, rate, SAMPLING_RATE)
     return samples.contiguous()
+
+
+def _check_resample_filter(rate: int, name: str) -> None:
+    """Refuse a rate whose resampling filter (as torchaudio builds it) would not fit in memory."""
+    gcd = math.gcd(rate, SAMPLING_RATE)
+    orig, new = rate // gcd, SAMPLING_RATE // gcd
+    width = math.ceil(6 * orig / (0.99 * min(orig, new)))  # torchaudio's defaults: 6 zero crossings, rolloff 0.99
+    size = new * (orig + 2 * width)
+    if size > MAX_RESAMPLE_FILTER:
+        raise AudioError(f"{name}: cannot resample {rate} Hz to {SAMPLING_RATE} Hz: the rates share only a "
+                         f"factor of {gcd}, so the resampling filter would hold {size:,} values; check the "
+                         "sampling rate, or resample the audio to a standard rate (16000, 44100, 48000 Hz) first")
 
 
 def _decode(file: str | BinaryIO, name: str, sampling_rate: int | None,

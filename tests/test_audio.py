@@ -161,6 +161,8 @@ def test_array_resampling() -> None:
     "source, error, match",
     [
         (np.zeros(0, np.float32), AudioError, r"array of shape \(0,\): the audio is empty"),
+        (np.zeros((2, 0), np.float32), AudioError, r"shape \(2, 0\): the audio is empty"),
+        (torch.zeros(0, 2), AudioError, r"shape \(0, 2\): the audio is empty"),
         (torch.zeros(0), AudioError, "tensor of shape .*empty"),
         (np.array([0.0, 0.1, np.nan]), AudioError, "NaN or infinite samples \\(first at sample 2\\)"),
         (torch.tensor([np.inf, 0.0]), AudioError, "first at sample 0"),
@@ -185,6 +187,13 @@ def test_bad_arrays_and_types(source, error, match) -> None:
 def test_bad_sampling_rate(rate, error) -> None:
     with pytest.raises(error, match="sampling_rate"):
         load_audio(np.zeros(10, np.float32), sampling_rate=rate)
+
+
+@pytest.mark.parametrize("rate", [44_101, 10**12])
+def test_rate_whose_resampling_filter_is_too_big(rate) -> None:
+    # torchaudio would try to allocate gigabytes (a RuntimeError from the allocator, or minutes of work).
+    with pytest.raises(AudioError, match=f"cannot resample {rate} Hz to 16000 Hz: the rates share only"):
+        load_audio(np.zeros(100, np.float32), sampling_rate=rate)
 
 
 def test_bad_max_seconds() -> None:
