@@ -109,5 +109,7 @@ def _check_item(item: Any, where: str) -> None:
         if len(found) != 1:
             raise ValueError(f"{where}: an audio item needs exactly one of 'audio', 'path' or 'url', "
                              f"found {found or 'none'}")
+        if item[found[0]] is None:
+            raise ValueError(f"{where}: the audio item's {found[0]!r} is None; give a path, URL, bytes or array")
     else:
         raise ValueError(f"{where} has type {kind!r}; AF3 takes 'text' and 'audio' items")

@@ -138,11 +138,14 @@ def log_mel_spectrogram(windows: list[torch.Tensor],
     return features, mask
 
 
-def extract_features(clips: list[torch.Tensor], frontend: FrontendConfig) -> AudioFeatures:
+def extract_features(clips: list[torch.Tensor], frontend: FrontendConfig, *,
+                     check_finite: bool = True) -> AudioFeatures:
     """Cut 16 kHz mono clips into 30 s windows and compute their log-mel features.
 
     Clips longer than `frontend.max_samples` (10 minutes) are truncated with a warning.
-    All clips must be on the same device; the features are computed there.
+    All clips must be on the same device; the features are computed there. A clip holding NaN
+    or infinite samples is a ValueError; `check_finite=False` skips that pass over the samples
+    for clips that `af3.audio.load_audio` has already checked (the processor's path).
     """
     if isinstance(clips, torch.Tensor) or not isinstance(clips, (list, tuple)):
         raise TypeError(f"clips must be a list of 1-D tensors (one per clip), got {type(clips).__name__}")
@@ -165,7 +168,7 @@ def extract_features(clips: list[torch.Tensor], frontend: FrontendConfig) -> Aud
         n = clip.shape[0]
         if n == 0:
             raise ValueError(f"clip {i} is empty (0 samples): there is no audio to encode")
-        if not bool(torch.isfinite(clip).all()):
+        if check_finite and not bool(torch.isfinite(clip).all()):
             raise ValueError(f"clip {i} contains NaN or infinite samples")
         if n > frontend.max_samples:
             warnings.warn(f"clip {i} is {n / sr:.1f} s long; only the first {frontend.max_samples / sr:.0f} s "

@@ -100,6 +100,8 @@ class Processor:
           - a prompt with exactly one clip may instead carry one `<sound>` per 30 s window;
           - a prompt with clips but no `<sound>` gets all their tokens put in front of its text;
           - anything else is a ValueError naming the prompt and both counts.
+        A clip too short to give even one token (320 samples or fewer; HF's processor would drop it
+        silently) is a ValueError.
         `output_labels`: False (none), True (as HF makes them: the token ids, with IGNORE_INDEX
         (-100) at audio tokens and at every pad-token id, padding included), or "assistant"
         (the same, but also IGNORE_INDEX everywhere outside assistant turns: only the tokens an
@@ -127,7 +129,8 @@ class Processor:
         out = BatchFeature(input_ids=input_ids, attention_mask=attention_mask)
         flat = [clip for sample in clips for clip in sample]
         if flat:
-            features = extract_features(flat, self.frontend)  # warns when a clip is truncated
+            # load_audio has checked every clip for NaN/inf already. Warns when a clip is truncated.
+            features = extract_features(flat, self.frontend, check_finite=False)
             out["input_features"] = features.input_features
             out["input_features_mask"] = features.input_features_mask
         if output_labels:
@@ -144,6 +147,10 @@ class Processor:
         """Per prompt, its clips as 1-D float32 16 kHz tensors."""
         if audio is None:
             return [[] for _ in range(n_texts)]
+        if isinstance(audio, (list, tuple)) and audio and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in audio):
+            raise TypeError(f"audio is a list of {len(audio)} numbers; pass a clip's samples as a numpy array or "
+                            "a torch tensor (a list holds one clip, or a list of clips, per text)")
         if not isinstance(audio, (list, tuple)):
             if n_texts != 1:
                 raise TypeError(f"got {n_texts} texts but a single {type(audio).__name__} as audio; "
@@ -171,6 +178,12 @@ class Processor:
         # the ids gives the same result as expanding it in the text, without re-tokenizing.
         found = ids.count(self.audio_token_id)
         per_clip = [self._window_tokens(clip) for clip in clips]
+        for j, (clip, windows) in enumerate(zip(clips, per_clip)):
+            if sum(windows) == 0:  # its <sound> would vanish and the model would never hear it
+                hop = self.frontend.hop_length
+                raise ValueError(f"Sample {index}, clip {j}: {clip.shape[0]} samples is too short to give any "
+                                 f"audio token (3 mel frames make the first one: more than {2 * hop} samples, "
+                                 f"{2000 * hop / self.frontend.sampling_rate:g} ms); pad or drop the clip")
         if not clips:
             if found:
                 raise ValueError(f"Sample {index}: found {found} placeholders but no audio was given")
@@ -260,16 +273,29 @@ class Processor:
         `return_dict=False` returns only `input_ids`. Note the defaults differ from HF's
         (there: tokenize=False, add_generation_prompt=False, return_dict=False).
         """
+        for name, flag in (("tokenize", tokenize), ("add_generation_prompt", add_generation_prompt),
+                           ("return_dict", return_dict)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         batched = not is_conversation(conversation)
-        if batched and (not isinstance(conversation, (list, tuple)) or not conversation):
+        if batched and not isinstance(conversation, (list, tuple)):
             raise TypeError("conversation must be a list of messages or a non-empty list of conversations, "
                             f"got {conversation!r:.80}")
+        if not conversation:
+            raise ValueError("conversation is empty: give a list of messages, or a list of conversations")
         conversations = conversation if batched else [conversation]
-        prompts = [render_conversation(c, add_generation_prompt=add_generation_prompt,
-                                       audio_token=self.audio_token) for c in conversations]
+        prompts, audio = [], []
+        for i, c in enumerate(conversations):
+            try:
+                prompts.append(render_conversation(c, add_generation_prompt=add_generation_prompt,
+                                                   audio_token=self.audio_token))
+                audio.append(conversation_audio(c))
+            except (TypeError, ValueError) as e:
+                if not batched:
+                    raise
+                raise type(e)(f"conversation {i}: {e}") from e  # say which one of the batch
         if not tokenize:
             return prompts if batched else prompts[0]
-        audio = [conversation_audio(c) for c in conversations]
         out = self(prompts, audio=audio if any(audio) else None, output_labels=output_labels,
                    padding_side=padding_side, sampling_rate=sampling_rate)
         return out if return_dict else out["input_ids"]
@@ -309,6 +335,9 @@ class Processor:
 
         `strip_prefix` removes AF3's transcription framing (see `strip_transcription_prefix`).
         """
+        if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool) or \
+                isinstance(ids, (torch.Tensor, np.ndarray)) and ids.ndim == 0:
+            ids = [int(ids)]  # one token id, as HF's decode takes it
         rows = _as_id_rows(ids)
         if rows is None:
             return self._decode_one(_as_id_list(ids), skip_special_tokens, strip_prefix)
@@ -317,6 +346,8 @@ class Processor:
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False,
                      strip_prefix: bool = False) -> list[str]:
         """A batch of token-id sequences (2-D tensor or list of lists) -> one string each."""
+        if isinstance(sequences, (list, tuple)) and not sequences:
+            return []  # an empty batch, as HF
         rows = _as_id_rows(sequences)
         if rows is None:
             raise ValueError("batch_decode takes a batch of sequences (2-D); use decode for one sequence")

@@ -138,6 +138,7 @@ def test_is_conversation():
     ([{"role": "user", "content": [{"type": "audio"}]}], ValueError, "exactly one of 'audio', 'path' or 'url'"),
     ([{"role": "user", "content": [{"type": "audio", "path": "a", "url": "b"}]}], ValueError,
      r"found \['path', 'url'\]"),
+    ([{"role": "user", "content": [{"type": "audio", "audio": None}]}], ValueError, "the audio item's 'audio' is None"),
 ])
 def test_malformed_conversations(messages, error, match):
     with pytest.raises(error, match=match):

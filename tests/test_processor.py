@@ -113,8 +113,8 @@ def test_placeholder_count_errors(tiny):
         tiny(["<sound>", "<sound>"], audio=clip(1.0))
 
 
-@settings(max_examples=15, deadline=None)
-@given(lengths=st.lists(st.integers(1, 40_000), min_size=1, max_size=3),
+@settings(max_examples=15, deadline=None)  # 321 samples: the shortest clip that gives a token
+@given(lengths=st.lists(st.integers(321, 40_000), min_size=1, max_size=3),
        mode=st.sampled_from(["per_clip", "none"]), words=st.lists(st.sampled_from(["hi", "the dog", "?"]),
                                                                    max_size=3))
 def test_audio_token_count_property(tiny, lengths, mode, words):
@@ -331,8 +331,21 @@ def test_apply_chat_template(tiny):
     assert torch.equal(ids, out["input_ids"])
     text_only = tiny.apply_chat_template([{"role": "user", "content": "hi"}])
     assert "input_features" not in text_only
-    with pytest.raises(TypeError, match="conversation must be"):
+    with pytest.raises(ValueError, match="conversation is empty"):
         tiny.apply_chat_template([])
+
+
+def test_apply_chat_template_bad_arguments(tiny):
+    one = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="conversation 1: the conversation is empty"):
+        tiny.apply_chat_template([one, []])
+    with pytest.raises(TypeError, match=r"conversation 0: message 0 must be a dict"):
+        tiny.apply_chat_template([["hi"], one])
+    with pytest.raises(TypeError, match="conversation must be"):
+        tiny.apply_chat_template("hi")
+    for flag in ("tokenize", "add_generation_prompt", "return_dict"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got None"):
+            tiny.apply_chat_template(one, **{flag: None})
 
 
 def test_apply_transcription_request(tiny):
@@ -372,6 +385,32 @@ def test_decode_and_batch_decode(tiny):
         tiny.batch_decode(rows[0])
     with pytest.raises(TypeError, match="token id 0 must be an int"):
         tiny.decode(["a"])
+    # One id, and an empty batch, as HF's decode / batch_decode take them.
+    assert tiny.decode(rows[1][0]) == tiny.decode(torch.tensor(rows[1][0])) == tiny.decode(rows[1][:1])
+    assert tiny.batch_decode([]) == []
+    with pytest.raises(ValueError, match="token id -100 is not in the vocabulary"):  # labels, unmasked
+        tiny.batch_decode(torch.tensor([[rows[1][0], IGNORE_INDEX]]))
+
+
+def test_clip_too_short_for_one_token_is_an_error(tiny):
+    # 320 samples are 2 mel frames: 0 tokens, so the clip's <sound> would silently vanish.
+    with pytest.raises(ValueError, match=r"Sample 1, clip 0: 320 samples is too short .* more than 320 samples"):
+        tiny(["<sound>a", "<sound>b"], audio=[clip(1.0), clip(0, n=320)])
+    out = tiny("<sound>b", audio=clip(0, n=321))
+    assert audio_count(out["input_ids"], tiny) == 1
+
+
+def test_list_of_numbers_is_not_a_batch_of_clips(tiny):
+    with pytest.raises(TypeError, match="audio is a list of 3 numbers; pass a clip's samples as a numpy array"):
+        tiny("<sound>hi", audio=[0.0, 0.1, 0.2])
+
+
+def test_processor_checks_each_clip_for_nan_once(tiny, monkeypatch):
+    calls = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda x: calls.append(x.shape) or isfinite(x))
+    tiny(["<sound>a", "<sound>b"], audio=[clip(1.0), clip(0.5)])
+    assert len(calls) == 2  # in load_audio; extract_features does not check again
 
 
 @pytest.mark.parametrize("prefix", TRANSCRIPTION_PREFIXES)
