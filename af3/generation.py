@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,15 @@ class GenerationConfig:
     bos_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        # numpy / torch scalars (np.int64(20), np.float32(0.7)) become plain Python numbers.
+        for name in ("max_new_tokens", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(self, name, int(value))
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                setattr(self, name, float(value))
         self.eos_token_id = _as_id_list(self.eos_token_id, "eos_token_id")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
@@ -62,6 +73,8 @@ class GenerationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0.0:
@@ -114,15 +127,16 @@ class GenerationConfig:
         return cls.from_dict(d)
 
 
-def _check_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def _as_id(value: Any, name: str) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = int(value)
-    _check_int(value, name)
+    value = _check_int(value, name)
     if value < 0:
         raise ValueError(f"{name} must be a non-negative token id, got {value}")
     return value
@@ -230,6 +244,16 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     pad_id = config.pad_token_id
     if pad_id is None:
         pad_id = config.eos_token_id[0] if config.eos_token_id else 0  # HF's fallback
+    if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int)
+                                    or vocab_limit < 1):
+        raise ValueError(f"vocab_limit must be a positive int or None, got {vocab_limit!r}")
+    vocab = _vocab_size(model)
+    if vocab is not None:
+        # A finished row is fed its pad id, so it must be a real row of the embedding.
+        for name, ids in (("pad_token_id", [pad_id]), ("eos_token_id", config.eos_token_id)):
+            bad = [i for i in ids if i >= vocab]
+            if bad:
+                raise ValueError(f"{name} {bad[0]} is outside the model's vocabulary of {vocab} ids")
 
     total = prompt_len + config.max_new_tokens
     limit = _context_length(model)
@@ -328,8 +352,15 @@ def _make_generator(seed: int | None, generator: torch.Generator | None,
         return generator
     if seed is None:
         return None
-    _check_int(seed, "seed")
+    seed = _check_int(seed, "seed")
+    if not -2**63 <= seed < 2**64:  # what torch.Generator.manual_seed accepts
+        raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    text = getattr(getattr(model, "config", None), "text", None)
+    return getattr(text, "vocab_size", None)
 
 
 def _context_length(model: torch.nn.Module) -> int | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -257,10 +258,35 @@ def test_defaults_come_from_model_generation_config():
     ({"seed": 1, "generator": torch.Generator()}, ValueError),
     ({"generator": 3}, TypeError),
     ({"max_new_tokens": 100}, ValueError),  # beyond the fake model's 64-token context
+    ({"do_sample": True, "temperature": float("nan")}, ValueError),  # was multinomial's RuntimeError
+    ({"repetition_penalty": float("nan")}, ValueError),
+    ({"temperature": float("inf")}, ValueError),
+    ({"do_sample": True, "seed": 2**70}, ValueError),  # was torch's "Overflow when unpacking long long"
+    ({"seed": 1.5}, TypeError),
+    ({"vocab_limit": 0}, ValueError),
 ])
 def test_bad_arguments(kwargs, error):
     with pytest.raises(error):
         generate(FakeLM(), torch.tensor([[5, 9]]), **kwargs)
+
+
+def test_numpy_scalar_settings_are_plain_numbers():
+    cfg = GenerationConfig(max_new_tokens=np.int64(3), top_k=np.int32(5), temperature=np.float32(0.5),
+                           eos_token_id=np.int64(2), pad_token_id=torch.tensor(1))
+    assert (cfg.max_new_tokens, cfg.top_k, cfg.temperature, cfg.eos_token_id, cfg.pad_token_id) == (3, 5, 0.5, [2], 1)
+    assert type(cfg.max_new_tokens) is int and type(cfg.temperature) is float
+    with pytest.raises(TypeError, match="pad_token_id must be an int"):
+        GenerationConfig(pad_token_id=torch.tensor(1.0))
+
+
+def test_pad_and_eos_ids_must_be_in_the_model_vocabulary(hf_and_af3):
+    _, ours = hf_and_af3
+    ids = torch.tensor([[5, 6, 9]])
+    vocab = ours.config.text.vocab_size
+    with pytest.raises(ValueError, match=f"pad_token_id {vocab} is outside the model's vocabulary of {vocab} ids"):
+        generate(ours, ids, max_new_tokens=2, pad_token_id=vocab)
+    with pytest.raises(ValueError, match=f"eos_token_id {vocab + 5} is outside"):
+        generate(ours, ids, max_new_tokens=2, pad_token_id=PAD, eos_token_id=[1, vocab + 5])
 
 
 def test_bad_inputs():
