@@ -15,6 +15,7 @@ from torch import nn
 
 from af3.config import AF3Config
 from af3.encoder import AudioEncoder, pooled_lengths
+from af3.generation import GenerationConfig, generate
 from af3.projector import Projector
 from af3.qwen2 import KVCache, Qwen2Decoder, causal_mask
 
@@ -40,12 +41,7 @@ class AudioFlamingo3(nn.Module):
         self.encoder = AudioEncoder(config.audio)
         self.projector = Projector(config)
         self.decoder = Qwen2Decoder(config.text)
-        try:
-            from af3.generation import GenerationConfig
-        except ImportError:  # generation is optional for the forward pass
-            self.generation_config = None
-        else:
-            self.generation_config = GenerationConfig()
+        self.generation_config = GenerationConfig()  # `generate`'s defaults; af3.load sets the checkpoint's
 
     # ---- settings -----------------------------------------------------------------------------
 
@@ -184,8 +180,6 @@ class AudioFlamingo3(nn.Module):
 
     def generate(self, **kwargs: Any) -> Any:
         """Autoregressive decoding; see `af3.generation.generate`."""
-        from af3.generation import generate
-
         return generate(self, **kwargs)
 
     # ---- checks -------------------------------------------------------------------------------

@@ -269,9 +269,10 @@ def test_builds_on_meta_device() -> None:
 
 def test_generate_delegates(monkeypatch) -> None:
     import af3.generation
+    import af3.model
 
     seen = {}
-    monkeypatch.setattr(af3.generation, "generate", lambda model, **kw: seen.update(model=model, **kw) or 7)
+    monkeypatch.setattr(af3.model, "generate", lambda model, **kw: seen.update(model=model, **kw) or 7)
     model = hf_to_af3_model(tiny_hf_model())
     assert isinstance(model.generation_config, af3.generation.GenerationConfig)
     ids = torch.zeros(1, 3, dtype=torch.long)
