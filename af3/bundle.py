@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from af3.chat import _check_conversation
 from af3.config import AF3Config
 from af3.generation import GenerationConfig, generate
 from af3.streaming import TextStreamer
@@ -63,6 +65,7 @@ class AF3:
         "Transcribe the input speech."; a list gives one per clip. Lists run `batch_size` clips
         at a time. `stream(piece)` receives text as it is generated (one clip only).
         """
+        _check_gen(gen, base=self.generation_config)
         single = not isinstance(audio, (list, tuple))
         clips = [audio] if single else list(audio)
         if not clips:
@@ -89,6 +92,10 @@ class AF3:
         `think=True` appends NVIDIA's thinking prompt to the last user turn, asking the model
         to reason before it answers (the think-mode checkpoint was trained with it).
         """
+        _check_gen(gen, think, self.generation_config)
+        if isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple)):
+            raise TypeError("chat takes one conversation (a list of messages), got a list of conversations; "
+                            "use generate() for a batch")
         if think:
             conversation = add_think_prompt(conversation)
         inputs = self.processor.apply_chat_template(conversation)
@@ -96,6 +103,7 @@ class AF3:
 
     def generate(self, conversations: list[list[dict]], *, think: bool = False, **gen: Any) -> list[str]:
         """One reply per conversation, generated as one left-padded batch."""
+        _check_gen(gen, think, self.generation_config)
         if not isinstance(conversations, (list, tuple)) or not conversations or \
                 not all(isinstance(c, (list, tuple)) for c in conversations):
             raise TypeError("conversations must be a non-empty list of conversations (each a list of "
@@ -135,6 +143,8 @@ class ChatSession:
         limit = bundle.config.text.max_position_embeddings
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        if system is not None and not isinstance(system, str):
+            raise TypeError(f"system must be a string or None, got {type(system).__name__}")
         self.bundle = bundle
         self.audio = audio
         self.capacity = min(max_tokens, limit)
@@ -144,9 +154,14 @@ class ChatSession:
 
     def ask(self, text: str, *, think: bool = False, stream: Callable[[str], Any] | None = None,
             **gen: Any) -> str:
-        """The assistant's reply to `text`, given everything said so far."""
+        """The assistant's reply to `text`, given everything said so far.
+
+        A turn that fails (bad settings, a full cache, an exception from `stream`, Ctrl-C) leaves
+        the chat as it was: its history and cache hold only the turns that completed.
+        """
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
+        settings = _check_gen(gen, think, self.bundle.generation_config)  # before anything changes
         if think:
             text = f"{text} {THINK_PROMPT}" if text else THINK_PROMPT
         bundle, processor = self.bundle, self.bundle.processor
@@ -155,43 +170,47 @@ class ChatSession:
             content: list[dict] = [{"type": "text", "text": text}]
             if self.audio is not None:
                 content.insert(0, {"type": "audio", "audio": self.audio})
-            inputs = processor.apply_chat_template(self.history + [{"role": "user", "content": content}])
+            user = {"role": "user", "content": content}
+            inputs = processor.apply_chat_template(self.history + [user])
             inputs = inputs.to(bundle.device)
             ids = inputs["input_ids"]
             features = {k: inputs[k] for k in ("input_features", "input_features_mask") if k in inputs}
-            self.history.append({"role": "user", "content": content})
         else:
             # Close the previous reply as the chat template does, then open the next turns.
             turn = f"<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
             new = torch.tensor([bundle.tokenizer.encode(turn)], device=self.ids.device)
             ids = torch.cat([self.ids, new], dim=1)  # (1, n + new): once per turn, not per token
-            self.history.append({"role": "user", "content": text})
-        max_new = gen.pop("max_new_tokens", bundle.generation_config.max_new_tokens)
+            user = {"role": "user", "content": text}
+        max_new = settings.max_new_tokens
         room = self.capacity - ids.shape[1]
         if room < 1 or max_new > room:
             raise ValueError(f"this chat holds {ids.shape[1]} tokens and max_new_tokens={max_new}, beyond its "
                              f"{self.capacity}-token cache; start a new chat (start_chat(max_tokens=...)) "
                              "or lower max_new_tokens")
         streamer = TextStreamer(bundle.tokenizer, stream) if stream is not None else None
-        out = generate(bundle.model, ids, **features, generation_config=bundle.generation_config,
-                       streamer=streamer, cache=self.cache, max_new_tokens=max_new,
-                       vocab_limit=bundle.tokenizer.vocab_size, **gen)
+        cached = self.cache.length
+        try:
+            out = generate(bundle.model, ids, **features, generation_config=settings, streamer=streamer,
+                           cache=self.cache, vocab_limit=bundle.tokenizer.vocab_size,
+                           **{k: v for k, v in gen.items() if k in ("seed", "generator")})
+        except BaseException:
+            self.cache.length = cached  # forget what the failed turn wrote; the next one overwrites it
+            raise
         reply_ids = out[0, ids.shape[1]:].tolist()
-        eos = set(bundle.generation_config.replace(**_gen_only(gen)).eos_token_id)
+        eos = set(settings.eos_token_id)
         if reply_ids and reply_ids[-1] in eos:
             reply_ids = reply_ids[:-1]  # the template closes the turn itself, next time
         # The cache holds every token but the last one generated, so it stays a prefix of self.ids
         # whether or not that token was an eos (dropped here, re-added by the next turn's text).
         self.ids = torch.cat([ids, torch.tensor([reply_ids], dtype=ids.dtype, device=ids.device)], dim=1)
         reply = bundle.tokenizer.decode(reply_ids, skip_special_tokens=True)
-        self.history.append({"role": "assistant", "content": reply})
+        self.history += [user, {"role": "assistant", "content": reply}]
         return reply
 
 
 def add_think_prompt(conversation: list[dict]) -> list[dict]:
     """A copy of `conversation` with THINK_PROMPT appended to the text of its last user turn."""
-    if not isinstance(conversation, (list, tuple)) or not conversation:
-        raise TypeError("conversation must be a non-empty list of messages")
+    _check_conversation(conversation)  # the usual errors for a malformed one
     conversation = copy.deepcopy(list(conversation))
     users = [m for m in conversation if isinstance(m, dict) and m.get("role") == "user"]
     if not users:
@@ -216,5 +235,18 @@ def _model_inputs(inputs: Any) -> dict:
     return {k: inputs[k] for k in keys if k in inputs}
 
 
-def _gen_only(gen: dict) -> dict:
-    return {k: v for k, v in gen.items() if k not in ("seed", "generator")}
+_RNG_ARGS = ("seed", "generator")
+
+
+def _check_gen(gen: dict, think: Any = False, base: GenerationConfig | None = None) -> GenerationConfig:
+    """Refuse unknown keywords and bad settings before any work; `base` with `gen` applied."""
+    if not isinstance(think, bool):
+        raise TypeError(f"think must be True or False, got {think!r}")
+    known = {f.name for f in dataclasses.fields(GenerationConfig)}
+    unknown = sorted(set(gen) - known - set(_RNG_ARGS))
+    if unknown:
+        hint = " (pass a function as stream= to receive text as it comes)" if "streamer" in unknown else ""
+        raise ValueError(f"unknown generation argument(s) {unknown}; known: {sorted(known | set(_RNG_ARGS))}"
+                         f"{hint}")
+    base = base if base is not None else GenerationConfig()
+    return base.replace(**{k: v for k, v in gen.items() if k not in _RNG_ARGS})

@@ -310,6 +310,9 @@ class Processor:
         clips = list(audio) if isinstance(audio, (list, tuple)) else [audio]
         if not clips:
             raise ValueError("audio is empty: give at least one clip to transcribe")
+        for i, c in enumerate(clips):
+            if c is None:
+                raise TypeError(f"audio clip {i} is None; give a path, an http(s) URL, bytes or an array")
         if prompt is None or isinstance(prompt, str):
             prompts = [prompt or self.default_transcription_prompt] * len(clips)
         elif isinstance(prompt, (list, tuple)):

@@ -23,6 +23,8 @@ class TextStreamer:
 
     def __init__(self, tokenizer: Any, on_text: Callable[[str], Any] | None = None,
                  skip_special_tokens: bool = True) -> None:
+        if on_text is not None and not callable(on_text):
+            raise TypeError(f"on_text must be a function that takes a str, got {type(on_text).__name__}")
         self.tokenizer = tokenizer
         self.on_text = on_text if on_text is not None else _print
         self.skip_special_tokens = skip_special_tokens

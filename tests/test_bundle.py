@@ -130,6 +130,53 @@ def test_bad_arguments(tiny):
         add_think_prompt([{"role": "system", "content": "x"}])
 
 
+def test_failed_turn_leaves_the_chat_as_it_was(tiny):
+    m, _ = tiny
+    session = m.start_chat(clip(2.0), max_tokens=300)
+    with pytest.raises(ValueError, match="unknown generation argument"):
+        session.ask("What do you hear?", max_new_token=4)  # a typo on the first turn
+    assert session.history == [] and session.ids is None and session.cache.length == 0
+    first = session.ask("What do you hear?", **GREEDY)
+    state = (list(session.history), session.ids.clone(), session.cache.length)
+
+    def explode(piece):
+        raise KeyboardInterrupt  # the user stops a streamed reply half-way
+
+    with pytest.raises(KeyboardInterrupt):
+        session.ask("Say more.", stream=explode, **GREEDY)
+    with pytest.raises(ValueError, match="start a new chat"):
+        session.ask("Say more.", max_new_tokens=300)
+    with pytest.raises(TypeError, match="max_new_tokens must be an int"):
+        session.ask("Say more.", max_new_tokens="8")
+    assert len(session.history) == 2 and all(a is b for a, b in zip(session.history, state[0]))
+    assert session.cache.length == state[2] and torch.equal(session.ids, state[1])
+
+    # The next turn is exactly what a chat without the failures gives.
+    clean = m.start_chat(clip(2.0), max_tokens=300)
+    assert clean.ask("What do you hear?", **GREEDY) == first
+    assert session.ask("Say more.", **GREEDY) == clean.ask("Say more.", **GREEDY)
+    assert [msg["role"] for msg in session.history] == ["user", "assistant"] * 2
+
+
+def test_bundle_argument_types(tiny):
+    m, _ = tiny
+    conv = conversation()
+    with pytest.raises(TypeError, match="chat takes one conversation"):
+        m.chat([conv, conv], **GREEDY)  # would silently answer only the first
+    with pytest.raises(TypeError, match="think must be True or False"):
+        m.chat(conv, think="yes")
+    with pytest.raises(ValueError, match=r"unknown generation argument\(s\) \['streamer'\].*stream="):
+        m.chat(conv, streamer=object())
+    with pytest.raises(ValueError, match=r"unknown generation argument\(s\) \['cache'\]"):
+        m.transcribe(clip(1.0), cache=None)
+    with pytest.raises(TypeError, match="on_text must be a function"):
+        m.transcribe(clip(1.0), stream="print", **GREEDY)
+    with pytest.raises(TypeError, match="system must be a string"):
+        m.start_chat(clip(1.0), system=3)
+    with pytest.raises(TypeError, match="message 0 must be a dict"):
+        add_think_prompt(["hi"])
+
+
 def test_parts_are_exposed(tiny):
     m, _ = tiny
     assert m.model.generation_config is m.generation_config

@@ -366,6 +366,8 @@ def test_apply_transcription_request(tiny):
         tiny.apply_transcription_request([a], prompt=[3])
     with pytest.raises(ValueError, match="audio is empty"):
         tiny.apply_transcription_request([])
+    with pytest.raises(TypeError, match="audio clip 1 is None"):
+        tiny.apply_transcription_request([a, None])
 
 
 # ---- decoding --------------------------------------------------------------------------------------
