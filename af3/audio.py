@@ -52,12 +52,17 @@ def load_audio(source: AudioSource, sampling_rate: int | None = None, *,
     to be at `sampling_rate` (default 16 kHz); encoded audio carries its own rate, and a
     `sampling_rate` that disagrees with it is an error. Other rates are resampled to 16 kHz.
     Encoded audio longer than `max_seconds` is decoded only that far, with a warning
-    (None: decode all of it). Tensors stay on their device; everything else comes back on the CPU.
+    (None or inf: decode all of it). Tensors stay on their device; everything else comes back on the CPU.
     """
     if sampling_rate is not None:
         sampling_rate = _check_rate(sampling_rate)
-    if max_seconds is not None and not max_seconds > 0:
-        raise ValueError(f"max_seconds must be positive or None, got {max_seconds!r}")
+    if max_seconds is not None:
+        if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float, np.integer, np.floating)):
+            raise TypeError(f"max_seconds must be a number or None, got {type(max_seconds).__name__}")
+        if not max_seconds > 0:
+            raise ValueError(f"max_seconds must be positive or None, got {max_seconds!r}")
+        if math.isinf(max_seconds):
+            max_seconds = None
 
     if isinstance(source, (torch.Tensor, np.ndarray)):
         kind = "tensor" if isinstance(source, torch.Tensor) else "array"
@@ -84,13 +89,19 @@ def load_audio(source: AudioSource, sampling_rate: int | None = None, *,
             raise AudioError(f"{text}: is a directory, not an audio file")
         return _decode(text, text, sampling_rate, max_seconds)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _decode(io.BytesIO(bytes(source)), f"audio bytes ({len(source)} bytes)", sampling_rate,
-                       max_seconds)
+        data = bytes(source)
+        name = f"audio bytes ({len(data)} bytes)"
+        if len(data) < 4096 and b"\0" not in data and os.path.isfile(data):  # os.fsencode(path), most likely
+            raise TypeError(f"{name} hold the path {os.fsdecode(data)!r}, not audio; pass paths as str, "
+                            "bytes as encoded audio")
+        return _decode(io.BytesIO(data), name, sampling_rate, max_seconds)
     if isinstance(source, io.TextIOBase):
         raise TypeError(f"file object {getattr(source, 'name', source)!r} is open in text mode; "
                         "open it with 'rb'")
     if hasattr(source, "read"):
         name = f"file object {getattr(source, 'name', type(source).__name__)!r}"
+        if getattr(source, "closed", False):
+            raise ValueError(f"{name} is closed; pass an open binary file")
         if not (hasattr(source, "seekable") and source.seekable()):
             source = io.BytesIO(_read_capped(source, name))  # soundfile needs to seek
         return _decode(source, name, sampling_rate, max_seconds)

@@ -100,6 +100,7 @@ def log_mel_spectrogram(windows: list[torch.Tensor],
     Returns `input_features` (n, num_mel_bins, n_frames) float32 and `input_features_mask`
     (n, n_frames) int32.
     """
+    _check_frontend(frontend)
     if not isinstance(windows, (list, tuple)):
         raise TypeError(f"windows must be a list of 1-D tensors, got {type(windows).__name__}")
     if not windows:
@@ -147,6 +148,7 @@ def extract_features(clips: list[torch.Tensor], frontend: FrontendConfig, *,
     or infinite samples is a ValueError; `check_finite=False` skips that pass over the samples
     for clips that `af3.audio.load_audio` has already checked (the processor's path).
     """
+    _check_frontend(frontend)
     if isinstance(clips, torch.Tensor) or not isinstance(clips, (list, tuple)):
         raise TypeError(f"clips must be a list of 1-D tensors (one per clip), got {type(clips).__name__}")
     if not clips:
@@ -181,3 +183,8 @@ def extract_features(clips: list[torch.Tensor], frontend: FrontendConfig, *,
                                    for start, end in ranges))
     features, mask = log_mel_spectrogram(windows, frontend)
     return AudioFeatures(features, mask, windows_per_clip, tokens_per_clip)
+
+
+def _check_frontend(frontend: object) -> None:
+    if not isinstance(frontend, FrontendConfig):
+        raise TypeError(f"frontend must be an af3.config.FrontendConfig, got {type(frontend).__name__}")

@@ -111,6 +111,7 @@ def test_long_file_decodes_only_the_first_seconds(files, monkeypatch) -> None:
     assert x.shape == (SR,)
     full = load_audio(files["long"], max_seconds=None)
     assert full.shape == (3 * SR,)
+    assert torch.equal(load_audio(files["long"], max_seconds=float("inf")), full)  # was an OverflowError
     torch.testing.assert_close(x, full[:SR], atol=1e-5, rtol=0)
 
 
@@ -199,6 +200,17 @@ def test_rate_whose_resampling_filter_is_too_big(rate) -> None:
 def test_bad_max_seconds() -> None:
     with pytest.raises(ValueError, match="max_seconds"):
         load_audio(np.zeros(10, np.float32), max_seconds=0)
+    with pytest.raises(TypeError, match="max_seconds must be a number or None, got str"):
+        load_audio(np.zeros(10, np.float32), max_seconds="10")
+
+
+def test_path_given_as_bytes_and_closed_file(files) -> None:
+    with pytest.raises(TypeError, match=r"hold the path '.*mono16k\.wav', not audio; pass paths as str"):
+        load_audio(bytes(files["wav"]))
+    with open(files["wav"], "rb") as f:
+        pass
+    with pytest.raises(ValueError, match=r"file object '.*mono16k\.wav' is closed"):
+        load_audio(f)
 
 
 # ---- bad files ------------------------------------------------------------------------------

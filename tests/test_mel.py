@@ -200,6 +200,9 @@ def test_check_finite_false_skips_the_nan_pass() -> None:
 
 def test_log_mel_bad_input() -> None:
     frontend = FrontendConfig()
+    for call in (log_mel_spectrogram, extract_features):
+        with pytest.raises(TypeError, match="frontend must be an af3.config.FrontendConfig, got NoneType"):
+            call([torch.zeros(10)], None)
     with pytest.raises(ValueError, match="window 0 has 480001 samples"):
         log_mel_spectrogram([torch.zeros(480_001)], frontend)
     with pytest.raises(ValueError, match="windows is empty"):
