@@ -27,6 +27,13 @@ def _require(d: dict, key: str, where: str, aliases: tuple[str, ...] = ()) -> An
     raise ConfigError(f"{where}: required key {names} is missing")
 
 
+def _require_dict(d: dict, key: str, where: str) -> dict:
+    sub = _require(d, key, where)
+    if not isinstance(sub, dict):
+        raise ConfigError(f"{where}: {key!r} must be an object, got {type(sub).__name__} {sub!r}")
+    return sub
+
+
 def _optional(d: dict, key: str, default: Any, aliases: tuple[str, ...] = ()) -> Any:
     for k in (key, *aliases):
         if k in d and d[k] is not None:
@@ -50,8 +57,10 @@ class AudioConfig:
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive(self, "num_mel_bins", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "intermediate_size", "max_source_positions")
+        _positive_number(self, "layer_norm_eps")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"audio: hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
@@ -94,8 +103,10 @@ class TextConfig:
     n_rep: int = field(init=False)  # query heads per key/value head (GQA)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+        _positive_number(self, "rms_norm_eps", "rope_theta")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"text: hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
@@ -104,10 +115,8 @@ class TextConfig:
                               f"divisible by num_key_value_heads {self.num_key_value_heads}")
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.head_dim % 2:
-            raise ConfigError(f"text: head_dim {self.head_dim} must be even for RoPE")
-        if self.rope_theta <= 0:
-            raise ConfigError(f"text: rope_theta must be positive, got {self.rope_theta}")
+        if self.head_dim < 0 or self.head_dim % 2:
+            raise ConfigError(f"text: head_dim {self.head_dim} must be even (RoPE) and positive")
         if self.hidden_act != "silu":
             raise ConfigError(f"text: hidden_act {self.hidden_act!r} is not supported (Qwen2 uses 'silu')")
         self.n_rep = self.num_attention_heads // self.num_key_value_heads
@@ -119,6 +128,8 @@ class TextConfig:
             raise ConfigError(f"{w}: use_sliding_window=true is not supported (AF3 does not use it)")
         # Older files put rope_theta at the top level, newer ones inside rope_parameters.
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{w}: rope_parameters / rope_scaling must be an object, got {rope!r}")
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ConfigError(f"{w}: rope type {rope.get('rope_type', rope.get('type'))!r} is not "
                               "supported (AF3 uses plain RoPE)")
@@ -134,8 +145,8 @@ class TextConfig:
             num_attention_heads=n_heads,
             num_key_value_heads=_optional(d, "num_key_value_heads", n_heads),
             max_position_embeddings=_require(d, "max_position_embeddings", w),
-            rms_norm_eps=float(_require(d, "rms_norm_eps", w)),
-            rope_theta=float(theta),
+            rms_norm_eps=_require(d, "rms_norm_eps", w),
+            rope_theta=theta,
             tie_word_embeddings=bool(_optional(d, "tie_word_embeddings", False)),
             hidden_act=_optional(d, "hidden_act", "silu"),
             head_dim=_optional(d, "head_dim", 0),
@@ -156,6 +167,7 @@ class FrontendConfig:
     n_frames: int = field(init=False)  # mel frames per window: 3000
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive(self, "sampling_rate", "n_fft", "hop_length", "num_mel_bins", "chunk_length",
                   "max_windows")
         self.n_samples = self.chunk_length * self.sampling_rate
@@ -171,13 +183,24 @@ class FrontendConfig:
     @classmethod
     def from_hf(cls, d: dict, max_audio_len: float | None = None) -> FrontendConfig:
         """From a `preprocessor_config.json` (or the `feature_extractor` part of a processor config)."""
-        chunk = int(_optional(d, "chunk_length", 30))
-        max_windows = 20 if max_audio_len is None else int(max_audio_len // chunk)
+        w = "feature extractor"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{w}: settings must be an object, got {type(d).__name__} {d!r}")
+        chunk = _optional(d, "chunk_length", 30)
+        if not _is_int(chunk) or chunk <= 0:
+            raise ConfigError(f"{w}: chunk_length must be a positive integer (seconds), got {chunk!r}")
+        if max_audio_len is None:
+            max_windows = 20
+        elif not _is_number(max_audio_len) or max_audio_len < chunk:
+            raise ConfigError(f"{w}: max_audio_len must be a number of seconds of at least one "
+                              f"{chunk} s window, got {max_audio_len!r}")
+        else:
+            max_windows = int(max_audio_len // chunk)
         return cls(
-            sampling_rate=int(_optional(d, "sampling_rate", 16000)),
-            n_fft=int(_optional(d, "n_fft", 400)),
-            hop_length=int(_optional(d, "hop_length", 160)),
-            num_mel_bins=int(_optional(d, "feature_size", 128, ("num_mel_bins",))),
+            sampling_rate=_optional(d, "sampling_rate", 16000),
+            n_fft=_optional(d, "n_fft", 400),
+            hop_length=_optional(d, "hop_length", 160),
+            num_mel_bins=_optional(d, "feature_size", 128, ("num_mel_bins",)),
             chunk_length=chunk,
             max_windows=max_windows,
         )
@@ -196,6 +219,7 @@ class AF3Config:
     dtype: str = "bfloat16"  # the dtype the checkpoint was saved in
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.frontend.num_mel_bins != self.audio.num_mel_bins:
             raise ConfigError(f"frontend makes {self.frontend.num_mel_bins} mel bins but the encoder "
                               f"expects {self.audio.num_mel_bins}")
@@ -220,9 +244,11 @@ class AF3Config:
         """From an HF `config.json` dict and, when present, the feature-extractor settings."""
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
-        audio = _require(config, "audio_config", "config.json")
-        text = _require(config, "text_config", "config.json")
+        audio = _require_dict(config, "audio_config", "config.json")
+        text = _require_dict(config, "text_config", "config.json")
         pre = preprocessor or {}
+        if not isinstance(pre, dict):
+            raise TypeError(f"preprocessor must be a dict, got {type(pre).__name__}")
         if "feature_extractor" in pre:  # processor_config.json nests it
             max_len = pre.get("max_audio_len")
             pre = pre["feature_extractor"]
@@ -234,7 +260,7 @@ class AF3Config:
             audio=AudioConfig.from_hf(audio),
             text=TextConfig.from_hf(text),
             frontend=FrontendConfig.from_hf(pre, max_len),
-            audio_token_id=int(_optional(config, "audio_token_id", 151669, ("audio_token_index",))),
+            audio_token_id=_optional(config, "audio_token_id", 151669, ("audio_token_index",)),
             projector_hidden_act=_optional(config, "projector_hidden_act", "gelu"),
             projector_bias=bool(_optional(config, "projector_bias", True)),
             dtype=str(dtype).replace("torch.", ""),
@@ -267,11 +293,14 @@ class AF3Config:
                               "converted with `python -m weights_convert SRC DST`")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+            hint = ("; it was written by a newer af3: upgrade af3, or convert the original checkpoint "
+                    "again with this af3's weights_convert" if newer else "")
             raise ConfigError(f"config format_version {version!r} is not supported by this af3 "
-                              f"(expects {FORMAT_VERSION})")
+                              f"(expects {FORMAT_VERSION}){hint}")
 
         def part(klass: type, key: str) -> Any:
-            sub = _require(d, key, "config")
+            sub = _require_dict(d, key, "config")
             known = {f.name for f in dataclasses.fields(klass) if f.init}
             unknown = sorted(set(sub) - known)
             if unknown:
@@ -300,14 +329,53 @@ class AF3Config:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AF3Config:
+        """Read our config.json; every problem is a ConfigError (a ValueError) naming the file."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
         with open(path, encoding="utf-8") as f:
             try:
                 d = json.load(f)
-            except json.JSONDecodeError as e:
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_KINDS = {"int": (_is_int, "an integer"), "float": (_is_number, "a finite number"),
+          "bool": (lambda v: isinstance(v, bool), "true or false"),
+          "str": (lambda v: isinstance(v, str), "a string")}
+
+
+def _check_types(obj: Any) -> None:
+    """Every int / float / bool / str field holds that type (a JSON "48" or null is refused)."""
+    where = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        kind = _KINDS.get(f.type) if f.init else None  # f.type is a string (postponed annotations)
+        if kind is None:
+            continue
+        v = getattr(obj, f.name)
+        if not kind[0](v):
+            raise ConfigError(f"{where}.{f.name} must be {kind[1]}, got {v!r}")
+        if f.type == "float":
+            setattr(obj, f.name, float(v))
+
+
+def _positive_number(obj: Any, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{n} must be positive, got {getattr(obj, n)!r}")
 
 
 def _positive(obj: Any, *names: str) -> None:

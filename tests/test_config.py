@@ -190,3 +190,70 @@ def test_load_errors(tmp_path) -> None:
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         AF3Config.load(bad)
+
+
+def test_newer_format_version_says_what_to_do() -> None:
+    d = AF3Config().to_dict()
+    d["format_version"] = FORMAT_VERSION + 1
+    with pytest.raises(ConfigError, match="newer af3: upgrade af3, or convert"):
+        AF3Config.from_dict(d)
+
+
+@pytest.mark.parametrize(("part", "key", "value", "match"), [
+    ("text", "hidden_size", "48", r"TextConfig\.hidden_size must be an integer, got '48'"),
+    ("text", "rope_theta", "x", r"TextConfig\.rope_theta must be a finite number, got 'x'"),
+    ("text", "rms_norm_eps", "x", r"TextConfig\.rms_norm_eps must be a finite number"),  # was accepted
+    ("text", "rms_norm_eps", -1.0, r"TextConfig\.rms_norm_eps must be positive"),
+    ("audio", "scale_embedding", "no", r"AudioConfig\.scale_embedding must be true or false"),
+    ("frontend", "hop_length", 160.5, r"FrontendConfig\.hop_length must be an integer"),
+    (None, "audio_token_id", "5", r"AF3Config\.audio_token_id must be an integer, got '5'"),
+    (None, "projector_bias", "yes", r"AF3Config\.projector_bias must be true or false"),
+    (None, "text", [1], r"'text' must be an object, got list"),
+    (None, "audio", 5, r"'audio' must be an object, got int"),
+])
+def test_wrong_types_in_our_json_are_named(tmp_path, part, key, value, match) -> None:
+    d = AF3Config().to_dict()
+    (d if part is None else d[part])[key] = value
+    with pytest.raises(ConfigError, match=match):  # never a TypeError from a comparison inside
+        AF3Config.from_dict(d)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=f"config.json: .*{match}"):  # load names the file
+        AF3Config.load(path)
+
+
+def test_int_values_for_float_fields_become_floats() -> None:
+    d = AF3Config().to_dict()
+    d["text"]["rope_theta"] = 10000
+    cfg = AF3Config.from_dict(d)
+    assert cfg.text.rope_theta == 10000.0 and isinstance(cfg.text.rope_theta, float)
+
+
+def test_wrong_types_in_hf_configs_are_named(hf_config: dict) -> None:
+    for key, value in (("audio_config", 5), ("text_config", [1])):
+        with pytest.raises(ConfigError, match=f"'{key}' must be an object"):
+            AF3Config.from_hf({**hf_config, key: value})
+    bad = copy.deepcopy(hf_config)
+    bad["text_config"]["rope_parameters"] = [1]
+    with pytest.raises(ConfigError, match="rope_parameters / rope_scaling must be an object"):
+        AF3Config.from_hf(bad)
+    bad = copy.deepcopy(hf_config)
+    bad["text_config"]["rms_norm_eps"] = "x"
+    with pytest.raises(ConfigError, match="rms_norm_eps must be a finite number"):
+        AF3Config.from_hf(bad)
+    for pre, match in (({"sampling_rate": "x"}, "sampling_rate must be an integer"),
+                       ({"chunk_length": [1]}, "chunk_length must be a positive integer"),
+                       ({"feature_extractor": [1]}, "settings must be an object"),  # was silently ignored
+                       ({"feature_extractor": {}, "max_audio_len": 10}, "max_audio_len .* at least one 30 s")):
+        with pytest.raises(ConfigError, match=match):
+            AF3Config.from_hf(hf_config, pre)
+
+
+def test_load_refuses_non_object_json(tmp_path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object, got list"):
+        AF3Config.load(path)
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        AF3Config.load(path)
