@@ -101,7 +101,7 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         try:
             spec = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls(spec, pad_token=pad_token, eos_token=eos_token, source=str(path))
 
@@ -135,9 +135,13 @@ class Tokenizer:
                 raise self._unsupported("pre_tokenizer step (only Split with behavior Isolated, invert false)",
                                         step)
             pattern = step.get("pattern") or {}
-            if "Regex" in pattern:
-                patterns.append(regex.compile(pattern["Regex"]))
-            elif "String" in pattern:
+            if isinstance(pattern, dict) and isinstance(pattern.get("Regex"), str):
+                try:
+                    patterns.append(regex.compile(pattern["Regex"]))
+                except regex.error as e:
+                    raise ValueError(f"{self._source}: the Split regex {pattern['Regex']!r} does not compile "
+                                     f"({e})") from None
+            elif isinstance(pattern, dict) and isinstance(pattern.get("String"), str):
                 patterns.append(regex.compile(regex.escape(pattern["String"])))
             else:
                 raise self._unsupported("Split pattern", pattern)
@@ -167,9 +171,15 @@ class Tokenizer:
         vocab = spec.get("vocab")
         if not isinstance(vocab, dict):
             raise self._unsupported("BPE vocab (expected an object token -> id)", type(vocab).__name__)
+        bad_id = next((t for t, i in vocab.items() if type(i) is not int or i < 0), None)
+        if bad_id is not None:
+            raise ValueError(f"{self._source}: vocabulary token {bad_id!r} has id {vocab[bad_id]!r}; ids are "
+                             "non-negative integers")
         self._vocab: dict[str, int] = vocab
         self._ignore_merges = bool(spec.get("ignore_merges", False))
         merges = spec.get("merges") or []
+        if not isinstance(merges, list):
+            raise ValueError(f"{self._source}: BPE merges must be a list, got {type(merges).__name__}")  # noqa: TRY004 (file content)
         if merges and isinstance(merges[0], str):  # older files write each merge as "a b"
             merges = [m.split(" ") for m in merges]
         bad = next((m for m in merges if not isinstance(m, list) or len(m) != 2), None)
@@ -184,7 +194,13 @@ class Tokenizer:
     def _read_added_tokens(self, tokens: list[dict[str, Any]]) -> None:
         self._added: dict[str, int] = {}
         self._special_ids: set[int] = set()
+        if not isinstance(tokens, list):
+            raise ValueError(f"{self._source}: added_tokens must be a list, got {type(tokens).__name__}")  # noqa: TRY004 (file content)
         for token in tokens:
+            if not isinstance(token, dict) or not isinstance(token.get("content"), str) or not token["content"] \
+                    or type(token.get("id")) is not int or token["id"] < 0:
+                raise ValueError(f"{self._source}: malformed added token {json.dumps(token)[:200]}; expected "
+                                 "{'id': <int>, 'content': <non-empty str>, ...}")
             for flag in ("lstrip", "rstrip", "single_word", "normalized"):
                 if token.get(flag):
                     raise self._unsupported(f"added token option {flag}", token)

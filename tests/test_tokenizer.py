@@ -279,7 +279,7 @@ def _with(path: str, value) -> dict:
     node = spec
     for p in parents:
         node = node[p] if not p.isdigit() else node[int(p)]
-    node[key] = value
+    node[int(key) if key.isdigit() else key] = value
     return spec
 
 
@@ -305,7 +305,24 @@ def test_unsupported_features_are_refused(spec):
         Tokenizer(spec)
 
 
+@pytest.mark.parametrize("spec, match", [
+    (_with("added_tokens.0", "<x>"), "malformed added token"),  # was an AttributeError
+    (_with("added_tokens.0.content", None), "malformed added token"),  # was a KeyError without content
+    (_with("added_tokens.0.id", "556"), "malformed added token"),
+    (_with("added_tokens", {"<x>": 5}), "added_tokens must be a list"),
+    (_with("model.vocab.Ġ", "x"), "vocabulary token 'Ġ' has id 'x'"),
+    (_with("model.merges", {"a": "b"}), "BPE merges must be a list"),  # was a KeyError
+    (_with("pre_tokenizer.pretokenizers.0.pattern", {"Regex": "("}), r"the Split regex '\(' does not compile"),
+], ids=lambda s: "" if isinstance(s, dict) else s)
+def test_malformed_tokenizer_json_is_a_value_error(spec, match):
+    with pytest.raises(ValueError, match=match):
+        Tokenizer(spec)
+
+
 def test_broken_files_and_bad_inputs_raise_clear_errors(tmp_path, tiny, tiny_path):
+    (tmp_path / "latin1.json").write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(ValueError, match=r"latin1\.json: not valid JSON \('utf-8' codec"):
+        Tokenizer.from_file(tmp_path / "latin1.json")
     with pytest.raises(FileNotFoundError, match="nope.json"):
         Tokenizer.from_file(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{not json")
