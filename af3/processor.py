@@ -47,6 +47,11 @@ class BatchFeature(dict):
         """Move every tensor to `device`; cast only the floating-point ones to `dtype`. Returns self."""
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {e}") from None
         for key, value in self.items():
             if isinstance(value, torch.Tensor):
                 cast = dtype if dtype is not None and value.is_floating_point() else None

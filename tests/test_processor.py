@@ -214,6 +214,8 @@ def test_batch_feature_to():
         _ = batch.labels
     with pytest.raises(TypeError, match="floating-point"):
         batch.to("cpu", torch.int64)
+    with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):  # was torch's RuntimeError
+        batch.to("gpu")
 
 
 def test_bad_arguments(tiny):
