@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from af3.config import AF3Config
 
@@ -21,13 +21,18 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# Floating dtypes the model runs in (float64 too, for precision checks; float8 types are not).
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_FLOAT_NAMES = {"F32", "BF16", "F16", "F64"}  # the same, as safetensors headers spell them
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu",
          dtype: torch.dtype | str | None = None):
     """Load an af3 checkpoint directory into an `af3.bundle.AF3` (model in eval mode).
 
-    `dtype` defaults to the dtype the checkpoint was saved in; `device` is where the weights go.
+    `dtype` defaults to the dtype the checkpoint was saved in ("float32", "bfloat16", "float16",
+    their short forms "fp32", "bf16", "fp16", or a floating torch.dtype); `device` ("cpu",
+    "cuda", "cuda:1", or a torch.device) is where the weights go and must be available here.
     HF- and NVIDIA-layout directories are refused with the `weights_convert` command to run.
     """
     from af3.bundle import AF3
@@ -35,10 +40,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     from af3.processor import Processor
     from af3.tokenizer import Tokenizer
 
+    device = _resolve_device(device)
+    if dtype is not None:
+        dtype = _resolve_dtype(dtype)  # a bad argument is reported before any file is read
     root = _checkpoint_dir(path)
     config = AF3Config.load(root / "config.json")
-    dtype = _resolve_dtype(config.dtype if dtype is None else dtype)
-    device = torch.device(device)
+    dtype = _resolve_dtype(config.dtype) if dtype is None else dtype
 
     model = load_model(root, config, device=device, dtype=dtype)
     generation_config = GenerationConfig.load(root / "generation_config.json")
@@ -60,22 +67,29 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     files = weight_files(root)
 
-    # Check every name and shape from the headers before reading any data.
+    # Check every name, shape and dtype from the headers before reading any data.
     found: dict[str, tuple[int, ...]] = {}
+    not_float: list[str] = []
     for file, names in files.items():
-        with safe_open(str(file), framework="pt") as f:
+        with _open(file) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if names is not None and name not in names:
                     raise ValueError(f"{file}: tensor {name!r} is not listed for this file in {INDEX_NAME}")
-                found[name] = tuple(f.get_slice(name).get_shape())
+                sl = f.get_slice(name)
+                found[name] = tuple(sl.get_shape())
+                if sl.get_dtype() not in _FLOAT_NAMES:
+                    not_float.append(f"{name} ({sl.get_dtype()})")
     check_state(found, expected, f"checkpoint {root}")
+    if not_float:  # every tensor of AudioFlamingo3 is a floating-point parameter
+        raise ValueError(f"checkpoint {root}: {len(not_float)} tensors are not floating-point: "
+                         f"{_some(not_float)}; re-convert it with weights_convert")
 
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with _open(file) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 t = f.get_tensor(name)
-                state[name] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+                state[name] = t.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     del state
     _check_nothing_on_meta(model)
@@ -92,10 +106,13 @@ def weight_files(root: Path) -> dict[Path, set[str] | None]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{index}: not a safetensors index (no weight_map: {e})") from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: weight_map is a {type(weight_map).__name__}, not an object "
+                             "of tensor name -> file name")
         files: dict[Path, set[str] | None] = {}
         for name, file in weight_map.items():
             path = (root / str(file)).resolve()
-            if path.parent != root.resolve():
+            if not isinstance(file, str) or path.parent != root.resolve():
                 raise ValueError(f"{index}: shard {file!r} is not a file inside {root}")
             if not path.is_file():
                 raise FileNotFoundError(f"{index} lists {file}, which is missing")
@@ -134,16 +151,60 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
     return root
 
 
+def _open(file: Path):
+    """safe_open, with a damaged file reported as a ValueError that names it."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a valid safetensors file ({e}); the file is damaged or "
+                         "truncated: convert the checkpoint again") from None
+
+
 def _quote(path: Path) -> str:
     import shlex
 
     return shlex.quote(str(path))
 
 
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """A device that exists here; torch's own errors (no driver, bad string) become ValueErrors."""
+    if not isinstance(device, (str, torch.device)):
+        hint = f" (for GPU {device} write 'cuda:{device}')" if isinstance(device, int) and not isinstance(
+            device, bool) else ""
+        raise TypeError(f"device must be a str or torch.device such as 'cpu' or 'cuda', got "
+                        f"{type(device).__name__} {device!r}{hint}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {str(device)!r} is not a device name torch knows; use 'cpu', "
+                         f"'cuda', 'cuda:1', 'mps', ... ({_first_line(e, 60)})") from None
+    if dev.type == "meta":
+        raise ValueError("device 'meta' holds no data; load the weights onto 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available here "
+                             "(torch.cuda.is_available() is False); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s), numbered from 0")
+        return dev
+    try:
+        torch.empty(0, device=dev)
+    except Exception as e:  # noqa: BLE001 (backends fail with RuntimeError, AssertionError, ...)
+        raise ValueError(f"device {str(device)!r} is not available here: {_first_line(e)}") from None
+    return dev
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= limit else line[:limit] + "…"
+
+
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"dtype must be a floating-point dtype ({', '.join(map(str, _FLOAT_DTYPES))}), "
+                             f"got {dtype}")
         return dtype
     if isinstance(dtype, str):
         if dtype.removeprefix("torch.") not in _DTYPES:

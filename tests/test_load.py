@@ -120,3 +120,54 @@ def test_bad_inputs(tiny, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="format_version"):
         af3.load(d)
+
+
+def test_device_refusals_name_the_device(tiny):
+    with pytest.raises(TypeError, match=r"device must be a str or torch.device.*'cuda:3'"):
+        af3.load(tiny["af3"], device=3)  # torch would read 3 as cuda:3
+    with pytest.raises(TypeError, match="device must be"):
+        af3.load(tiny["af3"], device=None)
+    with pytest.raises(ValueError, match="'gpu' is not a device name"):
+        af3.load(tiny["af3"], device="gpu")  # was torch's RuntimeError
+    with pytest.raises(ValueError, match="'meta' holds no data"):
+        af3.load(tiny["af3"], device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            af3.load(tiny["af3"], device="cuda")  # was torch's RuntimeError about the driver
+    else:
+        n = torch.cuda.device_count()
+        with pytest.raises(ValueError, match=f"has {n} CUDA device"):
+            af3.load(tiny["af3"], device=f"cuda:{n}")
+    with pytest.raises(ValueError, match="floating-point"):
+        af3.load(tiny["af3"], dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        af3.load(tmp := tiny["root"] / "nowhere", dtype="int8")  # arguments first, then files
+    assert not tmp.exists()
+
+
+def test_damaged_files_are_value_errors_naming_the_file(tiny, tmp_path):
+    d = copy_of(tiny["af3"], tmp_path / "truncated")
+    data = (d / "model.safetensors").read_bytes()
+    for cut in (data[:-1000], data[:5], b""):
+        (d / "model.safetensors").write_bytes(cut)
+        with pytest.raises(ValueError, match=r"model\.safetensors: not a valid safetensors file"):
+            af3.load(d)  # was safetensors' own SafetensorError
+    d = copy_of(tiny["sharded"], tmp_path / "index-list")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["x"]}))
+    with pytest.raises(ValueError, match="weight_map is a list"):
+        af3.load(d)  # was an AttributeError
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": None}}))
+    with pytest.raises(ValueError, match="shard None is not a file inside"):
+        af3.load(d)
+    d = copy_of(tiny["af3"], tmp_path / "int-tensor")
+    state = load_file(str(d / "model.safetensors"))
+    state["encoder.conv1.bias"] = state["encoder.conv1.bias"].to(torch.int32)
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"not floating-point: encoder\.conv1\.bias \(I32\)"):
+        af3.load(d)  # was a RuntimeError from load_state_dict
+    d = copy_of(tiny["af3"], tmp_path / "bad-config")
+    for text, match in (("[1]", "expected a JSON object"),  # was a TypeError
+                        ('{"format": "af3", "format_version": 1}', "config: required key 'audio'")):
+        (d / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=f"config.json: {match}"):
+            af3.load(d)
