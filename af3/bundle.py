@@ -178,7 +178,11 @@ class ChatSession:
         else:
             # Close the previous reply as the chat template does, then open the next turns.
             turn = f"<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-            new = torch.tensor([bundle.tokenizer.encode(turn)], device=self.ids.device)
+            turn_ids = bundle.tokenizer.encode(turn)
+            if processor.audio_token_id in turn_ids:  # the model would take it as a plain token, silently
+                raise ValueError(f"text holds the audio placeholder {processor.audio_token!r}; a chat's audio is "
+                                 "given once, to start_chat, and its first turn carries it")
+            new = torch.tensor([turn_ids], device=self.ids.device)
             ids = torch.cat([self.ids, new], dim=1)  # (1, n + new): once per turn, not per token
             user = {"role": "user", "content": text}
         max_new = settings.max_new_tokens

@@ -148,6 +148,8 @@ def test_failed_turn_leaves_the_chat_as_it_was(tiny):
         session.ask("Say more.", max_new_tokens=300)
     with pytest.raises(TypeError, match="max_new_tokens must be an int"):
         session.ask("Say more.", max_new_tokens="8")
+    with pytest.raises(ValueError, match="text holds the audio placeholder '<sound>'"):
+        session.ask("Play <sound> again.", **GREEDY)  # was taken as a plain token, with no audio behind it
     assert len(session.history) == 2 and all(a is b for a, b in zip(session.history, state[0]))
     assert session.cache.length == state[2] and torch.equal(session.ids, state[1])
 
