@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -348,3 +349,134 @@ def test_reader_and_planner(tmp_path):
     assert parse_size("2GB") == 2 * 10**9 and parse_size("256MiB") == 256 * 2**20
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         assert set(f.keys()) == {"x", "y"}
+
+
+# ---- review pass: CLI arguments, adapters, replacing DST, progress ------------------------------
+
+
+def test_usage_errors_are_one_line(capsys, hf_src, tmp_path):
+    for args, match in (
+        (["--max-shard-size", "-1GB"], "'-1GB' must be at least 1 byte"),  # argparse read -1GB as an option
+        (["--max-shard-size", "2XB"], "'2XB' is not a size"),
+        (["--max-shard-size", "0"], "'0' must be at least 1 byte"),
+        (["--dtype", "int8"], "invalid choice: 'int8'"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main([str(hf_src), str(tmp_path / "af3"), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and match in err, err
+        assert err.startswith("python -m weights_convert: error: ")
+    assert parse_size("1TB") == 10**12 and parse_size("+1KiB") == 1024
+    assert not (tmp_path / "af3").exists()
+
+
+def test_summary_line(tmp_path, capsys, hf_src):
+    rc, out, err = run_cli(capsys, hf_src, tmp_path / "af3", "--quiet")
+    assert rc == 0 and err == ""
+    assert out.startswith(f"converted {hf_src} (hf layout, 1 file) -> {tmp_path / 'af3'}: ")
+    assert " in 1 file; " in out and "file(s)" not in out
+
+
+def test_adapter_that_is_not_for_this_model(tmp_path, capsys, hf_src):
+    expect_error(capsys, hf_src, tmp_path / "o", "--adapter", hf_src,
+                 contains=("not a PEFT adapter directory", "adapter_config.json"))
+    ref = load_file(str(hf_src / "model.safetensors"))
+    write_adapter(tmp_path / "foreign", ref, r=2, alpha=4, prefix="llm.model.")
+    t = load_file(str(tmp_path / "foreign" / "adapter_model.safetensors"))
+    t = {k.replace("llm.model.layers", "vision_tower.blocks"): v for k, v in t.items()}
+    save_file(t, str(tmp_path / "foreign" / "adapter_model.safetensors"))
+    expect_error(capsys, hf_src, tmp_path / "o", "--adapter", tmp_path / "foreign",
+                 contains=("adapter_model.safetensors", "vision_tower.blocks.0.self_attn.q_proj",
+                           "not for this model"))
+    # The same weight spelt twice (NVIDIA's and HF's names) would be merged once, silently.
+    write_adapter(tmp_path / "twice", ref, r=2, alpha=4, prefix="llm.model.", modules=("q_proj",))
+    t = load_file(str(tmp_path / "twice" / "adapter_model.safetensors"))
+    t.update({k.replace("llm.model.", "language_model.model."): v.clone() for k, v in t.items()})
+    save_file(t, str(tmp_path / "twice" / "adapter_model.safetensors"))
+    expect_error(capsys, hf_src, tmp_path / "o", "--adapter", tmp_path / "twice",
+                 contains=("both update", "decoder.layers.0.attn.q.weight"))
+    write_adapter(tmp_path / "nan", ref, r=2, alpha=float("nan"), prefix="llm.model.")
+    expect_error(capsys, hf_src, tmp_path / "o", "--adapter", tmp_path / "nan", contains="lora_alpha=nan")
+    assert not (tmp_path / "o").exists()
+
+
+def test_source_config_errors_name_the_source(tmp_path, capsys, hf_src):
+    cfg = json.loads((hf_src / "config.json").read_text())
+    cfg["text_config"]["num_attention_heads"] = "4"
+    (hf_src / "config.json").write_text(json.dumps(cfg))
+    expect_error(capsys, hf_src, tmp_path / "af3",
+                 contains=(f"{hf_src} (hf layout), its config:", "num_attention_heads must be an integer"))
+
+
+def test_force_keeps_the_old_destination_if_the_swap_fails(tmp_path, capsys, hf_src, monkeypatch):
+    import os
+
+    import weights_convert.convert as convert_module
+
+    dst = tmp_path / "af3"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("old")
+    real_rename = os.rename
+
+    def rename(a, b):
+        if ".partial-" in str(a):
+            raise OSError(28, "No space left on device")
+        real_rename(a, b)
+
+    monkeypatch.setattr(convert_module.os, "rename", rename)
+    expect_error(capsys, hf_src, dst, "--force", "--quiet", contains="No space left")
+    assert (dst / "keep.txt").read_text() == "old"  # put back, not left under a hidden name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["af3", "hf"]
+
+
+def test_force_replaces_a_link_not_what_it_points_to(tmp_path, capsys, hf_src):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+    (tmp_path / "af3").symlink_to(target)
+    rc, _, err = run_cli(capsys, hf_src, tmp_path / "af3", "--force", "--quiet")
+    assert rc == 0, err  # rmtree refused the link after the new checkpoint was in place
+    assert (tmp_path / "af3" / "config.json").is_file() and not (tmp_path / "af3").is_symlink()
+    assert (target / "keep.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["af3", "elsewhere", "hf"]
+
+
+def test_failure_removes_the_parents_it_made(tmp_path, hf_src):
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(hf_src, tmp_path / "new" / "deeper" / "af3", progress=stop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_progress_line_is_ended_before_an_error(tmp_path, hf_src, capsys, monkeypatch):
+    import io
+
+    from weights_convert.__main__ import _Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setattr("weights_convert.__main__._Progress", lambda: _Progress(term))
+    data = (hf_src / "model.safetensors").read_bytes()
+    calls = []
+
+    def fail_midway(f, info):  # a read error after some progress was drawn
+        calls.append(info.name)
+        if len(calls) == 3:
+            raise ValueError(f"{info.path}: tensor {info.name!r} is truncated")
+        return real_read(f, info)
+
+    import weights_convert.convert as convert_module
+
+    real_read = convert_module.read_tensor
+    monkeypatch.setattr(convert_module, "read_tensor", fail_midway)
+    monkeypatch.setattr("time.monotonic", iter(range(0, 10**6, 10)).__next__)  # every update drawn
+    assert main([str(hf_src), str(tmp_path / "af3")]) == 1
+    text = term.getvalue()
+    assert "\r2/" in text and "\nweights_convert: error: " in text, text
+    assert (hf_src / "model.safetensors").read_bytes() == data

@@ -7,18 +7,39 @@ import re
 import sys
 import time
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(text: str) -> int:
     """'2GB' -> 2_000_000_000; '256MiB' -> 268_435_456; a bare number is bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    m = re.fullmatch(r"\s*([-+]?\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 2GB, 500MB or 256MiB")
     n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
     if n <= 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+        raise argparse.ArgumentTypeError(f"size {text!r} must be at least 1 byte")
     return n
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _join_values(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """'--max-shard-size -1GB' -> '--max-shard-size=-1GB': argparse would read '-1GB' as an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in options and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 class _Progress:
@@ -29,6 +50,7 @@ class _Progress:
         self.tty = self.stream.isatty()
         self.last = 0.0
         self.next_tenth = 1
+        self.open_line = False  # a progress line on a terminal not yet ended by a newline
 
     def __call__(self, n_done: int, n_total: int, bytes_done: int, bytes_total: int) -> None:
         finished = n_done == n_total
@@ -46,9 +68,17 @@ class _Progress:
                 f"({100 * bytes_done / max(bytes_total, 1):.0f}%)")
         if self.tty:
             self.stream.write("\r" + line + ("\n" if finished else ""))
+            self.open_line = not finished
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+    def end_line(self) -> None:
+        """End an unfinished progress line, so that an error message starts on its own line."""
+        if self.open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open_line = False
 
 
 def _size(n: int) -> str:
@@ -56,7 +86,7 @@ def _size(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m weights_convert",
         description="Convert an Audio Flamingo 3 checkpoint (HF layout, either tensor-name style, "
                     "or NVIDIA's llm/ sound_tower/ sound_mm_projector/ layout) into af3's layout.")
@@ -70,19 +100,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest output file, e.g. 2GB (default), 500MB, 256MiB")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress, only the summary")
-    args = p.parse_args(argv)
+    args = p.parse_args(_join_values(sys.argv[1:] if argv is None else list(argv), ("--max-shard-size",)))
 
     # Imported here so that --help does not pay for torch.
     from weights_convert.convert import convert
 
+    progress = None if args.quiet else _Progress()
     try:
         summary = convert(args.src, args.dst, dtype=args.dtype, adapter=args.adapter,
-                          max_shard_size=args.max_shard_size, force=args.force,
-                          progress=None if args.quiet else _Progress())
+                          max_shard_size=args.max_shard_size, force=args.force, progress=progress)
     except (ValueError, TypeError, OSError) as e:  # OSError covers FileNotFoundError
+        if progress is not None:
+            progress.end_line()
         print(f"weights_convert: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if progress is not None:
+            progress.end_line()
         print("weights_convert: interrupted; nothing was written to the destination", file=sys.stderr)
         return 130
     print(summary)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from af3.checkpoint import check_state
-from af3.config import AF3Config
+from af3.config import AF3Config, ConfigError
 from af3.generation import GenerationConfig
 from weights_convert.layouts import Source, open_source, read_json
 from weights_convert.lora import LoraAdapter
@@ -67,7 +67,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     src, dst = Path(src), Path(dst)
     source = open_source(src)
     _check_destination(src, dst, force)
-    config = AF3Config.from_hf(source.config, source.preprocessor)
+    try:
+        config = AF3Config.from_hf(source.config, source.preprocessor)
+    except ConfigError as e:
+        raise ConfigError(f"{src} ({source.kind} layout), its config: {e}") from None
     _check_tokenizer(source.tokenizer, config)
     generation, note = _generation_config(source)  # parsed now, so a bad one fails before the long part
     notes = [note]
@@ -95,7 +98,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
             if tuple(mapped[name].shape) != want:
                 raise ValueError(f"adapter {adapter}: update for {name} has shape {list(want)} but the "
                                  f"weight is {list(mapped[name].shape)}")
-        notes.append(f"LoRA merged into {len(lora.pairs)} weights")
+        notes.append(f"LoRA merged into {_plural(len(lora.pairs), 'weight')}")
 
     cast = DTYPE_CHOICES[dtype]
     # Read in file order, so each source file is read front to back.
@@ -106,9 +109,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     files = shard_file_names(len(shards))
 
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(dst.parent)
     try:
-        tmp.mkdir()
+        try:
+            tmp.mkdir()
+        except OSError as e:
+            raise OSError(f"cannot create a directory beside {dst}: {e.strerror or e}") from None
         _write_tensors(tmp, shards, files, mapped, lora, progress)
         if len(shards) > 1:
             _write_index(tmp, shards, files)
@@ -116,16 +122,34 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
         shutil.copyfile(source.tokenizer, tmp / "tokenizer.json")
         generation.save(tmp / "generation_config.json")
         verify_written(tmp, plan, expected)
-        _move_into_place(tmp, dst)
+        notes += _move_into_place(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # the parents this run created, deepest first, if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
 
     total = sum(t.nbytes for t in plan)
     dtypes = "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in plan}))
-    return (f"converted {source.description} {src} -> {dst}: {len(plan)} tensors, "
-            f"{_gb(total)} {dtypes} in {len(files)} file(s); " + "; ".join(notes)
+    return (f"converted {src} ({source.description}) -> {dst}: {len(plan)} tensors, "
+            f"{_gb(total)} {dtypes} in {_plural(len(files), 'file')}; " + "; ".join(notes)
             + f"; {time.monotonic() - t0:.1f} s")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; returns the directories it created, deepest first."""
+    missing = []
+    for d in (folder, *folder.parents):
+        if d.exists():
+            break
+        missing.append(d)
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def _check_destination(src: Path, dst: Path, force: bool) -> None:
@@ -259,15 +283,33 @@ def verify_written(folder: Path, plan: list[PlannedTensor], expected: dict[str, 
     check_state(found, expected, f"converted checkpoint {folder}")
 
 
-def _move_into_place(tmp: Path, dst: Path) -> None:
-    if not dst.exists():
+def _move_into_place(tmp: Path, dst: Path) -> list[str]:
+    """Rename `tmp` to `dst`; an existing `dst` is replaced only once the new one is in place.
+
+    Returns notes for the summary (a replaced DST whose old copy could not be removed).
+    """
+    if not (dst.exists() or dst.is_symlink()):
         os.rename(tmp, dst)
-        return
-    # Swap: the old DST is set aside (not deleted) until the new one is in place.
+        return []
+    # Swap: the old DST is set aside (not deleted) until the new one is in place, and put back
+    # if that fails.
     old = dst.parent / f".{dst.name}.old-{os.getpid()}"
     os.rename(dst, old)
-    os.rename(tmp, dst)
-    shutil.rmtree(old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    try:
+        if old.is_symlink():
+            old.unlink()  # DST was a link: the link goes, not the directory it pointed to
+        else:
+            shutil.rmtree(old)
+    except (OSError, KeyboardInterrupt) as e:
+        # The conversion is complete and in place; only the old copy's removal failed.
+        note = f"the replaced {dst} could not be fully removed; delete {old} yourself ({type(e).__name__}: {e})"
+        return [note]
+    return []
 
 
 def _gb(n: int) -> str:

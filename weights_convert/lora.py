@@ -41,8 +41,12 @@ class LoraAdapter:
         if not directory.is_dir():
             raise FileNotFoundError(f"adapter directory not found: {directory}")
         self.directory = directory
-        cfg = read_json(directory / "adapter_config.json")
         where = directory / "adapter_config.json"
+        if not where.is_file():
+            raise FileNotFoundError(f"adapter {directory} is not a PEFT adapter directory (no "
+                                    "adapter_config.json); point --adapter at the folder holding "
+                                    "adapter_config.json and adapter_model.safetensors")
+        cfg = read_json(where)
         if cfg.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA")
         for key in ("use_dora", "fan_in_fan_out"):
@@ -55,8 +59,9 @@ class LoraAdapter:
             raise ValueError(f"{where}: modules_to_save {cfg['modules_to_save']} is not supported "
                              "(the adapter would replace whole modules, not add a low-rank update)")
         r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-        if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
-            raise ValueError(f"{where}: needs a positive integer 'r' and a number 'lora_alpha', "
+        if (not isinstance(r, int) or isinstance(r, bool) or r <= 0
+                or not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha)):
+            raise ValueError(f"{where}: needs a positive integer 'r' and a finite number 'lora_alpha', "
                              f"got r={r!r}, lora_alpha={alpha!r}")
         # rsLoRA scales by alpha / sqrt(r) instead of alpha / r.
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
@@ -68,9 +73,13 @@ class LoraAdapter:
         factors: dict[str, dict[str, TensorInfo]] = {}
         for name, info in read_header(weights).items():
             module, kind = _split(name, weights)
+            if kind in factors.get(module, {}):
+                raise ValueError(f"{weights}: module {module!r} has two {kind} tensors, "
+                                 f"{factors[module][kind].name!r} and {name!r}")
             factors.setdefault(module, {})[kind] = info
 
         self.pairs: dict[str, LoraPair] = {}
+        modules: dict[str, str] = {}  # af3 weight name -> the adapter module that updates it
         for module, ab in factors.items():
             if set(ab) != {"lora_A", "lora_B"}:
                 raise ValueError(f"{weights}: module {module!r} has {sorted(ab)} but needs both "
@@ -79,7 +88,16 @@ class LoraAdapter:
             if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
                 raise ValueError(f"{weights}: module {module!r}: lora_A {list(a.shape)} and lora_B "
                                  f"{list(b.shape)} do not fit rank r={r}")
-            self.pairs[to_af3(_hf_module_name(module) + ".weight")] = LoraPair(a, b, scale)
+            try:
+                target = to_af3(_hf_module_name(module) + ".weight")
+            except ValueError as e:
+                raise ValueError(f"{weights}: module {module!r} is not a weight of AudioFlamingo3, so "
+                                 f"this adapter is not for this model ({e})") from None
+            if target in modules:
+                raise ValueError(f"{weights}: modules {modules[target]!r} and {module!r} both update "
+                                 f"{target}")
+            modules[target] = module
+            self.pairs[target] = LoraPair(a, b, scale)
         if not self.pairs:
             raise ValueError(f"{weights}: no LoRA tensors found")
 
