@@ -126,6 +126,8 @@ class AudioFlamingo3(nn.Module):
         position_ids: (B, T); by default counted from the attention mask, so left padding does
         not shift them. cache: from `new_cache`; the new keys/values are written at cache.length
         and the cache advances by T. logits_to_keep: if > 0, logits of the last that many tokens.
+        Audio goes in with the first pass only: once the cache holds tokens, `<sound>` ids among
+        the new ones (a sampled one, say) are embedded as ordinary tokens, so decoding cannot fail.
         """
         b, t = self._check_ids(input_ids)
         device = input_ids.device
