@@ -37,13 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--max-tokens", type=int, default=8192, help="room for the whole chat (default 8192)")
     args = p.parse_args(argv)
+    for option, value in (("--max-new-tokens", args.max_new_tokens), ("--max-tokens", args.max_tokens)):
+        if value is not None and value < 1:
+            p.error(f"{option} must be >= 1, got {value}")
+    try:
+        return chat(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
+
+def chat(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
         clip = load_audio(args.audio)
-    except (OSError, ValueError, TypeError) as e:
-        print(f"error: {args.audio}: {e}", file=sys.stderr)
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        text = str(e)
+        print(f"error: {text}" if args.audio in text else f"error: {args.audio}: {text}", file=sys.stderr)
         return 1
     try:
         model = af3.load(args.checkpoint, device=device, dtype=dtype)
@@ -56,13 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.greedy:
         gen["do_sample"] = False
 
-    session = model.start_chat(clip, max_tokens=args.max_tokens)
+    try:
+        session = model.start_chat(clip, max_tokens=args.max_tokens)
+    except (ValueError, TypeError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
             print("you> ", end="", flush=True)
         line = sys.stdin.readline()
         if not line.strip():
+            if interactive and not line:
+                print(flush=True)  # Ctrl-D: end the "you> " line before the shell prompt
             return 0
         print("af3> ", end="", flush=True)
         try:

@@ -30,17 +30,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
+    if not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # Train in fp32 here for a plain, exact step; real fine-tuning uses bf16 autocast + LoRA or FSDP.
-    m = af3.load(args.checkpoint, device=device, dtype=torch.float32)
+    try:
+        # Train in fp32 here for a plain, exact step; real fine-tuning uses bf16 autocast + LoRA or FSDP.
+        m = af3.load(args.checkpoint, device=device, dtype=torch.float32)
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
     conversation = [
         {"role": "user", "content": [{"type": "audio", "path": args.audio},
                                      {"type": "text", "text": args.prompt}]},
         {"role": "assistant", "content": args.target},
     ]
-    batch = m.processor.apply_chat_template(conversation, add_generation_prompt=False,
-                                            output_labels="assistant").to(device)
+    try:
+        batch = m.processor.apply_chat_template(conversation, add_generation_prompt=False,
+                                                output_labels="assistant").to(device)
+    except (OSError, ValueError, TypeError) as e:  # an unreadable audio file, a prompt too long
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
     model = m.model
     model.train()

@@ -50,6 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             clips[path] = load_audio(path)
         except (OSError, ValueError, TypeError, RuntimeError) as e:
-            print(f"error: {path}: {e}", file=sys.stderr)
+            print(error_line(path, e), file=sys.stderr)
             failed += 1
 
     paths = list(clips)
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         for path, text, error in transcribe_batch(model, batch, [clips[p] for p in batch], args.prompt,
                                                   gen, stream):
             if error is not None:
-                print(f"error: {path}: {error}", file=sys.stderr)
+                print(error_line(path, error), file=sys.stderr)
                 failed += 1
             elif not stream:
                 print(format_line(path, text, args.json), flush=True)
@@ -115,6 +123,12 @@ def transcribe_batch(model, paths: list[str], clips: list[torch.Tensor], prompt:
         return
     for path, text in zip(paths, texts):
         yield path, text, None
+
+
+def error_line(path: str, error: BaseException) -> str:
+    """`error: <path>: <what>`, the path named once even when the message already names it."""
+    text = str(error)
+    return f"error: {text}" if path in text else f"error: {path}: {text}"
 
 
 def _print_piece(piece: str) -> None:

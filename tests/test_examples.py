@@ -96,3 +96,53 @@ def test_demo_builds_converts_and_transcribes(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "RANDOM" in out and "weights_convert" in out and (root / "built").exists()
     assert (root / "af3-checkpoint" / "config.json").exists() and (root / "speech.wav").exists()
+
+
+def test_error_lines_name_the_file_once(files, capsys):
+    missing, bad = str(files / "missing.wav"), str(files / "broken.wav")
+    rc = example("transcribe").main([missing, bad, "--checkpoint", str(files / "ckpt")])
+    err = capsys.readouterr().err
+    assert rc == 1 and [line.count(p) for line, p in zip(err.splitlines(), (missing, bad))] == [1, 1], err
+
+
+def test_transcribe_ctrl_c_is_not_a_traceback(files, capsys, monkeypatch):
+    transcribe = example("transcribe")
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transcribe, "load_audio", interrupted)
+    assert transcribe.main([str(files / "a.wav"), "--checkpoint", str(files / "ckpt")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_chat_arguments_and_end_of_input(files, capsys, monkeypatch):
+    chat, a, ckpt = example("chat"), str(files / "a.wav"), ["--checkpoint", str(files / "ckpt")]
+    for option in ("--max-tokens", "--max-new-tokens"):
+        with pytest.raises(SystemExit) as e:  # --max-tokens 0 was a traceback from start_chat
+            chat.main([a, *ckpt, option, "0"])
+        assert e.value.code == 2 and f"{option} must be >= 1" in capsys.readouterr().err
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal(""))  # Ctrl-D at the first prompt
+    assert chat.main([a, *ckpt]) == 0
+    assert capsys.readouterr().out == "you> \n"  # the shell prompt starts on its own line
+    missing = str(files / "missing.wav")
+    assert chat.main([missing, *ckpt]) == 1
+    err = capsys.readouterr().err
+    assert err.count(missing) == 1 and "Traceback" not in err
+
+
+def test_train_step_errors_are_one_line(files, capsys):
+    train = example("train_step")
+    assert train.main([str(files / "missing.wav"), "x", "--checkpoint", str(files / "ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "audio file not found" in err and err.count("\n") == 1
+    assert train.main([str(files / "a.wav"), "x", "--checkpoint", str(files / "nope")]) == 2
+    assert "cannot load checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main([str(files / "a.wav"), "x", "--checkpoint", str(files / "ckpt"), "--lr", "-1"])
+    assert "--lr must be > 0" in capsys.readouterr().err
