@@ -480,3 +480,13 @@ def test_progress_line_is_ended_before_an_error(tmp_path, hf_src, capsys, monkey
     text = term.getvalue()
     assert "\r2/" in text and "\nweights_convert: error: " in text, text
     assert (hf_src / "model.safetensors").read_bytes() == data
+
+
+def test_destination_holding_the_current_directory_is_refused(tmp_path, capsys, hf_src, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for dst in (".", str(tmp_path / "work")):  # '.' was converted in full, then failed to rename
+        expect_error(capsys, hf_src, dst, "--force", contains="current directory")
+    assert [p.name for p in work.iterdir()] == ["precious.txt"]

@@ -156,6 +156,10 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
     s, d = src.resolve(), dst.resolve()
     if s == d or s.is_relative_to(d) or d.is_relative_to(s):
         raise ValueError(f"destination {dst} overlaps the source {src}; choose a separate directory")
+    if Path.cwd().resolve().is_relative_to(d):
+        # '.', '..' or '~' with --force would swap out the directory the user is working in.
+        raise ValueError(f"destination {dst} is or contains the current directory; name a separate "
+                         "directory for the converted checkpoint")
     if dst.exists() or dst.is_symlink():
         if not force:
             raise ValueError(f"destination {dst} already exists; pass --force to replace it")
