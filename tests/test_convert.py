@@ -490,3 +490,20 @@ def test_destination_holding_the_current_directory_is_refused(tmp_path, capsys, 
     for dst in (".", str(tmp_path / "work")):  # '.' was converted in full, then failed to rename
         expect_error(capsys, hf_src, dst, "--force", contains="current directory")
     assert [p.name for p in work.iterdir()] == ["precious.txt"]
+
+
+def test_malformed_index_and_sound_token(tmp_path, capsys):
+    src = write_tiny_hf_checkpoint(tmp_path / "hf", shards=2)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = 3
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    # was "'<' not supported between instances of 'int' and 'str'"
+    expect_error(capsys, src, tmp_path / "af3", contains=("model.safetensors.index.json", "shard 3 is not a file name"))
+    nvidia = write_tiny_nvidia_checkpoint(tmp_path / "nvidia", write_tiny_hf_checkpoint(tmp_path / "hf1"))
+    tok = nvidia / "llm" / "tokenizer.json"
+    t = json.loads(tok.read_text())
+    for added in t["added_tokens"]:
+        if added["content"] == "<sound>":
+            del added["id"]
+    tok.write_text(json.dumps(t))
+    expect_error(capsys, nvidia, tmp_path / "af3", contains=("tokenizer.json", "'<sound>' has no integer id"))  # was a KeyError

@@ -149,6 +149,9 @@ def _read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], int]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: no \"weight_map\" object")
+        odd = next((f for f in weight_map.values() if not isinstance(f, str)), None)
+        if odd is not None:
+            raise ValueError(f"{index}: shard {odd!r} is not a file name")
         files = sorted(set(weight_map.values()))
         tensors: dict[str, TensorInfo] = {}
         for file in files:
@@ -182,5 +185,8 @@ def _optional_json(path: Path) -> dict | None:
 def _added_token_id(tokenizer: Path, content: str) -> int:
     for token in read_json(tokenizer).get("added_tokens") or []:
         if isinstance(token, dict) and token.get("content") == content:
-            return int(token["id"])
+            if not isinstance(token.get("id"), int) or isinstance(token.get("id"), bool):
+                raise ValueError(f"{tokenizer}: added token {content!r} has no integer id "
+                                 f"(got {token.get('id')!r})")
+            return token["id"]
     raise ValueError(f"{tokenizer}: no added token {content!r}; cannot tell the audio token id")
