@@ -238,16 +238,41 @@ def expect_error(capsys, *args, contains: str | tuple[str, ...]) -> str:
     return err
 
 
+def _old_af3_checkpoint(dst):
+    """A stand-in for an earlier conversion: what --force may replace."""
+    dst.mkdir()
+    (dst / "config.json").write_text(json.dumps({"format": "af3", "format_version": 1}))
+    (dst / "keep.txt").write_text("old")
+
+
 def test_existing_destination_needs_force(tmp_path, capsys, hf_src):
     dst = tmp_path / "af3"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("old")
+    _old_af3_checkpoint(dst)
     expect_error(capsys, hf_src, dst, contains=("already exists", "--force"))
     assert (dst / "keep.txt").is_file()
     rc, _, err = run_cli(capsys, hf_src, dst, "--force")
     assert rc == 0, err
     assert not (dst / "keep.txt").exists() and (dst / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("config", [None, "{not json", json.dumps({"model_type": "audioflamingo3"})])
+def test_force_never_replaces_a_folder_that_is_not_an_af3_checkpoint(tmp_path, capsys, hf_src, config):
+    dst = tmp_path / "important"
+    dst.mkdir()
+    (dst / "thesis.tex").write_text("years of work")
+    if config is not None:
+        (dst / "config.json").write_text(config)
+    expect_error(capsys, hf_src, dst, "--force", contains=("not an af3 checkpoint", "remove it yourself"))
+    assert (dst / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "important"]
+
+
+def test_force_fills_an_empty_folder(tmp_path, capsys, hf_src):
+    (tmp_path / "af3").mkdir()
+    rc, _, err = run_cli(capsys, hf_src, tmp_path / "af3", "--force", "--quiet")
+    assert rc == 0, err
+    assert (tmp_path / "af3" / "config.json").is_file()
 
 
 def test_unknown_tensor_is_named(tmp_path, capsys, hf_src):
@@ -414,8 +439,7 @@ def test_force_keeps_the_old_destination_if_the_swap_fails(tmp_path, capsys, hf_
     import weights_convert.convert as convert_module
 
     dst = tmp_path / "af3"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("old")
+    _old_af3_checkpoint(dst)
     real_rename = os.rename
 
     def rename(a, b):

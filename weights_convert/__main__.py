@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(adapter_config.json + adapter_model.safetensors), e.g. the thinking-mode one")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"), metavar="SIZE",
                    help="largest output file, e.g. 2GB (default), 500MB, 256MiB")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--force", action="store_true", help="replace DST if it is an earlier af3 checkpoint (or empty)")
     p.add_argument("--quiet", action="store_true", help="no progress, only the summary")
     args = p.parse_args(_join_values(sys.argv[1:] if argv is None else list(argv), ("--max-shard-size",)))
 

@@ -10,6 +10,7 @@ Nothing is written to DST itself until everything has been checked.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -165,6 +166,19 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
             raise ValueError(f"destination {dst} already exists; pass --force to replace it")
         if not dst.is_dir():
             raise ValueError(f"destination {dst} exists and is not a directory; remove it yourself")
+        if not dst.is_symlink() and any(dst.iterdir()) and not _is_af3_checkpoint(dst):
+            # --force replaces a converted checkpoint; it must never wipe an unrelated folder.
+            raise ValueError(f"destination {dst} exists and is not an af3 checkpoint (no config.json with "
+                             "\"format\": \"af3\"); --force only replaces af3 checkpoints: remove it "
+                             "yourself or choose another directory")
+
+
+def _is_af3_checkpoint(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == "af3"
 
 
 def _check_tokenizer(path: Path, config: AF3Config) -> None:
