@@ -100,7 +100,7 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
+            spec = json.loads(path.read_bytes())  # bytes: UTF-8 checked by json
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls(spec, pad_token=pad_token, eos_token=eos_token, source=str(path))
@@ -171,7 +171,8 @@ class Tokenizer:
         vocab = spec.get("vocab")
         if not isinstance(vocab, dict):
             raise self._unsupported("BPE vocab (expected an object token -> id)", type(vocab).__name__)
-        bad_id = next((t for t, i in vocab.items() if type(i) is not int or i < 0), None)
+        ids_ok = set(map(type, vocab.values())) <= {int} and (not vocab or min(vocab.values()) >= 0)
+        bad_id = None if ids_ok else next(t for t, i in vocab.items() if type(i) is not int or i < 0)
         if bad_id is not None:
             raise ValueError(f"{self._source}: vocabulary token {bad_id!r} has id {vocab[bad_id]!r}; ids are "
                              "non-negative integers")
@@ -182,7 +183,8 @@ class Tokenizer:
             raise ValueError(f"{self._source}: BPE merges must be a list, got {type(merges).__name__}")  # noqa: TRY004 (file content)
         if merges and isinstance(merges[0], str):  # older files write each merge as "a b"
             merges = [m.split(" ") for m in merges]
-        bad = next((m for m in merges if not isinstance(m, list) or len(m) != 2), None)
+        pairs_ok = set(map(type, merges)) <= {list} and set(map(len, merges)) <= {2}  # C-speed scan of 151k
+        bad = None if pairs_ok else next(m for m in merges if not isinstance(m, list) or len(m) != 2)
         if bad is not None:
             raise ValueError(f"{self._source}: malformed merge {bad!r}; expected a pair of tokens")
         # Rank = position in the list; built from the end so a repeated merge keeps its first rank, as in HF.
