@@ -9,7 +9,10 @@ when its file is closed, which happens shard by shard.
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,16 +26,22 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 # Floating dtypes the model runs in (float64 too, for precision checks; float8 types are not).
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_FLOAT_NAMES = {"F32", "BF16", "F16", "F64"}  # the same, as safetensors headers spell them
+_FLOAT_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}  # the same, as safetensors headers spell them: bytes
+# af3.load shows progress by default for checkpoints this large, when stderr is a terminal.
+PROGRESS_MIN_BYTES = 10**9
+Progress = Callable[[int, int, int, int], None]  # (tensors done, tensors, bytes done, bytes)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype | str | None = None):
+         dtype: torch.dtype | str | None = None, *, progress: bool | Progress | None = None):
     """Load an af3 checkpoint directory into an `af3.bundle.AF3` (model in eval mode).
 
     `dtype` defaults to the dtype the checkpoint was saved in ("float32", "bfloat16", "float16",
     their short forms "fp32", "bf16", "fp16", or a floating torch.dtype); `device` ("cpu",
     "cuda", "cuda:1", or a torch.device) is where the weights go and must be available here.
+    `progress`: True draws tensors and bytes loaded on stderr, False never; None (the default)
+    draws it when stderr is a terminal and the weights are 1 GB or more (the real model:
+    16.5 GB); a callable gets (tensors done, tensors, bytes done, bytes) after each tensor.
     HF- and NVIDIA-layout directories are refused with the `weights_convert` command to run.
     """
     from af3.bundle import AF3
@@ -40,6 +49,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     from af3.processor import Processor
     from af3.tokenizer import Tokenizer
 
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise TypeError(f"progress must be a bool, None or a callable, got {type(progress).__name__}")
     device = _resolve_device(device)
     if dtype is not None:
         dtype = _resolve_dtype(dtype)  # a bad argument is reported before any file is read
@@ -47,7 +58,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     config = AF3Config.load(root / "config.json")
     dtype = _resolve_dtype(config.dtype) if dtype is None else dtype
 
-    model = load_model(root, config, device=device, dtype=dtype)
+    model = load_model(root, config, device=device, dtype=dtype, progress=progress)
     generation_config = GenerationConfig.load(root / "generation_config.json")
     model.generation_config = generation_config
     tokenizer = Tokenizer.from_file(root / "tokenizer.json")
@@ -57,8 +68,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.device,
-               dtype: torch.dtype) -> torch.nn.Module:
-    """Build AudioFlamingo3(config) on the meta device and assign the checkpoint's tensors."""
+               dtype: torch.dtype, progress: bool | Progress | None = False) -> torch.nn.Module:
+    """Build AudioFlamingo3(config) on the meta device and assign the checkpoint's tensors.
+
+    `progress` as in `load`."""
     from af3.model import AudioFlamingo3
 
     root = Path(root)
@@ -70,6 +83,7 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
     # Check every name, shape and dtype from the headers before reading any data.
     found: dict[str, tuple[int, ...]] = {}
     not_float: list[str] = []
+    total_bytes = 0
     for file, names in files.items():
         with _open(file) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
@@ -77,23 +91,44 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
                     raise ValueError(f"{file}: tensor {name!r} is not listed for this file in {INDEX_NAME}")
                 sl = f.get_slice(name)
                 found[name] = tuple(sl.get_shape())
-                if sl.get_dtype() not in _FLOAT_NAMES:
+                if sl.get_dtype() not in _FLOAT_BYTES:
                     not_float.append(f"{name} ({sl.get_dtype()})")
+                else:
+                    total_bytes += math.prod(found[name]) * _FLOAT_BYTES[sl.get_dtype()]
     check_state(found, expected, f"checkpoint {root}")
     if not_float:  # every tensor of AudioFlamingo3 is a floating-point parameter
         raise ValueError(f"checkpoint {root}: {len(not_float)} tensors are not floating-point: "
                          f"{_some(not_float)}; re-convert it with weights_convert")
 
+    report = _progress_reporter(progress, total_bytes)
     state: dict[str, torch.Tensor] = {}
-    for file in files:
-        with _open(file) as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                t = f.get_tensor(name)
-                state[name] = t.to(device=device, dtype=dtype)
+    done_bytes = 0
+    try:
+        for file in files:
+            with _open(file) as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    t = f.get_tensor(name)
+                    done_bytes += t.nbytes
+                    state[name] = t.to(device=device, dtype=dtype)
+                    if report is not None:
+                        report(len(state), len(found), done_bytes, total_bytes)
+    finally:
+        if report is not None and hasattr(report, "end_line"):
+            report.end_line()
     model.load_state_dict(state, strict=True, assign=True)
     del state
     _check_nothing_on_meta(model)
     return model.eval()
+
+
+def _progress_reporter(progress: bool | Progress | None, total_bytes: int) -> Progress | None:
+    if progress is None:
+        progress = total_bytes >= PROGRESS_MIN_BYTES and sys.stderr.isatty()
+    if progress is True:
+        from af3.progress import TensorProgress
+
+        return TensorProgress(label="af3.load: ")
+    return progress or None
 
 
 def weight_files(root: Path) -> dict[Path, set[str] | None]:

@@ -477,7 +477,7 @@ def test_failure_removes_the_parents_it_made(tmp_path, hf_src):
 def test_progress_line_is_ended_before_an_error(tmp_path, hf_src, capsys, monkeypatch):
     import io
 
-    from weights_convert.__main__ import _Progress
+    from af3.progress import TensorProgress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -485,7 +485,7 @@ def test_progress_line_is_ended_before_an_error(tmp_path, hf_src, capsys, monkey
 
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)
-    monkeypatch.setattr("weights_convert.__main__._Progress", lambda: _Progress(term))
+    monkeypatch.setattr("af3.progress.TensorProgress", lambda: TensorProgress(term))
     data = (hf_src / "model.safetensors").read_bytes()
     calls = []
 

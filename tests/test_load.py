@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -171,3 +172,49 @@ def test_damaged_files_are_value_errors_naming_the_file(tiny, tmp_path):
         (d / "config.json").write_text(text)
         with pytest.raises(ValueError, match=f"config.json: {match}"):
             af3.load(d)
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(t.nbytes for p in folder.glob("*.safetensors") for t in load_file(str(p)).values())
+
+
+def test_progress_callable_sees_every_tensor_and_byte(tiny):
+    calls = []
+    bundle = af3.load(tiny["sharded"], progress=lambda *a: calls.append(a))
+    n = len(bundle.model.state_dict())
+    total = _weight_bytes(tiny["sharded"])
+    assert [c[0] for c in calls] == list(range(1, n + 1))
+    assert {c[1] for c in calls} == {n} and {c[3] for c in calls} == {total}
+    assert calls[-1][2] == total and all(a[2] < b[2] for a, b in itertools.pairwise(calls))
+
+
+def test_progress_true_draws_on_stderr(tiny, capsys):
+    af3.load(tiny["af3"], progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith("af3.load: ") and err.rstrip().endswith("(100%)"), err
+
+
+def test_progress_default_only_for_large_checkpoints_on_a_terminal(tiny, monkeypatch):
+    import io
+    import sys
+
+    import af3.checkpoint
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    af3.load(tiny["af3"])  # a tiny checkpoint: quiet even on a terminal
+    assert term.getvalue() == ""
+    monkeypatch.setattr(af3.checkpoint, "PROGRESS_MIN_BYTES", 1)
+    af3.load(tiny["af3"])
+    assert "\raf3.load: " in term.getvalue() and term.getvalue().endswith("(100%)\n")
+    af3.load(tiny["af3"], progress=False)
+    assert term.getvalue().count("(100%)") == 1
+
+
+def test_progress_of_the_wrong_type(tiny):
+    with pytest.raises(TypeError, match="progress must be"):
+        af3.load(tiny["af3"], progress="yes")

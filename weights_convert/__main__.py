@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -42,49 +41,6 @@ def _join_values(argv: list[str], options: tuple[str, ...]) -> list[str]:
     return out
 
 
-class _Progress:
-    """Tensors and bytes done: one self-rewriting line on a terminal, a line per 10% otherwise."""
-
-    def __init__(self, stream=None):
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = self.stream.isatty()
-        self.last = 0.0
-        self.next_tenth = 1
-        self.open_line = False  # a progress line on a terminal not yet ended by a newline
-
-    def __call__(self, n_done: int, n_total: int, bytes_done: int, bytes_total: int) -> None:
-        finished = n_done == n_total
-        if self.tty:
-            now = time.monotonic()
-            if not finished and now - self.last < 0.2:
-                return
-            self.last = now
-        else:
-            tenth = 10 * bytes_done // max(bytes_total, 1)
-            if not finished and tenth < self.next_tenth:
-                return
-            self.next_tenth = tenth + 1
-        line = (f"{n_done}/{n_total} tensors, {_size(bytes_done)} of {_size(bytes_total)} "
-                f"({100 * bytes_done / max(bytes_total, 1):.0f}%)")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if finished else ""))
-            self.open_line = not finished
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def end_line(self) -> None:
-        """End an unfinished progress line, so that an error message starts on its own line."""
-        if self.open_line:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.open_line = False
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = _Parser(
         prog="python -m weights_convert",
@@ -103,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(_join_values(sys.argv[1:] if argv is None else list(argv), ("--max-shard-size",)))
 
     # Imported here so that --help does not pay for torch.
+    from af3.progress import TensorProgress
     from weights_convert.convert import convert
 
-    progress = None if args.quiet else _Progress()
+    progress = None if args.quiet else TensorProgress()
     try:
         summary = convert(args.src, args.dst, dtype=args.dtype, adapter=args.adapter,
                           max_shard_size=args.max_shard_size, force=args.force, progress=progress)

@@ -23,6 +23,7 @@ import torch
 from af3.checkpoint import check_state
 from af3.config import AF3Config, ConfigError
 from af3.generation import GenerationConfig
+from af3.progress import format_size
 from weights_convert.layouts import Source, open_source, read_json
 from weights_convert.lora import LoraAdapter
 from weights_convert.names import hf_to_af3
@@ -134,7 +135,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     total = sum(t.nbytes for t in plan)
     dtypes = "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in plan}))
     return (f"converted {src} ({source.description}) -> {dst}: {len(plan)} tensors, "
-            f"{_gb(total)} {dtypes} in {_plural(len(files), 'file')}; " + "; ".join(notes)
+            f"{format_size(total)} {dtypes} in {_plural(len(files), 'file')}; " + "; ".join(notes)
             + f"; {time.monotonic() - t0:.1f} s")
 
 
@@ -330,5 +331,3 @@ def _move_into_place(tmp: Path, dst: Path) -> list[str]:
     return []
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -1,0 +1,56 @@
+"""Progress of long work over tensors (loading, converting): tensors and bytes done.
+
+On a terminal it is one line that rewrites itself (at most 5 times a second); elsewhere (a log
+file, CI) it writes a line per 10% so the log stays short.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class TensorProgress:
+    """Call with (tensors done, tensors in all, bytes done, bytes in all) after each tensor."""
+
+    def __init__(self, stream: TextIO | None = None, label: str = ""):
+        self.stream = sys.stderr if stream is None else stream
+        self.label = label
+        self.tty = self.stream.isatty()
+        self.last = 0.0
+        self.next_tenth = 1
+        self.open_line = False  # a progress line on a terminal not yet ended by a newline
+
+    def __call__(self, n_done: int, n_total: int, bytes_done: int, bytes_total: int) -> None:
+        finished = n_done == n_total
+        if self.tty:
+            now = time.monotonic()
+            if not finished and now - self.last < 0.2:
+                return
+            self.last = now
+        else:
+            tenth = 10 * bytes_done // max(bytes_total, 1)
+            if not finished and tenth < self.next_tenth:
+                return
+            self.next_tenth = tenth + 1
+        line = (f"{self.label}{n_done}/{n_total} tensors, {format_size(bytes_done)} of "
+                f"{format_size(bytes_total)} ({100 * bytes_done / max(bytes_total, 1):.0f}%)")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if finished else ""))
+            self.open_line = not finished
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def end_line(self) -> None:
+        """End an unfinished progress line, so that an error message starts on its own line."""
+        if self.open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open_line = False
+
+
+def format_size(n: int) -> str:
+    """Bytes as '1.23 GB' (from 0.1 GB up) or '45.6 MB'."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
