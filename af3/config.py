@@ -10,6 +10,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 FORMAT_VERSION = 1  # bump when the JSON we write changes incompatibly
@@ -323,9 +324,7 @@ class AF3Config:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AF3Config:
@@ -384,3 +383,17 @@ def _positive(obj: Any, *names: str) -> None:
         v = getattr(obj, n)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"{where}.{n} must be a positive integer, got {v!r}")
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write `data` as indented JSON, atomically: a temporary file beside `path`, then a rename,
+    so an interrupted write never leaves a half-written file."""
+    path = Path(path)
+    text = json.dumps(data, indent=2) + "\n"  # a value JSON cannot hold fails here, before any file
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

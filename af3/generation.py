@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from af3.config import write_json
+
 # generation_config.json keys of an HF checkpoint that mean the same thing here.
 _HF_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens",
             "eos_token_id", "pad_token_id", "bos_token_id")
@@ -113,7 +115,7 @@ class GenerationConfig:
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GenerationConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AudioFlamingo3Config, Qwen2Config, WhisperFeatureExtractor
@@ -257,3 +258,24 @@ def test_load_refuses_non_object_json(tmp_path) -> None:
     path.write_bytes(b"\xff\xfe{}")
     with pytest.raises(ConfigError, match="not valid JSON"):
         AF3Config.load(path)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch) -> None:
+    from af3.generation import GenerationConfig
+
+    path = tmp_path / "config.json"
+    AF3Config().save(path)
+    before = path.read_text()
+
+    real_write_text = Path.write_text
+
+    def disk_full_halfway(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full_halfway)
+    for cfg in (tiny(), GenerationConfig(max_new_tokens=7)):
+        with pytest.raises(OSError, match="No space left"):
+            cfg.save(path)
+        assert path.read_text() == before  # the old file, whole; nothing beside it
+        assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
