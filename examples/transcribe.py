@@ -74,22 +74,23 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         gen["seed"] = args.seed
 
-    # Decode every file first, so one unreadable file costs only its own line.
-    clips: dict[str, torch.Tensor] = {}
+    # Files are decoded a batch at a time (memory holds one batch of audio, however many files
+    # are named); one that cannot be read costs only its own line.
     failed = 0
-    for path in args.audio:
-        try:
-            clips[path] = load_audio(path)
-        except (OSError, ValueError, TypeError, RuntimeError) as e:
-            print(error_line(path, e), file=sys.stderr)
-            failed += 1
-
-    paths = list(clips)
-    stream = len(args.audio) == 1 and paths and not args.json
-    for start in range(0, len(paths), args.batch_size):
-        batch = paths[start:start + args.batch_size]
-        for path, text, error in transcribe_batch(model, batch, [clips[p] for p in batch], args.prompt,
-                                                  gen, stream):
+    stream = len(args.audio) == 1 and not args.json
+    for start in range(0, len(args.audio), args.batch_size):
+        paths, clips = [], []
+        for path in args.audio[start:start + args.batch_size]:
+            try:
+                clips.append(load_audio(path))
+            except (OSError, ValueError, TypeError, RuntimeError) as e:
+                print(error_line(path, e), file=sys.stderr)
+                failed += 1
+            else:
+                paths.append(path)
+        if not clips:
+            continue
+        for path, text, error in transcribe_batch(model, paths, clips, args.prompt, gen, stream):
             if error is not None:
                 print(error_line(path, error), file=sys.stderr)
                 failed += 1

@@ -146,3 +146,26 @@ def test_train_step_errors_are_one_line(files, capsys):
     with pytest.raises(SystemExit):
         train.main([str(files / "a.wav"), "x", "--checkpoint", str(files / "ckpt"), "--lr", "-1"])
     assert "--lr must be > 0" in capsys.readouterr().err
+
+
+def test_transcribe_decodes_a_batch_at_a_time_and_keeps_repeats(files, capsys, monkeypatch):
+    a, b = str(files / "a.wav"), str(files / "b.flac")
+    module = example("transcribe")
+    real_load, real_batch, events = module.load_audio, module.transcribe_batch, []
+
+    def load(path):
+        events.append(("decode", path))
+        return real_load(path)
+
+    def batch(model, paths, clips, *rest):
+        events.append(("transcribe", *paths))
+        yield from real_batch(model, paths, clips, *rest)
+
+    monkeypatch.setattr(module, "load_audio", load)
+    monkeypatch.setattr(module, "transcribe_batch", batch)
+    rc = module.main([a, b, a, *("--checkpoint", str(files / "ckpt"), "--greedy", "--batch-size", "2")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert [line.split("\t")[0] for line in out.splitlines()] == [a, b, a]  # a file named twice: two lines
+    # Memory holds one batch of audio: the third file is decoded after the first batch is done.
+    assert events == [("decode", a), ("decode", b), ("transcribe", a, b), ("decode", a), ("transcribe", a)]
