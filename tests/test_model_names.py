@@ -64,3 +64,36 @@ def test_unknown_names_raise_naming_them(name: str) -> None:
 def test_non_string_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="str"):
         hf_to_af3(3)  # type: ignore[arg-type]
+
+
+def test_full_size_af3_maps_name_for_name_and_shape_for_shape() -> None:
+    """The real model's dimensions (Whisper-large-v3 encoder, Qwen2.5-7B decoder), built on the
+    meta device (no memory): the map and AF3Config.from_hf hold at full scale, not only on tiny
+    configs, and the parameter count is AF3's 8.3 B."""
+    import torch
+    from transformers import (
+        AudioFlamingo3Config,
+        AudioFlamingo3ForConditionalGeneration,
+    )
+
+    from af3.config import AF3Config
+    from af3.model import AudioFlamingo3
+
+    hf_config = AudioFlamingo3Config(
+        audio_config={"d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20,
+                      "encoder_ffn_dim": 5120, "num_mel_bins": 128, "max_source_positions": 1500},
+        text_config={"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 3584,
+                     "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                     "num_key_value_heads": 4, "max_position_embeddings": 32768, "rope_theta": 1e6,
+                     "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+        audio_token_id=151669)
+    with torch.device("meta"):
+        hf = AudioFlamingo3ForConditionalGeneration(hf_config)
+        ours = AudioFlamingo3(AF3Config.from_hf(hf_config.to_dict()))
+    hf_shapes = {hf_to_af3(n): tuple(t.shape) for n, t in hf.state_dict().items()}
+    our_shapes = {n: tuple(t.shape) for n, t in ours.state_dict().items()}
+    assert hf_shapes == our_shapes
+    assert our_shapes["decoder.layers.0.attn.k.weight"] == (512, 3584)  # 4 kv heads of 128
+    assert our_shapes["projector.linear1.weight"] == (3584, 1280)
+    n_params = sum(t.numel() for t in ours.state_dict().values())
+    assert 8.2e9 < n_params < 8.4e9, n_params
