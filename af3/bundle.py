@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from af3.chat import _check_conversation
+from af3.chat import check_conversation
 from af3.config import AF3Config
 from af3.generation import GenerationConfig, generate
 from af3.streaming import TextStreamer
@@ -214,7 +214,7 @@ class ChatSession:
 
 def add_think_prompt(conversation: list[dict]) -> list[dict]:
     """A copy of `conversation` with THINK_PROMPT appended to the text of its last user turn."""
-    _check_conversation(conversation)  # the usual errors for a malformed one
+    check_conversation(conversation)  # the usual errors for a malformed one
     conversation = copy.deepcopy(list(conversation))
     users = [m for m in conversation if isinstance(m, dict) and m.get("role") == "user"]
     if not users:

@@ -35,7 +35,7 @@ def render_conversation(messages: list[Message], *, add_generation_prompt: bool 
     The audio placeholders of a message come first, then its text items in order, as in the
     checkpoint's template. Raises ValueError (naming the message and item) for malformed input.
     """
-    _check_conversation(messages)
+    check_conversation(messages)
     parts = []
     if messages[0]["role"] != "system":
         parts.append(f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n")
@@ -55,7 +55,7 @@ def render_conversation(messages: list[Message], *, add_generation_prompt: bool 
 
 def conversation_audio(messages: list[Message]) -> list[Any]:
     """The audio sources of a conversation, in the order their placeholders appear in the prompt."""
-    _check_conversation(messages)
+    check_conversation(messages)
     sources = []
     for message in messages:
         content = message["content"]
@@ -72,7 +72,7 @@ def is_conversation(obj: Any) -> bool:
     return isinstance(obj, (list, tuple)) and len(obj) > 0 and isinstance(obj[0], dict)
 
 
-def _check_conversation(messages: Any) -> None:
+def check_conversation(messages: Any) -> None:
     if not isinstance(messages, (list, tuple)):
         raise TypeError(f"a conversation must be a list of messages, got {type(messages).__name__}")
     if not messages:
