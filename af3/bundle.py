@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from af3.audio import load_audio
 from af3.chat import check_conversation
 from af3.config import AF3Config
 from af3.generation import GenerationConfig, generate
@@ -115,7 +116,10 @@ class AF3:
 
     def start_chat(self, audio: Any = None, *, system: str | None = None,
                    max_tokens: int = 8192) -> ChatSession:
-        """A multi-turn chat about one clip that keeps its KV cache, so the audio is encoded once."""
+        """A multi-turn chat about one clip that keeps its KV cache, so the audio is encoded once.
+
+        The clip (a path, URL, bytes or array, as everywhere) is decoded here, so a bad one fails now.
+        """
         return ChatSession(self, audio, system=system, max_tokens=max_tokens)
 
     # ---- helpers ----------------------------------------------------------------------------
@@ -146,7 +150,8 @@ class ChatSession:
         if system is not None and not isinstance(system, str):
             raise TypeError(f"system must be a string or None, got {type(system).__name__}")
         self.bundle = bundle
-        self.audio = audio
+        self.audio = audio  # as given (history shows it so)
+        self._clip = None if audio is None else load_audio(audio)  # a bad file fails here, not at ask()
         self.capacity = min(max_tokens, limit)
         self.history: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         self.ids: torch.Tensor | None = None  # (1, n): every token so far, the last reply included
@@ -168,10 +173,12 @@ class ChatSession:
         features: dict[str, torch.Tensor] = {}
         if self.ids is None:
             content: list[dict] = [{"type": "text", "text": text}]
+            sent = content
             if self.audio is not None:
-                content.insert(0, {"type": "audio", "audio": self.audio})
+                content = [{"type": "audio", "audio": self.audio}, *content]
+                sent = [{"type": "audio", "audio": self._clip}, *sent]  # decoded once, at start_chat
             user = {"role": "user", "content": content}
-            inputs = processor.apply_chat_template(self.history + [user])
+            inputs = processor.apply_chat_template(self.history + [{"role": "user", "content": sent}])
             inputs = inputs.to(bundle.device)
             ids = inputs["input_ids"]
             features = {k: inputs[k] for k in ("input_features", "input_features_mask") if k in inputs}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 import af3
@@ -184,3 +185,15 @@ def test_parts_are_exposed(tiny):
     assert m.model.generation_config is m.generation_config
     assert m.device == torch.device("cpu") and m.dtype == torch.float32
     assert "AF3(" in repr(m)
+
+
+def test_start_chat_decodes_its_audio_at_once(tiny, tmp_path):
+    m, _ = tiny
+    with pytest.raises(FileNotFoundError, match="missing.wav"):
+        m.start_chat(str(tmp_path / "missing.wav"))  # now, not at the first ask()
+    path = tmp_path / "speech.wav"
+    soundfile.write(str(path), clip(1.0).astype(np.float32), 16000)
+    session = m.start_chat(str(path), max_tokens=300)
+    path.unlink()  # decoded already: the chat no longer needs the file
+    assert session.ask("What do you hear?", max_new_tokens=3, do_sample=False) is not None
+    assert session.history[0]["content"][0] == {"type": "audio", "audio": str(path)}  # as given
