@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from af3.config import AF3Config
+from af3.config import AF3Config, is_af3_config
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -180,7 +180,7 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
         d = json.loads(config.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ValueError(f"{config}: not valid JSON ({e})") from None
-    if isinstance(d, dict) and d.get("format") != "af3" and "audio_config" in d:
+    if isinstance(d, dict) and not is_af3_config(d) and "audio_config" in d:
         raise ValueError(f"{root} is a Hugging Face checkpoint; convert it first:\n    {command}\n"
                          "then af3.load the new directory")
     return root

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+FORMAT = "af3"  # the "format" key of our config.json: what tells it apart from an HF one
 FORMAT_VERSION = 1  # bump when the JSON we write changes incompatibly
+
+
+def is_af3_config(d: Any) -> bool:
+    """Whether a parsed config.json is ours (any format_version), not an HF or other one."""
+    return isinstance(d, dict) and d.get("format") == FORMAT
 
 
 class ConfigError(ValueError):
@@ -274,7 +280,7 @@ class AF3Config:
             return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
 
         return {
-            "format": "af3",
+            "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "audio": part(self.audio),
             "text": part(self.text),
@@ -289,7 +295,7 @@ class AF3Config:
     def from_dict(cls, d: dict) -> AF3Config:
         if not isinstance(d, dict):
             raise TypeError(f"config must be a dict, got {type(d).__name__}")
-        if d.get("format") != "af3":
+        if not is_af3_config(d):
             raise ConfigError("not an af3 config (no \"format\": \"af3\"); an HF config.json must be "
                               "converted with `python -m weights_convert SRC DST`")
         version = d.get("format_version")

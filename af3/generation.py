@@ -249,7 +249,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int)
                                     or vocab_limit < 1):
         raise ValueError(f"vocab_limit must be a positive int or None, got {vocab_limit!r}")
-    vocab = _vocab_size(model)
+    vocab = _text_setting(model, "vocab_size")
     if vocab is not None:
         # A finished row is fed its pad id, so it must be a real row of the embedding.
         for name, ids in (("pad_token_id", [pad_id]), ("eos_token_id", config.eos_token_id)):
@@ -258,7 +258,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
                 raise ValueError(f"{name} {bad[0]} is outside the model's vocabulary of {vocab} ids")
 
     total = prompt_len + config.max_new_tokens
-    limit = _context_length(model)
+    limit = _text_setting(model, "max_position_embeddings")
     if limit is not None and total > limit:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({config.max_new_tokens}) = {total} "
                          f"exceeds the model's context of {limit} tokens; lower max_new_tokens")
@@ -360,12 +360,6 @@ def _make_generator(seed: int | None, generator: torch.Generator | None,
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _vocab_size(model: torch.nn.Module) -> int | None:
-    text = getattr(getattr(model, "config", None), "text", None)
-    return getattr(text, "vocab_size", None)
-
-
-def _context_length(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    text = getattr(config, "text", None)
-    return getattr(text, "max_position_embeddings", None)
+def _text_setting(model: torch.nn.Module, name: str) -> int | None:
+    """`model.config.text.<name>` (vocab_size, max_position_embeddings), or None for a model without it."""
+    return getattr(getattr(getattr(model, "config", None), "text", None), name, None)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from af3.checkpoint import check_state
-from af3.config import AF3Config, ConfigError
+from af3.config import AF3Config, ConfigError, is_af3_config
 from af3.generation import GenerationConfig
 from af3.progress import format_size
 from weights_convert.layouts import Source, open_source, read_json
@@ -179,7 +179,7 @@ def _is_af3_checkpoint(folder: Path) -> bool:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and config.get("format") == "af3"
+    return is_af3_config(config)
 
 
 def _check_tokenizer(path: Path, config: AF3Config) -> None:

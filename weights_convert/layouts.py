@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from af3.config import is_af3_config
 from weights_convert.safetensors_io import TensorInfo, read_header
 
 NVIDIA_PARTS = ("llm", "sound_tower", "sound_mm_projector")
@@ -68,7 +69,7 @@ def detect_layout(root: str | Path) -> str:
     config = root / "config.json"
     if config.is_file():
         d = read_json(config)
-        if d.get("format") == "af3":
+        if is_af3_config(d):
             return "af3"
         if "audio_config" in d and "text_config" in d:
             return "hf"
