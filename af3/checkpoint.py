@@ -33,7 +33,8 @@ Progress = Callable[[int, int, int, int], None]  # (tensors done, tensors, bytes
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype | str | None = None, *, progress: bool | Progress | None = None):
+         dtype: torch.dtype | str | None = None, *, progress: bool | Progress | None = None,
+         compile: bool = False):
     """Load an af3 checkpoint directory into an `af3.bundle.AF3` (model in eval mode).
 
     `dtype` defaults to the dtype the checkpoint was saved in ("float32", "bfloat16", "float16",
@@ -43,12 +44,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     draws it when stderr is a terminal and the weights are 1 GB or more (the real model:
     16.5 GB); a callable gets (tensors done, tensors, bytes done, bytes) after each tensor.
     HF- and NVIDIA-layout directories are refused with the `weights_convert` command to run.
+    `compile=True`: every generate call of the bundle runs its decode step through torch.compile
+    (the first call compiles, and says so; the tokens are the same).
     """
     from af3.bundle import AF3
     from af3.generation import GenerationConfig
     from af3.processor import Processor
     from af3.tokenizer import Tokenizer
 
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
     if not (progress is None or isinstance(progress, bool) or callable(progress)):
         raise TypeError(f"progress must be a bool, None or a callable, got {type(progress).__name__}")
     device = _resolve_device(device)
@@ -60,11 +65,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     model = load_model(root, config, device=device, dtype=dtype, progress=progress)
     generation_config = GenerationConfig.load(root / "generation_config.json")
-    model.generation_config = generation_config
     tokenizer = Tokenizer.from_file(root / "tokenizer.json")
     processor = Processor(tokenizer, config.frontend, max_length=config.text.max_position_embeddings)
     return AF3(model=model, processor=processor, tokenizer=tokenizer, config=config,
-               generation_config=generation_config)
+               generation_config=generation_config, compile=compile)
 
 
 def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.device,

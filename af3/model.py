@@ -115,7 +115,7 @@ class AudioFlamingo3(nn.Module):
             self.check_inputs(input_ids, attention_mask, input_features, input_features_mask, labels,
                               position_ids=position_ids, cache=cache, input_pos=input_pos,
                               logits_to_keep=logits_to_keep)
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         x = self.decoder.embed_tokens(input_ids)  # (B, T, d)
         if input_features is not None:
             audio = self._encode(input_features, input_features_mask)  # (n_frames, d)
