@@ -114,6 +114,7 @@ class AudioEncoder(nn.Module):
         if bool((valid < t).any()):
             # Only keys are masked: padded positions still get (unused) outputs.
             keys = torch.arange(t, device=x.device) < valid[:, None]  # (n, T)
+            keys = keys | ~keys.any(-1, keepdim=True)  # a window with no valid frame: unused, kept finite
             mask = keys[:, None, None, :]  # (n, 1, 1, T)
         for layer in self.layers:
             x = layer(x, mask)

@@ -159,11 +159,13 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def causal_mask(attention_mask: torch.Tensor | None, input_pos: torch.Tensor, s: int) -> torch.Tensor:
     """Bool (B or 1, 1, T, S): the query in slot input_pos[i] sees key slot j <= input_pos[i]
-    that the 2-D `attention_mask` (B, S) marks as real (nonzero)."""
+    that the 2-D `attention_mask` (B, S) marks as real (nonzero). A query that would see no key
+    (left padding) sees every key instead: its output is unused, and stays finite (not 0/0)."""
     mask = torch.arange(s, device=input_pos.device)[None, :] <= input_pos[:, None]  # (T, S)
     mask = mask[None, None]  # (1, 1, T, S)
     if attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
     return mask
 
 
