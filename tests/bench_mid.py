@@ -78,41 +78,45 @@ def main() -> None:
         hf.to(dtype)
         ours.to(dtype)
         floor_bytes = bytes_per_token(ours)
-        steps = args.steps
-        with torch.inference_mode():
-            hf_prefilled = hf(input_ids=ids, use_cache=True).cache
-            cache = ours.new_cache(1, PROMPT + steps)
-            ours(ids, cache=cache)
-            mask = torch.ones(1, PROMPT + steps, dtype=torch.long)
-
-            def hf_decode():
-                kv, token = copy.deepcopy(hf_prefilled), torch.zeros(1, 1, dtype=torch.long)
-                for i in range(steps):
-                    out = hf(input_ids=token, attention_mask=mask[:, :PROMPT + i + 1], cache=kv,
-                             use_cache=True)
-                    kv, token = out.cache, out.logits[:, -1:].argmax(-1)
-
-            slots = [torch.tensor([PROMPT + i]) for i in range(steps)]
-
-            def af3_decode():
-                token = torch.zeros(1, 1, dtype=torch.long)
-                for i in range(steps):
-                    token = decode_one_token(ours, token, mask, cache, slots[i], slots[i][None]).argmax(-1, keepdim=True)
-
-            hf_decode(), af3_decode()  # warm-up
-            t_hf, t_af3, bw = float("inf"), float("inf"), 0.0
-            for _ in range(3):  # interleaved, so both see the same machine load
-                bw = max(bw, read_bandwidth(2))
-                start = time.perf_counter()
-                hf_decode()
-                t_hf = min(t_hf, (time.perf_counter() - start) / steps)
-                start = time.perf_counter()
-                af3_decode()
-                t_af3 = min(t_af3, (time.perf_counter() - start) / steps)
+        t_hf, t_af3, bw = measure(hf, ours, ids, args.steps)
         floor = floor_bytes / bw
         print(f"{dtype_name:9s} weights read/token {floor_bytes / 1e9:.2f} GB, read bandwidth {bw / 1e9:.1f} GB/s "
               f"-> floor {floor * 1e3:.0f} ms/token | af3 {t_af3 * 1e3:.0f} ms/token ({100 * floor / t_af3:.0f}% "
               f"of floor)  HF {t_hf * 1e3:.0f} ms/token ({100 * floor / t_hf:.0f}%)  HF/af3 {t_hf / t_af3:.2f}x")
+
+
+@torch.inference_mode()
+def measure(hf, ours: AudioFlamingo3, ids: torch.Tensor, steps: int) -> tuple[float, float, float]:
+    """Seconds per decode step of HF and af3 (best of 3, interleaved) and the read bandwidth."""
+    prompt = ids.shape[1]
+    hf_prefilled = hf(input_ids=ids, use_cache=True).cache
+    cache = ours.new_cache(1, prompt + steps)
+    ours(ids, cache=cache)
+    mask = torch.ones(1, prompt + steps, dtype=torch.long)
+    slots = [torch.tensor([prompt + i]) for i in range(steps)]
+
+    def hf_decode():
+        kv, token = copy.deepcopy(hf_prefilled), torch.zeros(1, 1, dtype=torch.long)
+        for i in range(steps):
+            out = hf(input_ids=token, attention_mask=mask[:, :prompt + i + 1], cache=kv, use_cache=True)
+            kv, token = out.cache, out.logits[:, -1:].argmax(-1)
+
+    def af3_decode():
+        token = torch.zeros(1, 1, dtype=torch.long)
+        for i in range(steps):  # each run writes the same slots again
+            token = decode_one_token(ours, token, mask, cache, slots[i], slots[i][None]).argmax(-1, keepdim=True)
+
+    hf_decode(), af3_decode()  # warm-up
+    t_hf, t_af3, bw = float("inf"), float("inf"), 0.0
+    for _ in range(3):  # interleaved, so both see the same machine load
+        bw = max(bw, read_bandwidth(2))
+        start = time.perf_counter()
+        hf_decode()
+        t_hf = min(t_hf, (time.perf_counter() - start) / steps)
+        start = time.perf_counter()
+        af3_decode()
+        t_af3 = min(t_af3, (time.perf_counter() - start) / steps)
+    return t_hf, t_af3, bw
 
 
 if __name__ == "__main__":
