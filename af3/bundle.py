@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from af3.audio import load_audio
-from af3.chat import check_conversation
+from af3.chat import check_conversation, next_user_turn
 from af3.config import AF3Config
 from af3.generation import GenerationConfig, generate
 from af3.qwen2 import KVCache
@@ -206,8 +206,7 @@ class ChatSession:
             features = {k: inputs[k] for k in ("input_features", "input_features_mask") if k in inputs}
         else:
             # Close the previous reply as the chat template does, then open the next turns.
-            turn = f"<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-            turn_ids = bundle.tokenizer.encode(turn)
+            turn_ids = bundle.tokenizer.encode(next_user_turn(text))
             if processor.audio_token_id in turn_ids:  # the model would take it as a plain token, silently
                 raise ValueError(f"text holds the audio placeholder {processor.audio_token!r}; a chat's audio is "
                                  "given once, to start_chat, and its first turn carries it")

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from af3.config import AF3Config
-from af3.encoder import AudioEncoder, pooled_lengths
+from af3.encoder import AudioEncoder
 from af3.generation import GenerationConfig, generate
+from af3.processor import IGNORE_INDEX
 from af3.projector import Projector
 from af3.qwen2 import KVCache, Qwen2Decoder, causal_mask, positions_from_mask
-
-IGNORE_INDEX = -100  # label value that takes no part in the loss
+from af3.windows import pooled_length
 
 
 @dataclass
@@ -89,7 +89,7 @@ class AudioFlamingo3(nn.Module):
         else:
             mel_lengths = (input_features_mask != 0).sum(-1)  # (n,)
         hidden = self.encoder(input_features.to(weight.dtype), mel_lengths)  # (n, <= 750, d_audio)
-        keep = torch.arange(hidden.shape[1], device=hidden.device) < pooled_lengths(mel_lengths)[:, None]
+        keep = torch.arange(hidden.shape[1], device=hidden.device) < pooled_length(mel_lengths)[:, None]
         # Projecting only the kept frames is the same per-frame math as projecting all of them.
         return self.projector(hidden[keep])  # (total_valid, d_text)
 
@@ -177,7 +177,7 @@ class AudioFlamingo3(nn.Module):
         n_tokens = self._check_ids_values(input_ids)
         if input_features is not None:
             mel_lengths = self._check_features(input_features, input_features_mask)
-            n_frames = int(pooled_lengths(mel_lengths).sum())
+            n_frames = int(pooled_length(mel_lengths).sum())
             if n_tokens != n_frames:  # checked before the encoder runs
                 raise ValueError(f"Audio tokens and features mismatch: {n_tokens} <sound> tokens but "
                                  f"{n_frames} audio frames")

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from af3.config import AF3Config, AudioConfig, TextConfig
-from af3.encoder import pooled_lengths
 from af3.model import AudioFlamingo3
-from af3.windows import window_token_count
+from af3.windows import pooled_length, window_token_count
 
 AUDIO_ID = 63
 
@@ -50,7 +49,7 @@ def test_encoder_frame_counts_agree_with_the_token_counts() -> None:
     # Every mel length a window can have: the model keeps exactly as many frames as the
     # processor writes <sound> tokens.
     lengths = torch.arange(0, 3001)
-    assert pooled_lengths(lengths).tolist() == [window_token_count(int(L)) for L in lengths]
+    assert pooled_length(lengths).tolist() == [window_token_count(int(L)) for L in lengths]
 
 
 def test_int32_ids_bool_mask_and_int32_labels_work(model) -> None:
