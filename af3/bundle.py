@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,12 +20,55 @@ import torch
 
 from af3.audio import load_audio
 from af3.chat import check_conversation, next_user_turn
+from af3.checkpoint import (
+    Progress,
+    checkpoint_dir,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
 from af3.config import AF3Config
 from af3.generation import GenerationConfig, generate
+from af3.processor import Processor
 from af3.qwen2 import KVCache
 from af3.streaming import TextStreamer
+from af3.tokenizer import Tokenizer
 
 THINK_PROMPT = "Please think and reason about the input audio before you respond."
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu",
+         dtype: torch.dtype | str | None = None, *, progress: bool | Progress | None = None,
+         compile: bool = False) -> AF3:
+    """Load an af3 checkpoint directory into an `AF3` bundle (model in eval mode).
+
+    `dtype` defaults to the dtype the checkpoint was saved in ("float32", "bfloat16", "float16",
+    their short forms "fp32", "bf16", "fp16", or a floating torch.dtype); `device` ("cpu",
+    "cuda", "cuda:1", or a torch.device) is where the weights go and must be available here.
+    `progress`: True draws tensors and bytes loaded on stderr, False never; None (the default)
+    draws it when stderr is a terminal and the weights are 1 GB or more (the real model:
+    16.5 GB); a callable gets (tensors done, tensors, bytes done, bytes) after each tensor.
+    HF- and NVIDIA-layout directories are refused with the `weights_convert` command to run.
+    `compile=True`: every generate call of the bundle runs its decode step through torch.compile
+    (the first call compiles, and says so; the tokens are the same).
+    """
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise TypeError(f"progress must be a bool, None or a callable, got {type(progress).__name__}")
+    device = resolve_device(device)
+    if dtype is not None:
+        dtype = resolve_dtype(dtype)  # a bad argument is reported before any file is read
+    root = checkpoint_dir(path)
+    config = AF3Config.load(root / "config.json")
+    dtype = resolve_dtype(config.dtype) if dtype is None else dtype
+
+    model = load_model(root, config, device=device, dtype=dtype, progress=progress)
+    generation_config = GenerationConfig.load(root / "generation_config.json")
+    tokenizer = Tokenizer.from_file(root / "tokenizer.json")
+    processor = Processor(tokenizer, config.frontend, max_length=config.text.max_position_embeddings)
+    return AF3(model=model, processor=processor, tokenizer=tokenizer, config=config,
+               generation_config=generation_config, compile=compile)
 
 
 class AF3:

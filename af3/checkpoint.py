@@ -1,4 +1,5 @@
-"""af3.load: an af3-layout checkpoint directory -> a ready bundle (model, processor, tokenizer).
+"""Finding, checking and reading the weights of an af3-layout checkpoint directory
+(`af3.bundle.load` assembles the bundle around the model this builds).
 
 The model is built on the meta device (no memory), then every parameter is assigned a tensor
 read from safetensors. `safe_open` memory-maps the file, so a tensor that needs no cast and
@@ -30,45 +31,6 @@ _FLOAT_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}  # the same, as safeten
 # af3.load shows progress by default for checkpoints this large, when stderr is a terminal.
 PROGRESS_MIN_BYTES = 10**9
 Progress = Callable[[int, int, int, int], None]  # (tensors done, tensors, bytes done, bytes)
-
-
-def load(path: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype | str | None = None, *, progress: bool | Progress | None = None,
-         compile: bool = False):
-    """Load an af3 checkpoint directory into an `af3.bundle.AF3` (model in eval mode).
-
-    `dtype` defaults to the dtype the checkpoint was saved in ("float32", "bfloat16", "float16",
-    their short forms "fp32", "bf16", "fp16", or a floating torch.dtype); `device` ("cpu",
-    "cuda", "cuda:1", or a torch.device) is where the weights go and must be available here.
-    `progress`: True draws tensors and bytes loaded on stderr, False never; None (the default)
-    draws it when stderr is a terminal and the weights are 1 GB or more (the real model:
-    16.5 GB); a callable gets (tensors done, tensors, bytes done, bytes) after each tensor.
-    HF- and NVIDIA-layout directories are refused with the `weights_convert` command to run.
-    `compile=True`: every generate call of the bundle runs its decode step through torch.compile
-    (the first call compiles, and says so; the tokens are the same).
-    """
-    from af3.bundle import AF3
-    from af3.generation import GenerationConfig
-    from af3.processor import Processor
-    from af3.tokenizer import Tokenizer
-
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be True or False, got {compile!r}")
-    if not (progress is None or isinstance(progress, bool) or callable(progress)):
-        raise TypeError(f"progress must be a bool, None or a callable, got {type(progress).__name__}")
-    device = _resolve_device(device)
-    if dtype is not None:
-        dtype = _resolve_dtype(dtype)  # a bad argument is reported before any file is read
-    root = _checkpoint_dir(path)
-    config = AF3Config.load(root / "config.json")
-    dtype = _resolve_dtype(config.dtype) if dtype is None else dtype
-
-    model = load_model(root, config, device=device, dtype=dtype, progress=progress)
-    generation_config = GenerationConfig.load(root / "generation_config.json")
-    tokenizer = Tokenizer.from_file(root / "tokenizer.json")
-    processor = Processor(tokenizer, config.frontend, max_length=config.text.max_position_embeddings)
-    return AF3(model=model, processor=processor, tokenizer=tokenizer, config=config,
-               generation_config=generation_config, compile=compile)
 
 
 def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.device,
@@ -163,7 +125,7 @@ def weight_files(root: Path) -> dict[Path, set[str] | None]:
     return {single: None}
 
 
-def _checkpoint_dir(path: str | os.PathLike) -> Path:
+def checkpoint_dir(path: str | os.PathLike) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     root = Path(path)
@@ -205,7 +167,7 @@ def _quote(path: Path) -> str:
     return shlex.quote(str(path))
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     """A device that exists here; torch's own errors (no driver, bad string) become ValueErrors."""
     if not isinstance(device, (str, torch.device)):
         hint = f" (for GPU {device} write 'cuda:{device}')" if isinstance(device, int) and not isinstance(
@@ -239,7 +201,7 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit] + "…"
 
 
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"dtype must be a floating-point dtype ({', '.join(map(str, _FLOAT_DTYPES))}), "
