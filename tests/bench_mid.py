@@ -79,10 +79,27 @@ def main() -> None:
         ours.to(dtype)
         floor_bytes = bytes_per_token(ours)
         t_hf, t_af3, bw = measure(hf, ours, ids, args.steps)
+        kernel_bw = linear_bandwidth(ours.decoder.layers[0].mlp.up)
         floor = floor_bytes / bw
         print(f"{dtype_name:9s} weights read/token {floor_bytes / 1e9:.2f} GB, read bandwidth {bw / 1e9:.1f} GB/s "
               f"-> floor {floor * 1e3:.0f} ms/token | af3 {t_af3 * 1e3:.0f} ms/token ({100 * floor / t_af3:.0f}% "
               f"of floor)  HF {t_hf * 1e3:.0f} ms/token ({100 * floor / t_hf:.0f}%)  HF/af3 {t_hf / t_af3:.2f}x")
+        print(f"{'':9s} where the time goes: torch's own F.linear on one token (an MLP matrix) reads its weights "
+              f"at {kernel_bw / 1e9:.1f} GB/s, {100 * kernel_bw / bw:.0f}% of the read bandwidth; a step made only "
+              f"of such calls would reach {100 * kernel_bw / bw:.0f}% of the floor")
+
+
+@torch.inference_mode()
+def linear_bandwidth(layer: torch.nn.Linear, repeats: int = 20) -> float:
+    """Bytes per second one decode-shaped call (a single token) of `layer` reads its weight at."""
+    x = torch.randn(1, 1, layer.in_features, dtype=layer.weight.dtype)
+    layer(x)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        layer(x)
+        best = min(best, time.perf_counter() - start)
+    return layer.weight.numel() * layer.weight.element_size() / best
 
 
 @torch.inference_mode()
