@@ -273,7 +273,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     overridden by keyword arguments (`max_new_tokens`, `do_sample`, `temperature`, `top_k`,
     `top_p`, `repetition_penalty`, `eos_token_id`, `pad_token_id`). Rows stop independently
     at an eos token and are then filled with `pad_token_id`; a finished row is dropped from
-    the work. `seed` or `generator` makes sampling reproducible (otherwise torch's global RNG
+    the work (unless compiled, or decoding into the caller's `cache`). `seed` or `generator` makes sampling reproducible (otherwise torch's global RNG
     is used, as HF does). `streamer` (e.g. `af3.streaming.TextStreamer`) gets `put(new_ids)`
     each step and `end()` at the end; it needs a batch of one. `cache` (from `model.new_cache`,
     with room for the whole result) is written in place; with `cached` = n it already holds
@@ -373,7 +373,9 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
                 n_left = int(unfinished.sum())  # the one wait for the device, every check_every tokens
                 if n_left == 0:
                     break
-                if own_cache and n_left < len(rows):  # drop finished rows: no more work on them
+                # Drop finished rows: no more work on them. Compiled, the batch keeps its shape
+                # instead (each new batch size would be compiled, and captured, again).
+                if own_cache and not compile and n_left < len(rows):
                     keep = unfinished.nonzero().squeeze(1)
                     cache.keep_rows(keep)
                     rows, unfinished, next_ids, position = rows[keep], unfinished[keep], next_ids[keep], position[keep]
