@@ -179,6 +179,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: b
     replaces an earlier adapter folder, never a folder that does not hold one. `base_model` is
     recorded as `base_model_name_or_path` (e.g. "nvidia/audio-flamingo-3-hf").
     """
+    config, tensors = adapter_files(model, base_model)
+    return write_folder(directory, overwrite, {CONFIG_FILE: config, WEIGHTS_FILE: tensors},
+                        what="adapter", marker=CONFIG_FILE)
+
+
+def adapter_files(model: nn.Module, base_model: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The contents of adapter_config.json and adapter_model.safetensors (tensors on the CPU)."""
     layers = _layers(model)
     shapes = {(layer.rank, layer.scale) for layer in layers.values()}
     if len(shapes) != 1:
@@ -195,9 +202,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: b
         "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
     }
-    tensors = {k: v.cpu().contiguous() for k, v in adapter_tensors(model).items()}
-    return write_folder(directory, overwrite, {CONFIG_FILE: config, WEIGHTS_FILE: tensors},
-                        what="adapter", marker=CONFIG_FILE)
+    return config, {k: v.cpu().contiguous() for k, v in adapter_tensors(model).items()}
 
 
 def write_folder(directory: str | os.PathLike, overwrite: bool, files: dict[str, dict], *, what: str,

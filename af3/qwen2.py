@@ -186,5 +186,5 @@ class Qwen2Decoder(nn.Module):
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)
+        # Through the module when untied, so a LoRA adapter on lm_head takes part.
+        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)

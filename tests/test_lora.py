@@ -16,7 +16,7 @@ from tests.test_model import assert_close_scaled, hf_positions, make_batch
 from weights_convert.convert import convert
 from weights_convert.names import af3_to_hf, hf_to_af3
 
-EVERY_GROUP = lora.DECODER_TARGETS + lora.ENCODER_ATTENTION_TARGETS + lora.PROJECTOR_TARGETS
+EVERY_GROUP = lora.DECODER_TARGETS + lora.ENCODER_ATTENTION_TARGETS + lora.PROJECTOR_TARGETS + ("decoder.lm_head",)
 
 
 def randomize(model: nn.Module, seed: int = 0) -> None:
@@ -38,13 +38,14 @@ def hf():
 
 @pytest.fixture(scope="module")
 def batch():
-    return make_batch([[3000], [401]], padding_side="right")
+    return make_batch([[801], [401]], padding_side="right")
 
 
 def test_names_round_trip(hf) -> None:
     for name in hf.state_dict():
         assert af3_to_hf(hf_to_af3(name)) == name
     assert af3_to_hf("decoder.layers.1.mlp.gate") == "model.language_model.layers.1.mlp.gate_proj"
+    assert af3_to_hf("decoder.lm_head") == "lm_head"
     with pytest.raises(ValueError, match="'decoder.layers.0.attn.o.bias' is not an af3"):
         af3_to_hf("decoder.layers.0.attn.o.bias")  # Qwen2's o_proj has no bias
 
@@ -53,7 +54,7 @@ def test_fresh_adapter_changes_nothing_and_only_adapters_train(hf, batch) -> Non
     model = hf_to_af3_model(hf)
     base = model(**inputs(batch)).logits
     names = lora.add_lora(model, rank=4, alpha=8, targets=EVERY_GROUP)
-    assert len(names) == 2 * 7 + 2 * 4 + 2
+    assert len(names) == 2 * 7 + 2 * 4 + 2 + 1
     assert torch.equal(model(**inputs(batch)).logits, base)  # B = 0: exactly the base model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{m}.lora_{x}" for m in names for x in "AB"}

@@ -143,8 +143,8 @@ def af3_to_hf(name: str) -> str:
         raise TypeError(f"tensor name must be a str, got {type(name).__name__}")
     tower, _, rest = name.partition(".")
     out = None
-    if name == "decoder.lm_head.weight":
-        out = "lm_head.weight"
+    if name in ("decoder.lm_head", "decoder.lm_head.weight"):
+        out = "lm_head" + name[len("decoder.lm_head"):]
     elif tower in ("encoder", "decoder") and rest:
         prefix = "model.audio_tower." if tower == "encoder" else "model.language_model."
         top, layer = (_ENCODER_TOP, _ENCODER_LAYER) if tower == "encoder" else (_DECODER_TOP, _DECODER_LAYER)
