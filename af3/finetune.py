@@ -334,14 +334,15 @@ def train(model: nn.Module, processor: Any, train_set: list[Example], config: Tr
     device = next(model.parameters()).device
     trained = prepare_model(model, config, gradient_checkpointing)
     params = dict(model.named_parameters())
-    decay = [params[n] for n in trained if params[n].dim() >= 2]
-    no_decay = [params[n] for n in trained if params[n].dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    # Matrices decay, biases and norms do not; the optimizer numbers parameters in this order.
+    trained = [n for n in trained if params[n].dim() >= 2] + [n for n in trained if params[n].dim() < 2]
+    n_decay = sum(1 for n in trained if params[n].dim() >= 2)
+    optimizer = torch.optim.AdamW([
+        {"params": [params[n] for n in trained[:n_decay]], "weight_decay": config.weight_decay},
+        {"params": [params[n] for n in trained[n_decay:]], "weight_decay": 0.0}], lr=config.lr)
     start = 0
     if run.resume and (found := latest_checkpoint(run.output)) is not None:
-        start = load_checkpoint(found, model, optimizer, config, [n for n in trained if params[n] in decay]
-                                + [n for n in trained if params[n] in no_decay])
+        start = load_checkpoint(found, model, optimizer, config, trained)
         run.log(f"resumed from {found} at step {start}")
     elif (run.output / "final").exists() or latest_checkpoint(run.output):
         raise FileExistsError(f"{run.output} already holds checkpoints; pass --resume to continue, or choose "
