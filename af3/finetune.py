@@ -448,7 +448,7 @@ def memory_estimate(model: nn.Module, rank: int = 8, targets: tuple[str, ...] = 
     it trains. Per decoder layer and token, without checkpointing: the residual stream and norm
     outputs (4 d), q, k, v, rotated q, k and the attention output (3 d + 4 kv), the MLP's gate,
     up, silu(gate) and product (4 ffn), the inputs of every LoRA factor pair (r each) and the two
-    fp32 RMSNorm inputs (2 x 2 d in 2-byte units). With checkpointing: one layer input per layer,
+    fp32 RMSNorm inputs (2 x 2 d in 2-byte units), and the (T, T) mask SDPA keeps. With checkpointing: one layer input per layer,
     plus one layer's worth during its recomputation. Logits: (T, vocab) in the activation dtype,
     plus fp32 copies for the loss and its gradient. An estimate, not a measurement.
     """
@@ -460,6 +460,7 @@ def memory_estimate(model: nn.Module, rank: int = 8, targets: tuple[str, ...] = 
     per_layer = 4 * d + 3 * d + 4 * kv + 4 * ffn + probe.per_layer_rank + 4 * d
     layers = text.num_hidden_layers
     kept = tokens * (d * layers + per_layer) if checkpointing else tokens * per_layer * layers
+    kept += (1 if checkpointing else layers) * tokens * tokens  # SDPA keeps its (T, T) additive mask
     logits = tokens * text.vocab_size * (activation_bytes + 4 + 4)
     out = {"weights": n_weights * weight_bytes, "lora": probe.params * 4 * 4,
            "activations": kept * activation_bytes + logits}
