@@ -22,7 +22,7 @@ from pathlib import Path
 # Run from a clone without installing: make the repository importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")  # fp16 training would need loss scaling; bf16 does not
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="frozen weights' dtype (default: bfloat16 with bf16 autocast on a GPU, float32 on the CPU)")
+                   help="frozen weights' dtype; bfloat16 also runs the forward pass under bf16 autocast "
+                        "(default: bfloat16 on a GPU, float32 on the CPU)")
     args = p.parse_args(argv)
     for name in ("lora_rank", "batch_size", "grad_accum", "log_every"):
         if getattr(args, name) < 1:
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace, torch, af3, finetune, world: int, say) -> int:
     try:
         finetune.train(m.model, m.processor, train_set, config, run_settings, eval_set=eval_set,
                        gradient_checkpointing=args.gradient_checkpointing,
-                       autocast_dtype=torch.bfloat16 if on_gpu else None)
+                       autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
     except (FileExistsError, ValueError, TypeError) as e:
         say(f"error: {e}", file=sys.stderr)
         return 2

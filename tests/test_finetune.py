@@ -81,7 +81,8 @@ def test_toy_manifest_learns_its_answers(toy, tmp_path, capsys) -> None:
 
 def test_resume_continues_exactly(toy, tmp_path, capsys) -> None:
     args = ("--steps", "4", "--batch-size", "1", "--grad-accum", "2", "--save-every", "2", "--warmup-steps", "1",
-            "--lr", "1e-2", "--lora-dropout", "0.3", "--lora-targets", "decoder,projector")
+            "--lr", "1e-2", "--lora-dropout", "0.3", "--gradient-checkpointing", "--lora-targets",
+            "decoder,projector")
     assert finetune_main(toy, tmp_path / "run", *args) == 0
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-000002", "final"]
     uninterrupted = {f: load_file(str(tmp_path / "run" / "final" / f))
@@ -90,7 +91,7 @@ def test_resume_continues_exactly(toy, tmp_path, capsys) -> None:
 
     assert finetune_main(toy, tmp_path / "run", *args) == 2  # checkpoints there: resume or choose another
     assert "pass --resume to continue" in capsys.readouterr().err
-    assert finetune_main(toy, tmp_path / "run", *args[:-2], "--lora-targets", "decoder", "--resume") == 2
+    assert finetune_main(toy, tmp_path / "run", *args[:-1], "decoder", "--resume") == 2
     assert "was made with other settings {'lora_targets'" in capsys.readouterr().err
 
     assert finetune_main(toy, tmp_path / "run", *args, "--resume") == 0
@@ -152,6 +153,29 @@ def test_train_projector_in_full(toy, tmp_path, capsys) -> None:
     assert finetune.load_parts(trained, final) == sorted(n for n, _ in base.projector.named_parameters(prefix="projector"))
     for (name, p), q in zip(base.named_parameters(), trained.parameters()):
         assert torch.equal(p, q) != name.startswith("projector."), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 weights under bf16 autocast); "
+                    "the CPU tests cover the same loop in fp32 and CPU bf16")
+def test_bf16_autocast_on_gpu_learns(toy, tmp_path, capsys) -> None:
+    rc = finetune_main(toy, tmp_path / "run", "--steps", "30", "--batch-size", "3", "--lr", "5e-3",
+                       "--lora-dropout", "0", "--lora-targets", "decoder,decoder.lm_head", "--gradient-checkpointing")
+    out = capsys.readouterr().out
+    assert rc == 0 and "cuda:0, bfloat16" in out, out
+    assert losses(out)[-1] <= losses(out)[0] / 3, out
+    adapter = load_file(str(tmp_path / "run" / "final" / lora.WEIGHTS_FILE))
+    assert all(v.dtype == torch.float32 for v in adapter.values())  # factors stay fp32 over bf16 weights
+
+
+def test_cpu_bf16_weights_train_under_autocast(toy, tmp_path, capsys) -> None:
+    """--dtype bfloat16 on the CPU: bf16 frozen weights, the projector trained in fp32 beside them."""
+    assert finetune_main(toy, tmp_path / "run", "--dtype", "bfloat16", "--train", "lora,projector", "--steps", "1",
+                         "--batch-size", "3") == 0
+    assert "cpu, bfloat16" in capsys.readouterr().out
+    parts = load_file(str(tmp_path / "run" / "final" / finetune.PARTS_FILE))
+    assert sorted(parts) == ["projector.linear1.bias", "projector.linear1.weight", "projector.linear2.bias",
+                             "projector.linear2.weight"]
+    assert all(v.dtype == torch.float32 for v in parts.values())
 
 
 def test_bad_examples_refused_before_training_with_line_numbers(toy, tmp_path, capsys) -> None:

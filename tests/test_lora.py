@@ -91,6 +91,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf, batch) -> None:
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     plain, checkpointed = grads(False), grads(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        model(**batch)  # still checkpointing: the forward pass keeps only what each layer is given
+    kept_with = sum(saved)
+    model.encoder.gradient_checkpointing = model.decoder.gradient_checkpointing = False
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        model(**batch)
+    assert kept_with < sum(saved) / 2
     assert all(g.abs().max() > 0 for n, g in plain.items() if n.endswith("lora_B"))
     for name, g in plain.items():
         assert (checkpointed[name] - g).abs().max() <= 1e-5, name
