@@ -50,7 +50,7 @@ def sharded(tmp_path_factory):
 def _leave_repo(snapshot: Path, outside: Path) -> str:
     """Point the first shard's link at a copy of it outside the repository folder."""
     index = json.loads((snapshot / "model.safetensors.index.json").read_text())
-    shard = sorted(set(index["weight_map"].values()))[0]
+    shard = min(set(index["weight_map"].values()))
     shutil.copyfile(snapshot / shard, outside)
     (snapshot / shard).unlink()
     os.symlink(os.path.relpath(outside, snapshot), snapshot / shard)

@@ -26,7 +26,10 @@ HF_FILES = {"config.json", "generation_config.json", "model.safetensors", "token
 @pytest.fixture(scope="session")
 def saved(tmp_path_factory):
     """(HF folder, af3 bundle, HF model, HF processor), built once per test session."""
-    from transformers import AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Processor
+    from transformers import (
+        AudioFlamingo3ForConditionalGeneration,
+        AudioFlamingo3Processor,
+    )
 
     from tests.tiny_checkpoint import write_tiny_hf_checkpoint
 

@@ -149,7 +149,11 @@ def tiny_hf_processor():
     tokenizer.json that `save_pretrained` writes is transformers 5's rewrite of it (with a
     TemplateProcessing post-processor), as a fine-tuned AF3's is.
     """
-    from transformers import AudioFlamingo3Processor, AutoTokenizer, WhisperFeatureExtractor
+    from transformers import (
+        AudioFlamingo3Processor,
+        AutoTokenizer,
+        WhisperFeatureExtractor,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_tokenizer(tmp)
