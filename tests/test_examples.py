@@ -89,12 +89,10 @@ def test_train_step_lowers_nothing_silently(files, capsys):
 def test_demo_builds_converts_and_transcribes(tmp_path, capsys, monkeypatch):
     demo = example("demo")
     root = tmp_path / ".demo"
-    for name, value in (("DEMO", root), ("HF_DIR", root / "hf-checkpoint"), ("AF3_DIR", root / "af3-checkpoint"),
-                        ("WAV", root / "speech.wav"), ("DONE", root / "built")):
-        monkeypatch.setattr(demo, name, value)
-    assert demo.main() == 0
+    assert demo.main(root) == 0
     out = capsys.readouterr().out
     assert "RANDOM" in out and "weights_convert" in out and (root / "built").exists()
+    assert f"the checkpoint {root / 'af3-checkpoint'}/ and the clip {root / 'speech.wav'}" in out
     assert (root / "af3-checkpoint" / "config.json").exists() and (root / "speech.wav").exists()
 
 

@@ -108,8 +108,12 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], shards:
 
 def write_tiny_hf_checkpoint(directory: str | Path, *, style: str = "old", shards: int = 1,
                              tie_word_embeddings: bool = False, seed: int = 0,
-                             dtype: torch.dtype = torch.float32, **text_overrides) -> Path:
+                             dtype: torch.dtype = torch.float32, generation: dict | None = None,
+                             **text_overrides) -> Path:
     """Write a tiny random HF-layout AF3 checkpoint into `directory`; returns its path.
+
+    `generation` updates the generation config (AF3's sampling defaults); keyword arguments
+    override text_config keys.
 
     config.json, generation_config.json and the processor files are written by transformers'
     own `save_pretrained`. With style="new" and one shard, so is model.safetensors; otherwise
@@ -120,6 +124,7 @@ def write_tiny_hf_checkpoint(directory: str | Path, *, style: str = "old", shard
     directory.mkdir(parents=True, exist_ok=True)
     model = tiny_hf_model(tie_word_embeddings=tie_word_embeddings, seed=seed, **text_overrides)
     model.generation_config = tiny_generation_config()
+    model.generation_config.update(**(generation or {}))
     if style == "new" and shards == 1:
         model.to(dtype).save_pretrained(str(directory))
     else:
