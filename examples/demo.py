@@ -96,4 +96,7 @@ def main(folder: Path = DEMO) -> int:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help, without torch
     sys.exit(main())
