@@ -227,3 +227,18 @@ def test_a_failed_streamed_file_prints_no_empty_line(files, capsys, tmp_path):
     assert example("transcribe").main([str(short), "--checkpoint", str(files / "ckpt")]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "too short" in err and err.count(str(short)) == 1
+
+
+def test_make_install_says_what_it_is_doing(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    # A dry run (-n) with a venv that does not exist lists every command install would run.
+    run = subprocess.run(["make", "-n", "install", f"VENV={tmp_path / 'venv'}"], cwd=EXAMPLES.parent,
+                         capture_output=True, text=True, timeout=60, check=True)
+    lines = run.stdout.splitlines()
+    big = next(i for i, line in enumerate(lines) if "pip install" in line and ".[test]" in line)
+    said = " ".join(line for line in lines[:big] if line.startswith("echo"))
+    assert "5.7 GB" in said and "torch" in said and "--quiet" not in lines[big]

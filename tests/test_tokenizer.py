@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from af3.streaming import TextStreamer
 from af3.tokenizer import Tokenizer, bytes_to_unicode
 from tests.tiny_tokenizer import (
     ADDED_TOKENS,
@@ -259,6 +260,12 @@ def test_decode_skips_ids_the_tokenizer_lacks_as_hf_does(tiny, tiny_path):
         assert tiny.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
         assert tiny.decode(ids, skip_special_tokens=skip) == tiny.decode(known, skip_special_tokens=skip)
     assert tiny.decode(torch.tensor([596, 597])) == hf.decode([596, 597]) == ""
+    pieces = []
+    streamer = TextStreamer(tiny, on_text=pieces.append)
+    for i in ids:  # one id per step, as generate hands them over
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    assert "".join(pieces) == hf.decode(ids, skip_special_tokens=True)
 
 
 # ---- parity with HF tokenizers on the tiny tokenizer and its variants ---------------------------
