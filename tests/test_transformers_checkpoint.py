@@ -155,3 +155,10 @@ def test_fields_af3_would_not_honour_are_refused_at_conversion(saved, tmp_path, 
     err = capsys.readouterr().err
     assert words in err, err
     assert not (tmp_path / "af3").exists()
+
+
+def test_dropout_is_named_in_the_summary(saved, tmp_path, capsys):
+    src = shutil.copytree(saved[0], tmp_path / "hf")
+    _edit_json("config.json", lambda d: d["audio_config"].update(dropout=0.1))(src)
+    assert convert_cli([str(src), str(tmp_path / "af3"), "--quiet"]) == 0
+    assert "ignored, as af3 trains without dropout: audio_config.dropout=0.1" in capsys.readouterr().out

@@ -78,6 +78,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     _check_settings(source)
     generation, note = _generation_config(source)  # parsed now, so a bad one fails before the long part
     notes = [note]
+    dropout = hf_files.training_only_settings(source.config)
+    if dropout:
+        notes.append(f"ignored, as af3 trains without dropout: {', '.join(dropout)}")
 
     # Map names and check them against the model before reading any data.
     mapped: dict[str, TensorInfo] = {}

@@ -87,6 +87,18 @@ def check_text_config(text: dict, where: str) -> None:
                           "only 'full_attention' layers")
 
 
+def training_only_settings(config: dict) -> list[str]:
+    """config.json's nonzero dropout settings: they act only in training, and af3 has no dropout."""
+    found = []
+    for part in ("audio_config", "text_config"):
+        sub = config.get(part) or {}
+        for key in ("dropout", "attention_dropout", "activation_dropout", "layerdrop"):
+            value = sub.get(key) if isinstance(sub, dict) else None
+            if isinstance(value, (int, float)) and value:
+                found.append(f"{part}.{key}={value}")
+    return found
+
+
 def _token_text(value: Any) -> Any:
     """tokenizer_config.json writes a token as its text, or as {"content": text, ...} (older files)."""
     return value.get("content") if isinstance(value, dict) else value
