@@ -27,7 +27,7 @@ DEMO = ROOT / ".demo"
 HF_NAME, AF3_NAME, WAV_NAME = "hf-checkpoint", "af3-checkpoint", "speech.wav"
 DONE_NAME = "built"  # written last: a half-built folder is rebuilt, never used
 # The tiny model's context and reply length: room for every README block, quick on a CPU.
-CONTEXT, MAX_NEW_TOKENS = 2048, 32
+CONTEXT, MAX_NEW_TOKENS = 2048, 16
 
 REAL_MODEL = """\
 These weights are RANDOM: the text above is meaningless by design. To run the real model:

@@ -162,3 +162,15 @@ def test_dropout_is_named_in_the_summary(saved, tmp_path, capsys):
     _edit_json("config.json", lambda d: d["audio_config"].update(dropout=0.1))(src)
     assert convert_cli([str(src), str(tmp_path / "af3"), "--quiet"]) == 0
     assert "ignored, as af3 trains without dropout: audio_config.dropout=0.1" in capsys.readouterr().out
+
+
+def test_nvidia_llm_folder_keeps_its_own_tokenizer_settings(saved, tmp_path, capsys):
+    from tests.tiny_checkpoint import write_tiny_nvidia_checkpoint
+
+    nvidia = write_tiny_nvidia_checkpoint(tmp_path / "nvidia", saved[0])
+    settings = {"eos_token": "<|endoftext|>", "chat_template": "{{ qwen2 }}", "add_bos_token": False}
+    (nvidia / "llm" / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert convert_cli([str(nvidia), str(tmp_path / "af3"), "--quiet"]) == 0, capsys.readouterr().err
+    (nvidia / "llm" / "tokenizer_config.json").write_text(json.dumps({**settings, "add_eos_token": True}))
+    assert convert_cli([str(nvidia), str(tmp_path / "af3-2"), "--quiet"]) == 1
+    assert "add_eos_token is true" in capsys.readouterr().err

@@ -206,10 +206,8 @@ def _check_settings(source: Source) -> None:
         hf_files.check_generation_config(source.generation, "generation_config.json")
     folder = source.tokenizer.parent
     if (folder / "tokenizer_config.json").is_file():
-        tok_config = read_json(folder / "tokenizer_config.json")
-        if source.kind == "nvidia":  # the original llm/ keeps Qwen2's chat template; AF3's prompts come from af3
-            tok_config.pop("chat_template", None)
-        hf_files.check_tokenizer_config(tok_config, str(folder / "tokenizer_config.json"))
+        hf_files.check_tokenizer_config(read_json(folder / "tokenizer_config.json"),
+                                        str(folder / "tokenizer_config.json"), hf_layout=source.kind == "hf")
     for name in ("processor_config.json", "preprocessor_config.json"):
         if (source.root / name).is_file():
             hf_files.check_processor_config(read_json(source.root / name), str(source.root / name))

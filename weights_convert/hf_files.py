@@ -104,15 +104,17 @@ def _token_text(value: Any) -> Any:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def check_tokenizer_config(d: dict, where: str) -> None:
-    """tokenizer_config.json: the pad / eos tokens af3 uses, no tokens added around texts, plain decoding."""
-    for key, want in (("pad_token", PAD_TOKEN), ("eos_token", EOS_TOKEN)):
+def check_tokenizer_config(d: dict, where: str, *, hf_layout: bool = True) -> None:
+    """tokenizer_config.json: no tokens added around texts, plain decoding; for the HF layout also the
+    pad / eos tokens af3 uses and AF3's chat template (NVIDIA's original llm/ folder keeps Qwen2's own
+    settings there, which no AF3 processor reads)."""
+    for key, want in (("pad_token", PAD_TOKEN), ("eos_token", EOS_TOKEN)) if hf_layout else ():
         if key in d and _token_text(d[key]) != want:
             raise HFFileError(f"{where}: {key} is {json.dumps(d[key])}; af3 uses {want!r}")
     for key in ("add_bos_token", "add_eos_token", "clean_up_tokenization_spaces"):
         if d.get(key):
             raise HFFileError(f"{where}: {key} is true; af3's tokenizer does not do that (set it to false)")
-    if "chat_template" in d:
+    if hf_layout and "chat_template" in d:
         check_chat_template(d["chat_template"], where)
 
 
