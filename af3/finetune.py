@@ -145,7 +145,7 @@ def _check_example(number: int, line: str, root: Path, processor: Any) -> Exampl
     batch = processor.apply_chat_template(messages, add_generation_prompt=False, output_labels="assistant",
                                           padding_side="right")
     example.tokens = batch["input_ids"].shape[1]
-    if not bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):
+    if not target_count(batch["labels"], batch["attention_mask"]):
         raise ValueError("the assistant turns hold no token to learn")
     return example
 
@@ -174,9 +174,10 @@ def make_batch(examples: list[Example], processor: Any) -> Any:
                                          output_labels="assistant", padding_side="right")
 
 
-def target_count(labels: torch.Tensor) -> int:
-    """Tokens the next-token loss scores: labels[:, 1:] that are not IGNORE_INDEX."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+def target_count(labels: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Tokens the model's next-token loss averages over: labels[:, i + 1] that are not IGNORE_INDEX,
+    predicted from a real (unpadded) position i (af3.model's loss skips the others)."""
+    return int(((labels[:, 1:] != IGNORE_INDEX) & (attention_mask[:, :-1] != 0)).sum())
 
 
 # ---- model set-up -------------------------------------------------------------------------------
@@ -363,7 +364,7 @@ def train(model: nn.Module, processor: Any, train_set: list[Example], config: Tr
         micro = [order[(i * world + rank) * config.batch_size:(i * world + rank + 1) * config.batch_size]
                  for i in range(config.grad_accum)]
         batches = [make_batch([train_set[j] for j in idx], processor).to(device) for idx in micro]
-        counts = torch.tensor([target_count(b["labels"]) for b in batches] +
+        counts = torch.tensor([target_count(b["labels"], b["attention_mask"]) for b in batches] +
                               [int(b["attention_mask"].sum()) for b in batches], dtype=torch.float64,
                               device=device)
         totals = counts.clone()
@@ -421,7 +422,7 @@ def evaluate(model: nn.Module, processor: Any, examples: list[Example], batch_si
         batch = make_batch(mine[i:i + batch_size], processor).to(device)
         with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()):
             loss = model(**batch).loss
-        n = target_count(batch["labels"])
+        n = target_count(batch["labels"], batch["attention_mask"])
         sums += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(sums)
