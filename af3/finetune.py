@@ -265,8 +265,10 @@ def load_parts(model: nn.Module, directory: str | os.PathLike) -> list[str]:
 
 
 def latest_checkpoint(output: Path) -> Path | None:
-    found = sorted(output.glob("checkpoint-*/" + STATE_FILE))
-    return found[-1].parent if found else None
+    """The checkpoint folder in `output` (checkpoint-NNNNNN/ or final/) with the most steps, or None."""
+    found = [(json.loads(state.read_text())["step"], state.parent)
+             for pattern in ("checkpoint-*/" + STATE_FILE, "final/" + STATE_FILE) for state in output.glob(pattern)]
+    return max(found, key=lambda f: f[0])[1] if found else None
 
 
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
@@ -345,10 +347,10 @@ def train(model: nn.Module, processor: Any, train_set: list[Example], config: Tr
     if run.resume and (found := latest_checkpoint(run.output)) is not None:
         start = load_checkpoint(found, model, optimizer, config, trained)
         run.log(f"resumed from {found} at step {start}")
-    elif (run.output / "final").exists() or latest_checkpoint(run.output):
+    elif latest_checkpoint(run.output) is not None:
         raise FileExistsError(f"{run.output} already holds checkpoints; pass --resume to continue, or choose "
                               "another --output")
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                               else None) if world > 1 else model
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else nullcontext())

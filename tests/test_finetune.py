@@ -102,6 +102,11 @@ def test_resume_continues_exactly(toy, tmp_path, capsys) -> None:
         for k, v in tensors.items():
             assert torch.equal(resumed[k], v), (f, k)
     assert any(v.abs().max() > 0 for k, v in tensors.items() if "lora_B" in k)
+    # A finished run resumed: it starts from final/ at its last step and changes nothing.
+    assert finetune_main(toy, tmp_path / "run", *args, "--resume") == 0
+    assert "final at step 4" in capsys.readouterr().out
+    again = load_file(str(tmp_path / "run" / "final" / lora.WEIGHTS_FILE))
+    assert all(torch.equal(again[k], v) for k, v in uninterrupted[lora.WEIGHTS_FILE].items())
 
 
 def test_two_processes_equal_one_process_on_the_combined_batch(toy, tmp_path) -> None:
