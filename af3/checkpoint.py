@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from af3.config import AF3Config, is_af3_config
+from af3.config import DTYPE_NAMES, DTYPE_SHORT_NAMES, AF3Config, is_af3_config
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# dtype name (long or short) -> torch dtype.
+DTYPES = {**{name: getattr(torch, name) for name in DTYPE_NAMES},
+          **{short: getattr(torch, name) for short, name in DTYPE_SHORT_NAMES.items()}}
 # Floating dtypes the model runs in (float64 too, for precision checks; float8 types are not).
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _FLOAT_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}  # the same, as safetensors headers spell them: bytes
@@ -225,9 +226,9 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
                              f"got {dtype}")
         return dtype
     if isinstance(dtype, str):
-        if dtype.removeprefix("torch.") not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype.removeprefix("torch.")]
+        if dtype.removeprefix("torch.") not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[dtype.removeprefix("torch.")]
     raise TypeError(f"dtype must be a torch.dtype or a str, got {type(dtype).__name__}")
 
 

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The dtypes a checkpoint is saved and run in, by torch's names; short forms af3.load also takes.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_SHORT_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 FORMAT = "af3"  # the "format" key of our config.json: what tells it apart from an HF one
 FORMAT_VERSION = 1  # bump when the JSON we write changes incompatibly
 
@@ -236,8 +240,8 @@ class AF3Config:
         if self.projector_hidden_act != "gelu":
             raise ConfigError(f"projector_hidden_act {self.projector_hidden_act!r} is not supported "
                               "(AF3 uses 'gelu')")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16")
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
         # Frames per window after conv2 (stride 2) must fit the encoder's position table.
         if math.ceil(self.frontend.n_frames / 2) > self.audio.max_source_positions:
             raise ConfigError(f"a {self.frontend.chunk_length} s window gives "
