@@ -27,7 +27,7 @@ from af3.checkpoint import (
     resolve_device,
     resolve_dtype,
 )
-from af3.config import AF3Config
+from af3.config import AF3Config, is_int
 from af3.generation import GenerationConfig, generate
 from af3.processor import Processor
 from af3.qwen2 import KVCache
@@ -129,7 +129,7 @@ class AF3:
         clips = [audio] if single else list(audio)
         if not clips:
             raise ValueError("audio is an empty list: give at least one clip to transcribe")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if stream is not None and len(clips) != 1:
             raise ValueError(f"stream needs a single clip, got {len(clips)}")
@@ -209,7 +209,7 @@ class ChatSession:
         limit = bundle.config.text.max_position_embeddings
         if max_tokens is None:
             max_tokens = limit
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        if not is_int(max_tokens) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
         if system is not None and not isinstance(system, str):
             raise TypeError(f"system must be a string or None, got {type(system).__name__}")

@@ -198,7 +198,7 @@ class FrontendConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{w}: settings must be an object, got {type(d).__name__} {d!r}")
         chunk = _optional(d, "chunk_length", 30)
-        if not _is_int(chunk) or chunk <= 0:
+        if not is_int(chunk) or chunk <= 0:
             raise ConfigError(f"{w}: chunk_length must be a positive integer (seconds), got {chunk!r}")
         if max_audio_len is None:
             max_windows = 20
@@ -304,7 +304,7 @@ class AF3Config:
                               "converted with `python -m weights_convert SRC DST`")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+            newer = is_int(version) and version > FORMAT_VERSION
             hint = ("; it was written by a newer af3: upgrade af3, or convert the original checkpoint "
                     "again with this af3's weights_convert" if newer else "")
             raise ConfigError(f"config format_version {version!r} is not supported by this af3 "
@@ -354,7 +354,8 @@ class AF3Config:
             raise ConfigError(f"{path}: {e}") from None
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An int and not a bool (True is an int to Python, never a count or an id here)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -362,7 +363,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-_KINDS = {"int": (_is_int, "an integer"), "float": (_is_number, "a finite number"),
+_KINDS = {"int": (is_int, "an integer"), "float": (_is_number, "a finite number"),
           "bool": (lambda v: isinstance(v, bool), "true or false"),
           "str": (lambda v: isinstance(v, str), "a string")}
 
@@ -391,7 +392,7 @@ def _positive(obj: Any, *names: str) -> None:
     where = type(obj).__name__
     for n in names:
         v = getattr(obj, n)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        if not is_int(v) or v <= 0:
             raise ConfigError(f"{where}.{n} must be a positive integer, got {v!r}")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from af3.config import write_json
+from af3.config import is_int, write_json
 from af3.qwen2 import positions_from_mask
 
 # generation_config.json keys of an HF checkpoint that mean the same thing here.
@@ -292,8 +292,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     pad_id = config.pad_token_id
     if pad_id is None:
         pad_id = config.eos_token_id[0] if config.eos_token_id else 0  # HF's fallback
-    if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int)
-                                    or vocab_limit < 1):
+    if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit < 1):
         raise ValueError(f"vocab_limit must be a positive int or None, got {vocab_limit!r}")
     vocab = _text_setting(model, "vocab_size")
     if vocab is not None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from af3.config import AF3Config
+from af3.config import AF3Config, is_int
 from af3.encoder import AudioEncoder
 from af3.generation import GenerationConfig, generate
 from af3.processor import IGNORE_INDEX
@@ -60,7 +60,7 @@ class AudioFlamingo3(nn.Module):
         dtype and device default to those of the model's weights.
         """
         for name, v in (("batch_size", batch_size), ("max_len", max_len)):
-            if not isinstance(v, int) or isinstance(v, bool):
+            if not is_int(v):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
             if v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
@@ -169,7 +169,7 @@ class AudioFlamingo3(nn.Module):
                 raise TypeError(f"position_ids must be a torch.Tensor, got {type(position_ids).__name__}")
             if position_ids.dim() != 2 or position_ids.shape[0] not in (1, b) or position_ids.shape[1] != t:
                 raise ValueError(f"position_ids must have shape ({b}, {t}), got {tuple(position_ids.shape)}")
-        if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
+        if not is_int(logits_to_keep) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
         if labels is not None:
             _check_labels(labels, b, t, logits_to_keep)
