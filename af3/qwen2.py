@@ -180,5 +180,5 @@ class Qwen2Decoder(nn.Module):
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)
+        # Called as a module when separate, so that a quantized head (af3/quant.py) works too.
+        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
