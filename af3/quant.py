@@ -38,6 +38,7 @@ from af3.config import INT4_GROUP_SIZES, QuantConfig
 SCALE_DTYPE = torch.bfloat16  # scales and zeros, on disk and in memory
 COMPUTE_DTYPE = torch.bfloat16  # the activations the CPU kernels are fast with
 DECODER_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+_QUANTIZE_BLOCK_ELEMENTS = 2**22  # weights quantized at a time (16 MB of float32 per work copy)
 _INT4_ROW_CHUNK = 64 * 64  # rows repacked at a time; the CPU layout works in blocks of 64 rows
 
 
@@ -137,13 +138,31 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return w.reshape(n, k).to(dtype)
 
 
-def quantize_weight(w: torch.Tensor, qc: QuantConfig) -> dict[str, torch.Tensor]:
-    """One float weight -> its stored tensors, keyed by suffix ("weight", "scales"[, "zeros"])."""
+def stored_shapes(qc: QuantConfig, out_features: int, in_features: int) -> dict[str, tuple[torch.dtype, tuple]]:
+    """Suffix -> (dtype, shape) of the tensors one quantized (N, K) weight is stored as."""
     if qc.scheme == "int8":
-        q, scales = quantize_int8(w)
-        return {"weight": q, "scales": scales}
-    packed, scales, zeros = quantize_int4(w, qc.group_size)
-    return {"weight": packed, "scales": scales, "zeros": zeros}
+        return {"weight": (torch.int8, (out_features, in_features)), "scales": (SCALE_DTYPE, (out_features,))}
+    groups = (out_features, in_features // qc.group_size)
+    return {"weight": (torch.uint8, (out_features, in_features // 2)), "scales": (SCALE_DTYPE, groups),
+            "zeros": (SCALE_DTYPE, groups)}
+
+
+def quantize_weight(w: torch.Tensor, qc: QuantConfig) -> dict[str, torch.Tensor]:
+    """One float weight (N, K) -> its stored tensors, keyed by suffix ("weight", "scales"[, "zeros"]).
+
+    Rows are quantized a block at a time (each row on its own), so that the float32 work
+    copies stay small whatever the size of the weight: the real LM head is 152064 x 3584.
+    """
+    n, k = w.shape
+    out = {suffix: torch.empty(shape, dtype=dt, device=w.device)
+           for suffix, (dt, shape) in stored_shapes(qc, n, k).items()}
+    rows = max(1, _QUANTIZE_BLOCK_ELEMENTS // k)
+    for r in range(0, n, rows):
+        block = w[r:r + rows]
+        pieces = quantize_int8(block) if qc.scheme == "int8" else quantize_int4(block, qc.group_size)
+        for t, piece in zip(out.values(), pieces):
+            t[r:r + rows] = piece
+    return out
 
 
 # ---- modules ----------------------------------------------------------------------------------
@@ -194,9 +213,14 @@ class Int8Linear(_QuantizedLinear):
             m.bias = nn.Parameter(linear.bias.detach().clone())
         return m
 
+    def pack_for_kernel(self) -> None:
+        # The CPU kernel crashes on data that is not aligned (tensors read in place from a
+        # safetensors file sit at any byte offset): give it memory of its own.
+        self.weight, self.scales = _aligned(self.weight), _aligned(self.scales)
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            return torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), self.weight,
+            return torch.ops.aten._weight_int8pack_mm(_aligned(x.to(COMPUTE_DTYPE)), self.weight,
                                                       self.scales.to(COMPUTE_DTYPE))
         return F.linear(x, dequantize_int8(self.weight, self.scales, x.dtype))  # this layer only
 
@@ -270,7 +294,7 @@ class Int4Linear(_QuantizedLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "cpu":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(COMPUTE_DTYPE), self.weight,
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(_aligned(x.to(COMPUTE_DTYPE)), self.weight,
                                                              self.group_size, self.scales_and_zeros)
         if self.kernel == "cuda":
             return torch.ops.aten._weight_int4pack_mm(x.to(COMPUTE_DTYPE), self.weight,
@@ -297,10 +321,17 @@ class Int4Linear(_QuantizedLinear):
 
 # ---- whole models -----------------------------------------------------------------------------
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy of it in fresh memory when its data do not start on a 64-byte boundary:
+    the CPU int8 kernel crashes (SIGSEGV) on activations or weights at 16-byte offsets."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
 def pack_for_kernels(model: nn.Module) -> None:
-    """Rearrange every Int4Linear of `model` for its device's kernel, one layer at a time."""
+    """Make every quantized layer of `model` ready for its device's kernel, one layer at a time."""
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, _QuantizedLinear):
             m.pack_for_kernel()
 
 
