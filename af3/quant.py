@@ -181,7 +181,7 @@ class _QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x.reshape(-1, self.in_features))  # (M, N)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def train(self, mode: bool = True):
         if mode:
@@ -360,3 +360,37 @@ def quantize_model(model: nn.Module, qc: QuantConfig) -> nn.Module:
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, _QuantizedLinear) for m in model.modules())
+
+
+# ---- sizes ------------------------------------------------------------------------------------
+
+def weight_bytes(config, qc: QuantConfig | None, float_dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of the weights of AudioFlamingo3(config) by part, stored with `qc` (None: all float).
+
+    Parts: "decoder linears" (the ones quantized, with their scales and zeros), "embeddings",
+    "decoder other" (norms, biases), "audio encoder", "projector". Computed on the meta device
+    from the config, so the README's table for the real model comes from its dimensions.
+    """
+    from af3.model import AudioFlamingo3
+
+    with torch.device("meta"):
+        model = AudioFlamingo3(config)
+    linears = set(quantized_linear_names(model))
+    if qc is not None:
+        replace_linears(model, qc)
+    params = {name for name, _ in model.named_parameters()}  # in float_dtype; buffers keep theirs
+    sizes = {"decoder linears": 0, "embeddings": 0, "decoder other": 0, "audio encoder": 0, "projector": 0}
+    for name, t in model.state_dict().items():
+        module, _, suffix = name.rpartition(".")
+        if module in linears and suffix != "bias":
+            part = "decoder linears"
+        elif name.startswith("decoder.embed_tokens"):
+            part = "embeddings"
+        elif name.startswith("decoder."):
+            part = "decoder other"
+        elif name.startswith("encoder."):
+            part = "audio encoder"
+        else:
+            part = "projector"
+        sizes[part] += t.numel() * (float_dtype.itemsize if name in params else t.dtype.itemsize)
+    return sizes

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("audio", help="the audio file (or http(s) URL) to talk about")
     p.add_argument("--checkpoint", required=True, help="af3 checkpoint directory")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the decoder's linear weights while loading a float checkpoint "
+                        "(a checkpoint converted with --quantize needs no flag)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--max-new-tokens", type=int, default=None, help="per reply (default: the checkpoint's)")
@@ -57,7 +60,7 @@ def chat(args: argparse.Namespace) -> int:
         print(f"error: {text}" if args.audio in text else f"error: {args.audio}: {text}", file=sys.stderr)
         return 1
     try:
-        model = af3.load(args.checkpoint, device=device, dtype=dtype)
+        model = af3.load(args.checkpoint, device=device, dtype=dtype, quantize=args.quantize)
     except (OSError, ValueError, TypeError, RuntimeError) as e:
         print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
         return 2

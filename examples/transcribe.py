@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="af3 checkpoint directory (made by weights_convert)")
     p.add_argument("--prompt", default=None, help='instruction (default: "Transcribe the input speech.")')
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the decoder's linear weights while loading a float checkpoint "
+                        "(a checkpoint converted with --quantize needs no flag)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's setting")
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
-        model = af3.load(args.checkpoint, device=device, dtype=dtype)
+        model = af3.load(args.checkpoint, device=device, dtype=dtype, quantize=args.quantize)
     except (OSError, ValueError, TypeError, RuntimeError) as e:
         print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
         return 2
