@@ -111,7 +111,8 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
 
     # Check every name, shape and dtype from the headers before reading any data.
     found: dict[str, tuple[int, ...]] = {}
-    wrong: list[str] = []
+    not_float: list[str] = []
+    not_quantized: list[str] = []
     total_bytes = 0
     for file, names in files.items():
         with _open(file) as f:
@@ -122,15 +123,19 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
                 found[name] = tuple(sl.get_shape())
                 stored = sl.get_dtype()
                 want = want_dtype.get(name, torch.float32)
-                if want.is_floating_point != (stored in _FLOAT_BYTES) or (
-                        not want.is_floating_point and _INT_DTYPES.get(stored) != want):
-                    wrong.append(f"{name} ({stored}, wants {str(want).removeprefix('torch.')})")
+                if want.is_floating_point and stored not in _FLOAT_BYTES:
+                    not_float.append(f"{name} ({stored})")
+                elif not want.is_floating_point and _INT_DTYPES.get(stored) != want:
+                    not_quantized.append(f"{name} ({stored}, wants {str(want).removeprefix('torch.')})")
                 total_bytes += math.prod(found[name]) * _FLOAT_BYTES.get(stored, 1)
     check_state(found, expected, f"checkpoint {root}")
-    if wrong:  # float parameters must be float; quantized weights exactly their integer type
-        scheme = _scheme(config.quantization) if config.quantization else "no quantization"
-        raise ValueError(f"checkpoint {root}: {len(wrong)} tensors have the wrong dtype for its "
-                         f"config ({scheme}): {_some(wrong)}; re-convert it with weights_convert")
+    if not_float:  # every float parameter of AudioFlamingo3 must be stored as floating point
+        raise ValueError(f"checkpoint {root}: {len(not_float)} tensors are not floating-point: "
+                         f"{_some(not_float)}; re-convert it with weights_convert")
+    if not_quantized:  # a quantized layer's weight must be exactly its integer type
+        raise ValueError(f"checkpoint {root}: {len(not_quantized)} tensors have the wrong dtype for its "
+                         f"{_scheme(config.quantization)} quantization: {_some(not_quantized)}; "
+                         "re-convert it with weights_convert")
     on_the_fly = set(quant.replace_linears(model, quantize)) if quantize is not None else set()
     params = {name for name, _ in model.named_parameters()}  # cast to `dtype`; buffers keep theirs
 

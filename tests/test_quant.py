@@ -246,8 +246,8 @@ def test_float_weight_where_int8_is_expected_is_named(ckpts, tmp_path):
     tensors = load_file(str(bad / "model.safetensors"))
     tensors["decoder.layers.0.mlp.up.weight"] = tensors["decoder.layers.0.mlp.up.weight"].float()
     save_file(tensors, str(bad / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"wrong dtype for its config \(int8\): decoder\.layers\.0\.mlp\.up"
-                                         r"\.weight \(F32, wants int8\)"):
+    with pytest.raises(ValueError, match=r"wrong dtype for its int8 quantization: decoder\.layers\.0\.mlp"
+                                         r"\.up\.weight \(F32, wants int8\)"):
         af3.load(bad)
 
 
