@@ -44,7 +44,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     `progress`: True draws tensors and bytes loaded on stderr, False never; None (the default)
     draws it when stderr is a terminal and the weights are 1 GB or more (the real model:
     16.5 GB); a callable gets (tensors done, tensors, bytes done, bytes) after each tensor.
-    `quantize` ("int8" or "int4", int4 with `group_size` 32, 64 or 128, default 64) quantizes the
+    `quantize` ("int8" or "int4", int4 with `group_size` 32, 64 or 128, default 128) quantizes the
     decoder's linear weights of a float checkpoint while reading it, one tensor at a time;
     `dtype` is then that of the parts that stay floating point. A checkpoint converted with
     `weights_convert --quantize` loads quantized without it.

@@ -172,6 +172,7 @@ def main() -> None:
     sizes("tiny", AF3Config(audio=TINY[0], text=TINY[1], audio_token_id=599))
     sizes("mid", AF3Config(audio=MID[0], text=MID[1], audio_token_id=151935))
     real_table()
+    sizes("the real model", REAL)
     accuracy("mid (Qwen2.5-0.5B decoder dims)", MID, prompts[:3], SCHEMES)
     speed(MID, steps=16 if quick else 32, repeats=2 if quick else 3)
 

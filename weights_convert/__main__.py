@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                         "output channel) or int4 (groups of --group-size inputs); --dtype is then "
                         "that of the parts that stay floating point")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None, metavar="N",
-                   help="int4 only: inputs sharing one scale and zero, 32, 64 (default) or 128")
+                   help="int4 only: inputs sharing one scale and zero, 32, 64 or 128 (default)")
     p.add_argument("--adapter", metavar="DIR", help="merge this PEFT LoRA adapter "
                    "(adapter_config.json + adapter_model.safetensors), e.g. the thinking-mode one")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"), metavar="SIZE",
