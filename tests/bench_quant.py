@@ -9,7 +9,8 @@ Whisper-width encoder), all with random weights:
 - speed (mid): greedy decode steps per second and the prefill of a 30 s clip, for fp32, bf16,
   int8 and int4 (float parts in bf16), interleaved so that load from other processes hits all alike;
 - the README table for the real 8.3 B model, computed from its dimensions.
-Run: .venv/bin/python tests/bench_quant.py [--quick]   (targets are printed, never asserted)
+Run: .venv/bin/python tests/bench_quant.py [--quick | --decode]   (targets printed, never asserted;
+--decode: only the mid model's decode speed)
 """
 
 from __future__ import annotations
@@ -163,7 +164,35 @@ def speed(dims: tuple, steps: int, repeats: int) -> None:
         print(f"  {name} prefill {best[name][0] / best['bf16'][0]:.2f}x the bf16 time (target <= 1.5x)")
 
 
+def decode_speed(dims: tuple, steps: int = 16, repeats: int = 3) -> None:
+    """Decode steps only (a 64-token text prompt), for fp32, bf16, int8 and int4 g128, interleaved."""
+    torch.set_num_threads(2)
+    base = random_model(*dims)
+    models = {"fp32": base, "bf16": copy.deepcopy(base).to(torch.bfloat16)}
+    for name in ("int8", "int4 g128"):
+        models[name] = quantize_model(copy.deepcopy(models["bf16"]), SCHEMES[name])
+    ids = torch.randint(0, 150000, (1, 64), generator=torch.Generator().manual_seed(0))
+    best = {k: float("inf") for k in models}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, m in models.items():
+                cache = m.new_cache(1, 64 + steps + 1)
+                m(ids, cache=cache, logits_to_keep=1)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    m(torch.tensor([[7]]), cache=cache, logits_to_keep=1)
+                best[name] = min(best[name], (time.perf_counter() - t0) / steps)
+    print(f"\nmid model decode only, {torch.get_num_threads()} threads, best of {repeats} x {steps} steps:")
+    for name, t in best.items():
+        print(f"  {name:9s} {1 / t:6.2f} tokens/s ({t * 1e3:.0f} ms/step)")
+    print(f"  int8 {best['fp32'] / best['int8']:.2f}x fp32 (target >= 2), {best['bf16'] / best['int8']:.2f}x "
+          f"bf16 (target >= 1.3); int4 g128 {best['int8'] / best['int4 g128']:.2f}x int8 (target >= 1)")
+
+
 def main() -> None:
+    if "--decode" in sys.argv:
+        decode_speed(MID)
+        return
     quick = "--quick" in sys.argv
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
