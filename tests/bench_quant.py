@@ -189,8 +189,40 @@ def decode_speed(dims: tuple, steps: int = 16, repeats: int = 3) -> None:
           f"bf16 (target >= 1.3); int4 g128 {best['int8'] / best['int4 g128']:.2f}x int8 (target >= 1)")
 
 
+def layer_speed(repeats: int = 40) -> None:
+    """Six 896 -> 4864 layers at M = 1: the kernels alone, fp32 in and out for the quantized ones."""
+    import statistics
+
+    from af3.quant import Int4Linear, Int8Linear
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    fp32 = [torch.nn.Linear(896, 4864, bias=False) for _ in range(6)]
+    stacks = {"fp32": fp32, "bf16": [copy.deepcopy(lin).to(torch.bfloat16) for lin in fp32],
+              "int8": [Int8Linear.from_float(lin) for lin in fp32],
+              "int4 g128": [Int4Linear.from_float(lin, 128) for lin in fp32]}
+    for layers in stacks.values():
+        for m in layers:
+            if hasattr(m, "pack_for_kernel"):
+                m.pack_for_kernel()
+    x = torch.randn(1, 896)
+    times = {k: [] for k in stacks}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, layers in stacks.items():
+                xi = x.to(torch.bfloat16) if name == "bf16" else x
+                t0 = time.perf_counter()
+                for m in layers:
+                    m(xi)
+                times[name].append(time.perf_counter() - t0)
+    print(f"\nsix 896 x 4864 layers at M = 1, {torch.get_num_threads()} threads, median of {repeats}:")
+    for name, t in times.items():
+        print(f"  {name:9s} {statistics.median(t) * 1e3:7.2f} ms")
+
+
 def main() -> None:
     if "--decode" in sys.argv:
+        layer_speed()
         decode_speed(MID)
         return
     quick = "--quick" in sys.argv
