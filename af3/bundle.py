@@ -24,6 +24,7 @@ from af3.checkpoint import (
     Progress,
     checkpoint_dir,
     load_model,
+    quant_config,
     resolve_device,
     resolve_dtype,
 )
@@ -39,7 +40,7 @@ THINK_PROMPT = "Please think and reason about the input audio before you respond
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu",
          dtype: torch.dtype | str | None = None, *, progress: bool | Progress | None = None,
-         compile: bool = False) -> AF3:
+         quantize: str | None = None, group_size: int | None = None, compile: bool = False) -> AF3:
     """Load an af3 checkpoint directory into an `AF3` bundle (model in eval mode).
 
     `dtype` defaults to the dtype the checkpoint was saved in ("float32", "bfloat16", "float16",
@@ -48,6 +49,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     `progress`: True draws tensors and bytes loaded on stderr, False never; None (the default)
     draws it when stderr is a terminal and the weights are 1 GB or more (the real model:
     16.5 GB); a callable gets (tensors done, tensors, bytes done, bytes) after each tensor.
+    `quantize` ("int8" or "int4", int4 with `group_size` 32, 64 or 128, default 128) quantizes the
+    decoder's linear weights of a float checkpoint while reading it, one tensor at a time;
+    `dtype` is then that of the parts that stay floating point. A checkpoint converted with
+    `weights_convert --quantize` loads quantized without it.
     HF- and NVIDIA-layout directories are refused with the `weights_convert` command to run.
     `compile=True`: every generate call of the bundle runs its decode step through torch.compile
     (the first call compiles, and says so; the tokens are the same).
@@ -59,11 +64,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     device = resolve_device(device)
     if dtype is not None:
         dtype = resolve_dtype(dtype)  # a bad argument is reported before any file is read
+    qc = quant_config(quantize, group_size)
     root = checkpoint_dir(path)
     config = AF3Config.load(root / "config.json")
     dtype = resolve_dtype(config.dtype) if dtype is None else dtype
 
-    model = load_model(root, config, device=device, dtype=dtype, progress=progress)
+    model = load_model(root, config, device=device, dtype=dtype, progress=progress, quantize=qc)
     generation_config = GenerationConfig.load(root / "generation_config.json")
     tokenizer = Tokenizer.from_file(root / "tokenizer.json")
     processor = Processor(tokenizer, config.frontend, max_length=config.text.max_position_embeddings)
