@@ -143,7 +143,7 @@ def _log_mel(windows: list[torch.Tensor], frontend: FrontendConfig, work: _Works
     power_t = power.transpose(1, 2)  # (k, n_freqs, n_frames)
     for band in _mel_bands(n_fft, frontend.num_mel_bins, frontend.sampling_rate, device):
         # (bands, rows) @ (k, rows, n_frames) -> (k, bands, n_frames)
-        out[:, band.first: band.last] = torch.matmul(band.weights, power_t[:, band.lo: band.hi])
+        torch.matmul(band.weights, power_t[:, band.lo: band.hi], out=out[:, band.first: band.last])
 
     log_spec = out.clamp_(min=1e-10).log10_()
     # Dynamic range: 80 dB below each window's own maximum.
@@ -223,7 +223,7 @@ def extract_features(clips: list[torch.Tensor], frontend: FrontendConfig, *,
         n = clip.shape[0]
         if n == 0:
             raise ValueError(f"clip {i} is empty (0 samples): there is no audio to encode")
-        if check_finite and not bool(torch.isfinite(clip).all()):
+        if check_finite and not _is_finite(clip):
             raise ValueError(f"clip {i} contains NaN or infinite samples")
         if n > frontend.max_samples:
             warnings.warn(f"clip {i} is {n / sr:.1f} s long; only the first {frontend.max_samples / sr:.0f} s "
@@ -236,6 +236,11 @@ def extract_features(clips: list[torch.Tensor], frontend: FrontendConfig, *,
                                    for start, end in ranges))
     features, mask = log_mel_spectrogram(windows, frontend)
     return AudioFeatures(features, mask, windows_per_clip, tokens_per_clip)
+
+
+def _is_finite(clip: torch.Tensor) -> bool:
+    """Whether every sample is finite, in one pass without a temporary: min and max propagate NaN."""
+    return all(math.isfinite(float(x)) for x in torch.aminmax(clip))
 
 
 def _check_frontend(frontend: object) -> None:

@@ -1,6 +1,8 @@
 """Benchmark: 10 minutes of audio through af3's log-mel frontend vs HF's WhisperFeatureExtractor.
 
 HF is called as AudioFlamingo3Processor calls it: on the 20 windows of 30 s, with the mask.
+The two run interleaved in one process (HF, af3, HF, af3, ...) so that load from other processes
+falls on both alike; best and median of each are printed.
 Run: .venv/bin/python tests/bench_mel.py
 """
 
@@ -17,17 +19,7 @@ from af3.config import FrontendConfig
 from af3.mel import extract_features
 from af3.windows import window_ranges
 
-REPEATS = 5
-
-
-def best_and_median(fn) -> tuple[float, float]:
-    fn()  # warm-up: caches, allocator, thread pool
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times)
+ROUNDS = 11
 
 
 def main() -> None:
@@ -44,13 +36,20 @@ def main() -> None:
     def af3() -> torch.Tensor:
         return extract_features([clip], frontend).input_features
 
-    diff = (hf() - af3()).abs().max().item()
-    hf_best, hf_med = best_and_median(hf)
-    af3_best, af3_med = best_and_median(af3)
-    print(f"10 min of audio (20 windows), torch threads {torch.get_num_threads()}, max |diff| {diff:.2e}")
-    print(f"HF WhisperFeatureExtractor: best {hf_best * 1e3:7.1f} ms  median {hf_med * 1e3:7.1f} ms")
-    print(f"af3 extract_features:       best {af3_best * 1e3:7.1f} ms  median {af3_med * 1e3:7.1f} ms")
-    print(f"speed-up (HF / af3, median): {hf_med / af3_med:.2f}x")
+    diff = (hf() - af3()).abs().max().item()  # also the warm-up: caches, allocator, thread pool
+    times: dict[str, list[float]] = {"hf": [], "af3": []}
+    for _ in range(ROUNDS):
+        for name, fn in (("hf", hf), ("af3", af3)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    best = {name: min(t) for name, t in times.items()}
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f"10 min of audio (20 windows), torch threads {torch.get_num_threads()}, max |diff| {diff:.2e}, "
+          f"{ROUNDS} interleaved rounds")
+    print(f"HF WhisperFeatureExtractor: best {best['hf'] * 1e3:7.1f} ms  median {median['hf'] * 1e3:7.1f} ms")
+    print(f"af3 extract_features:       best {best['af3'] * 1e3:7.1f} ms  median {median['af3'] * 1e3:7.1f} ms")
+    print(f"speed-up (HF / af3): best {best['hf'] / best['af3']:.2f}x  median {median['hf'] / median['af3']:.2f}x")
 
 
 if __name__ == "__main__":

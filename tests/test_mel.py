@@ -184,6 +184,10 @@ def test_runs_on_input_device(device: str) -> None:
         ([torch.zeros(10), torch.zeros(0)], ValueError, r"clip 1 is empty \(0 samples\)"),
         ([torch.tensor([0.0, float("nan")])], ValueError, "clip 0 contains NaN"),
         ([torch.tensor([0.0, float("inf")])], ValueError, "clip 0 contains NaN or infinite"),
+        # The check reads only the min and max: -inf shows in the min, a NaN anywhere in both.
+        ([torch.tensor([0.0, -float("inf"), 1.0])], ValueError, "clip 0 contains NaN or infinite"),
+        ([torch.cat([torch.zeros(100_000), torch.tensor([float("nan")]), torch.ones(100_000)])],
+         ValueError, "clip 0 contains NaN"),
         ([torch.zeros(10), torch.zeros(10, device="meta")], ValueError, "clip 1 is on meta"),
     ],
 )
