@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from af3.config import AF3Config, is_af3_config
+from af3.jsonfile import parse_json
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -135,17 +136,17 @@ def weight_files(root: Path) -> dict[Path, set[str] | None]:
     """Shard path -> the names the index lists for it (None for a single model.safetensors)."""
     index = root / INDEX_NAME
     if index.is_file():
-        import json
-
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
+            weight_map = parse_json(index.read_bytes(), str(index))["weight_map"]
+        except (KeyError, TypeError) as e:
             raise ValueError(f"{index}: not a safetensors index (no weight_map: {e})") from None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: weight_map is a {type(weight_map).__name__}, not an object "
                              "of tensor name -> file name")
         files: dict[Path, set[str] | None] = {}
         for name, file in weight_map.items():
+            if isinstance(file, str) and "\0" in file:
+                raise ValueError(f"{index}: weight_map[{name!r}]: shard name {file!r} holds a NUL character")
             path = (root / str(file)).resolve()
             if not isinstance(file, str) or path.parent != root.resolve():
                 raise ValueError(f"{index}: shard {file!r} is not a file inside {root}")
@@ -174,12 +175,7 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
     config = root / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found: {root} is not an af3 checkpoint directory")
-    import json
-
-    try:
-        d = json.loads(config.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{config}: not valid JSON ({e})") from None
+    d = parse_json(config.read_bytes(), str(config))
     if isinstance(d, dict) and not is_af3_config(d) and "audio_config" in d:
         raise ValueError(f"{root} is a Hugging Face checkpoint; convert it first:\n    {command}\n"
                          "then af3.load the new directory")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from af3.jsonfile import parse_json
+
 FORMAT = "af3"  # the "format" key of our config.json: what tells it apart from an HF one
 FORMAT_VERSION = 1  # bump when the JSON we write changes incompatibly
 
@@ -337,11 +339,10 @@ class AF3Config:
         """Read our config.json; every problem is a ConfigError (a ValueError) naming the file."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        try:
+            d = parse_json(Path(path).read_bytes(), str(path))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
         try:

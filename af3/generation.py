@@ -9,7 +9,6 @@ transformers' `generate` on the same weights.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 import os
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from af3.config import write_json
+from af3.jsonfile import parse_json
 
 # generation_config.json keys of an HF checkpoint that mean the same thing here.
 _HF_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens",
@@ -122,10 +122,7 @@ class GenerationConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"generation config {path} does not exist")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"generation config {path} is not valid JSON: {e}") from None
+        d = parse_json(path.read_bytes(), f"generation config {path}")
         return cls.from_dict(d)
 
 

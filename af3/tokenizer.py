@@ -26,6 +26,8 @@ from typing import Any
 
 import regex
 
+from af3.jsonfile import parse_json
+
 # The split pattern HF's ByteLevel pre-tokenizer uses when `use_regex` is true (GPT-2's).
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -99,10 +101,7 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        try:
-            spec = json.loads(path.read_bytes())  # bytes: UTF-8 checked by json
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        spec = parse_json(path.read_bytes(), str(path))
         return cls(spec, pad_token=pad_token, eos_token=eos_token, source=str(path))
 
     # ---- reading tokenizer.json ----------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 from af3.checkpoint import check_state
 from af3.config import AF3Config, ConfigError, is_af3_config
 from af3.generation import GenerationConfig
+from af3.jsonfile import read_json_file
 from af3.progress import format_size
 from weights_convert.layouts import Source, open_source, read_json
 from weights_convert.lora import LoraAdapter
@@ -176,7 +177,7 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
 
 def _is_af3_checkpoint(folder: Path) -> bool:
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json_file(folder / "config.json")
     except (OSError, ValueError):
         return False
     return is_af3_config(config)
@@ -258,8 +259,6 @@ def _write_tensors(tmp: Path, shards: list[list[PlannedTensor]], files: list[str
 
 
 def _write_index(tmp: Path, shards: list[list[PlannedTensor]], files: list[str]) -> None:
-    import json
-
     index = {
         "metadata": {"total_size": sum(t.nbytes for s in shards for t in s)},
         "weight_map": {t.name: file for shard, file in zip(shards, files) for t in shard},

@@ -14,11 +14,11 @@ Two layouts are read (see ../shared/DESIGN.md):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from af3.config import is_af3_config
+from af3.jsonfile import read_json_file
 from weights_convert.safetensors_io import TensorInfo, read_header
 
 NVIDIA_PARTS = ("llm", "sound_tower", "sound_mm_projector")
@@ -45,13 +45,7 @@ class Source:
 
 
 def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    d = read_json_file(path)
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")  # noqa: TRY004 (file content)
     return d
@@ -150,9 +144,10 @@ def _read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], int]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: no \"weight_map\" object")
-        odd = next((f for f in weight_map.values() if not isinstance(f, str)), None)
+        odd = next((f for f in weight_map.values() if not isinstance(f, str) or "\0" in f), None)
         if odd is not None:
-            raise ValueError(f"{index}: shard {odd!r} is not a file name")
+            raise ValueError(f"{index}: weight_map: shard {odd!r} is not a file name"
+                             + (" (it holds a NUL character)" if isinstance(odd, str) else ""))
         files = sorted(set(weight_map.values()))
         tensors: dict[str, TensorInfo] = {}
         for file in files:
