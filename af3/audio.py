@@ -11,13 +11,15 @@ converted. Downloads are bounded in bytes and in total time, and every redirect 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import math
 import os
 import re
+import socket
 import sys
-import time
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -54,7 +56,8 @@ class AudioError(ValueError):
 
 
 def load_audio(source: AudioSource, sampling_rate: int | None = None, *,
-               max_seconds: float | None = MAX_SECONDS) -> torch.Tensor:
+               max_seconds: float | None = MAX_SECONDS,
+               download_deadline: float = DOWNLOAD_DEADLINE_S) -> torch.Tensor:
     """Load `source` as a 1-D float32 tensor of mono samples at 16 kHz.
 
     `source` is a path, an http(s) URL, encoded bytes, a binary file object, or a numpy array /
@@ -63,10 +66,15 @@ def load_audio(source: AudioSource, sampling_rate: int | None = None, *,
     `sampling_rate` that disagrees with it is an error. Other rates are resampled to 16 kHz.
     Audio longer than `max_seconds` (files and arrays alike) is decoded and resampled only that
     far, with a warning (None or inf: all of it). Tensors stay on their device; everything else
-    comes back on the CPU.
+    comes back on the CPU. A URL is downloaded in at most `download_deadline` seconds (all of it,
+    redirects included) and MAX_DOWNLOAD_BYTES bytes; a redirect to anything but http(s) is refused
+    before it is followed.
     """
     if sampling_rate is not None:
         sampling_rate = _check_rate(sampling_rate)
+    if isinstance(download_deadline, bool) or not isinstance(download_deadline, (int, float)) \
+            or not download_deadline > 0:
+        raise ValueError(f"download_deadline must be a positive number of seconds, got {download_deadline!r}")
     if max_seconds is not None:
         if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float, np.integer, np.floating)):
             raise TypeError(f"max_seconds must be a number or None, got {type(max_seconds).__name__}")
@@ -91,7 +99,7 @@ def load_audio(source: AudioSource, sampling_rate: int | None = None, *,
             if scheme not in ("http", "https"):
                 raise AudioError(f"{text}: URL scheme {scheme!r} is not supported; use an http(s) URL "
                                  "or a local path")
-            return _decode(io.BytesIO(_download(text)), text, sampling_rate, max_seconds)
+            return _decode(io.BytesIO(_download(text, download_deadline)), text, sampling_rate, max_seconds)
         if not os.path.exists(text):
             raise FileNotFoundError(f"audio file not found: {text}")
         if os.path.isdir(text):
@@ -239,7 +247,7 @@ def resampled_blocks(read: Callable[[int], np.ndarray], rate: int, channels: int
     gcd = math.gcd(rate, SAMPLING_RATE)
     period, new = rate // gcd, SAMPLING_RATE // gcd  # `period` input samples make `new` output samples
     step = max(period, BLOCK_BYTES // (4 * channels) // period * period)  # input frames per block
-    resampler = torchaudio.transforms.Resample(rate, SAMPLING_RATE) if rate != SAMPLING_RATE else None
+    resampler = torchaudio.transforms.Resample(rate, SAMPLING_RATE, dtype=torch.float32) if rate != SAMPLING_RATE else None
     pending = torch.empty(0)  # mono input from `left` samples (the left context) before the next block
     left, seen, at_end = 0, 0, False
     while not at_end:
@@ -330,12 +338,13 @@ def _read_capped(f: BinaryIO, name: str) -> bytes:
     return data
 
 
-def _download(url: str) -> bytes:
+def _download(url: str, deadline_s: float = DOWNLOAD_DEADLINE_S) -> bytes:
+    """GET `url`: at most MAX_DOWNLOAD_BYTES bytes, in at most `deadline_s` seconds overall."""
+    deadline = _Deadline(deadline_s)
+    opener = urllib.request.build_opener(_CheckedRedirects, deadline.handler(urllib.request.HTTPHandler),
+                                         deadline.handler(urllib.request.HTTPSHandler))
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            final = response.geturl()
-            if urllib.parse.urlsplit(final).scheme.lower() not in ("http", "https"):
-                raise AudioError(f"{url}: redirected to {final}, which is not http(s)")
+        with deadline, opener.open(url, timeout=min(DOWNLOAD_TIMEOUT_S, deadline_s)) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > MAX_DOWNLOAD_BYTES:
                 raise AudioError(f"{url}: {int(length)} bytes is over the {MAX_DOWNLOAD_BYTES}-byte download "
@@ -344,9 +353,77 @@ def _download(url: str) -> bytes:
     except urllib.error.HTTPError as e:
         raise AudioError(f"{url}: HTTP error {e.code} ({e.reason})") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # timeouts are OSErrors
+        if deadline.expired:
+            raise deadline.error(url) from None
         reason = getattr(e, "reason", e)
         raise AudioError(f"{url}: download failed ({reason})") from None
+    if deadline.expired:  # the connection was cut at the deadline: what arrived is incomplete
+        raise deadline.error(url)
     if len(data) > MAX_DOWNLOAD_BYTES:
         raise AudioError(f"{url}: more than the {MAX_DOWNLOAD_BYTES}-byte download limit; download it "
                          "yourself and pass the path")
     return data
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to http(s): urllib itself would open an ftp:// one."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise AudioError(f"{req.full_url}: redirected to {newurl}, which is not http(s); not followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _Deadline:
+    """An overall time limit for a download. Socket timeouts bound each read, not the total: a
+    server sending a byte a second never trips them. When the time is up, a watchdog thread shuts
+    down every socket the download opened (and any it opens later), so the blocked read returns."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._done = threading.Event()
+
+    def handler(self, base: type[urllib.request.AbstractHTTPHandler]) -> urllib.request.BaseHandler:
+        """`base` (urllib's HTTP or HTTPS handler), recording the socket of each connection it makes."""
+        sockets = self._sockets
+
+        def recording(http_class):
+            def make(*args, **kwargs):
+                conn = http_class(*args, **kwargs)
+                connect = conn.connect
+
+                def connect_and_record() -> None:
+                    connect()
+                    sockets.append(conn.sock)  # urllib drops conn.sock later; the response reads through it
+                conn.connect = connect_and_record
+                return conn
+            return make
+
+        class Recording(base):
+            def do_open(self, http_class, req, **kwargs):
+                return super().do_open(recording(http_class), req, **kwargs)
+
+        return Recording()
+
+    def __enter__(self) -> None:
+        threading.Thread(target=self._watch, daemon=True, name="af3-download-deadline").start()
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        if self._done.wait(self.seconds):
+            return
+        self.expired = True
+        while True:  # until the download gives up: a connection may still be opening
+            for sock in list(self._sockets):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            if self._done.wait(0.1):
+                return
+
+    def error(self, url: str) -> AudioError:
+        return AudioError(f"{url}: the download took longer than {self.seconds:g} s (download_deadline) and "
+                          "was stopped; download it yourself and pass the path, or raise download_deadline")
