@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from af3.config import AF3Config, is_af3_config
 from af3.jsonfile import parse_json
+from af3.limits import check_layer_counts
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -76,9 +77,6 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
     from af3.model import AudioFlamingo3
 
     root = Path(root)
-    with torch.device("meta"):
-        model = AudioFlamingo3(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     files = weight_files(root)
 
     # Check every name, shape and dtype from the headers before reading any data.
@@ -96,6 +94,10 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
                     not_float.append(f"{name} ({sl.get_dtype()})")
                 else:
                     total_bytes += math.prod(found[name]) * _FLOAT_BYTES[sl.get_dtype()]
+    check_layer_counts(config, found, f"checkpoint {root}")  # before building that many layers
+    with torch.device("meta"):
+        model = AudioFlamingo3(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state(found, expected, f"checkpoint {root}")
     if not_float:  # every tensor of AudioFlamingo3 is a floating-point parameter
         raise ValueError(f"checkpoint {root}: {len(not_float)} tensors are not floating-point: "

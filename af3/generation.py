@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from af3.config import write_json
+from af3.config import AF3Config, write_json
 from af3.jsonfile import parse_json
+from af3.limits import check_fits, kv_cache_bytes
 
 # generation_config.json keys of an HF checkpoint that mean the same thing here.
 _HF_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens",
@@ -261,6 +262,10 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
                          f"exceeds the model's context of {limit} tokens; lower max_new_tokens")
     if cache is None:
         param = next(model.parameters())
+        if isinstance(getattr(model, "config", None), AF3Config):  # a crafted max_position_embeddings: not allocated
+            check_fits(kv_cache_bytes(model.config.text, batch, total, param.dtype), param.device,
+                       f"the KV cache for {batch} x {total:,} positions (prompt {prompt_len} + max_new_tokens "
+                       f"{config.max_new_tokens:,})", "lower max_new_tokens")
         cache = model.new_cache(batch, total, dtype=param.dtype, device=param.device)
     cached = int(cache.length)
     if cached >= prompt_len:

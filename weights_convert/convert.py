@@ -24,6 +24,7 @@ from af3.checkpoint import check_state
 from af3.config import AF3Config, ConfigError, is_af3_config
 from af3.generation import GenerationConfig
 from af3.jsonfile import read_json_file
+from af3.limits import check_layer_counts
 from af3.progress import format_size
 from weights_convert.layouts import Source, open_source, read_json
 from weights_convert.lora import LoraAdapter
@@ -88,6 +89,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     if config.text.tie_word_embeddings and LM_HEAD in mapped:
         _check_tied(mapped.pop(LM_HEAD), mapped.get(EMBED))
         notes.append("lm_head.weight dropped (tie_word_embeddings: it equals embed_tokens)")
+    check_layer_counts(config, mapped, f"checkpoint {src}")  # before building that many layers
     expected = expected_shapes(config)
     check_state({k: v.shape for k, v in mapped.items()}, expected, f"checkpoint {src}")
 
