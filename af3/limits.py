@@ -63,8 +63,8 @@ def check_layer_counts(config, names: Iterable[str], what: str) -> None:
     for tower, setting, n in (("encoder", "audio num_hidden_layers", config.audio.num_hidden_layers),
                               ("decoder", "text num_hidden_layers", config.text.num_hidden_layers)):
         layers = found[tower]
-        if layers != set(range(n)):
-            held = f"layers 0..{max(layers)}" if layers == set(range(len(layers))) and layers else (
+        if len(layers) != n or (layers and max(layers) != n - 1):  # not exactly 0..n-1 (never set(range(n)))
+            held = f"layers 0..{max(layers)}" if layers and max(layers) == len(layers) - 1 else (
                 f"{len(layers)} layer indices ({', '.join(map(str, sorted(layers)[:5]))}{', …' if len(layers) > 5 else ''})")
             raise ValueError(f"{what}: the config's {setting} is {n:,} but the weights hold {tower} {held}; "
                              "the config does not belong to these weights")
