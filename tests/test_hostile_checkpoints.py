@@ -226,3 +226,45 @@ def test_nested_json_in_a_source_is_invalid_json_naming_the_file(tiny, tmp_path,
         (src / name).write_text(NESTED)
     with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')}.*: not valid JSON \(nested too deeply\)"):
         convert(src, tmp_path / "out", adapter=adapter)
+
+
+# ---- --force and interrupted conversions -----------------------------------------------------
+
+
+def test_force_refuses_to_delete_files_af3_did_not_write(tiny, tmp_path, capsys) -> None:
+    from weights_convert.__main__ import main
+
+    dst = tmp_path / "out"
+    convert(tiny["hf"], dst)
+    (dst / "notes.md").write_text("my notes")
+    (dst / "adapter.safetensors").write_bytes(b"mine")
+    (dst / "runs").mkdir()
+    assert main([str(tiny["hf"]), str(dst), "--force", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert ("weights_convert: error: destination " + str(dst) + " holds 3 files a conversion does not write: "
+            "adapter.safetensors, notes.md, runs/; --force replaces only af3's own files") in err
+    assert (dst / "notes.md").read_text() == "my notes" and (dst / "adapter.safetensors").read_bytes() == b"mine"
+    for p in ("notes.md", "adapter.safetensors"):
+        (dst / p).unlink()
+    (dst / "runs").rmdir()
+    assert main([str(tiny["hf"]), str(dst), "--force", "--quiet"]) == 0  # af3's own files alone: replaced
+
+
+def test_partial_folders_of_dead_runs_are_removed_and_reported(tiny, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    dst = tmp_path / "out"
+    left = tmp_path / f".out.partial-{dead_pid}"
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(bytes(3_000_000))
+    alive = tmp_path / f".out.partial-{1}"  # pid 1 is always running: a conversion in progress
+    alive.mkdir()
+    other = tmp_path / f".elsewhere.partial-{dead_pid}"  # not a conversion to this destination
+    other.mkdir()
+    summary = convert(tiny["hf"], dst)
+    assert "removed 1 partial folder of interrupted conversions to " + str(dst) + " (3.0 MB)" in summary
+    assert not left.exists() and alive.is_dir() and other.is_dir()

@@ -10,8 +10,10 @@ Nothing is written to DST itself until everything has been checked.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -41,6 +43,9 @@ from weights_convert.safetensors_io import (
 
 DTYPE_CHOICES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 INDEX_NAME = "model.safetensors.index.json"
+# Every file a conversion writes: --force replaces a folder holding only these, nothing else.
+WRITTEN_FILES = ("config.json", "tokenizer.json", "generation_config.json", INDEX_NAME, "model.safetensors")
+_WRITTEN_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 LM_HEAD = "decoder.lm_head.weight"
 EMBED = "decoder.embed_tokens.weight"
 
@@ -71,13 +76,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     src, dst = Path(src), Path(dst)
     source = open_source(src)
     _check_destination(src, dst, force)
+    cleaned = remove_dead_partials(dst)
     try:
         config = AF3Config.from_hf(source.config, source.preprocessor)
     except ConfigError as e:
         raise ConfigError(f"{src} ({source.kind} layout), its config: {e}") from None
     _check_tokenizer(source.tokenizer, config)
     generation, note = _generation_config(source)  # parsed now, so a bad one fails before the long part
-    notes = [note]
+    notes = [note, *cleaned]
 
     # Map names and check them against the model before reading any data.
     mapped: dict[str, TensorInfo] = {}
@@ -175,6 +181,51 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
             raise ValueError(f"destination {dst} exists and is not an af3 checkpoint (no config.json with "
                              "\"format\": \"af3\"); --force only replaces af3 checkpoints: remove it "
                              "yourself or choose another directory")
+        if not dst.is_symlink():
+            foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in dst.iterdir() if not _written_by_us(p))
+            if foreign:
+                # Notes, an adapter of the user's own, ...: replacing the folder would delete them.
+                raise ValueError(f"destination {dst} holds {_plural(len(foreign), 'file')} a conversion does not "
+                                 f"write: {', '.join(foreign[:10])}{', …' if len(foreign) > 10 else ''}; --force "
+                                 "replaces only af3's own files: move these out of it first, or choose "
+                                 "another directory")
+
+
+def _written_by_us(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and (
+        path.name in WRITTEN_FILES or _WRITTEN_SHARD.fullmatch(path.name) is not None)
+
+
+def remove_dead_partials(dst: Path) -> list[str]:
+    """Remove the `.DST.partial-PID` folders of conversions to `dst` whose process is gone (killed
+    runs leave them, as large as the model); returns a note saying how much was removed."""
+    if not dst.parent.is_dir():
+        return []
+    removed, freed = 0, 0
+    for folder in dst.parent.glob(f".{glob.escape(dst.name)}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or not folder.is_dir() or folder.is_symlink() or _process_alive(int(pid)):
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed, freed = removed + 1, freed + size
+    if not removed:
+        return []
+    note = f"removed {_plural(removed, 'partial folder')} of interrupted conversions to {dst} ({format_size(freed)})"
+    return [note]
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's process: alive
+        return True
+    return True
 
 
 def _is_af3_checkpoint(folder: Path) -> bool:
