@@ -31,13 +31,19 @@ from af3.jsonfile import parse_json
 
 # The split pattern HF's ByteLevel pre-tokenizer uses when `use_regex` is true (GPT-2's).
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Qwen2's (AF3's) Split pattern.
+QWEN2_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                       r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 _NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")
 _CACHE_LIMIT = 100_000  # words; the cache is emptied when it grows past this, so memory stays bounded
 # A split regex from a tokenizer.json may backtrack catastrophically ((a|aa)+$ on 40 a's and a b):
-# matching one text may take this long plus this much per character before it is refused.
+# matching one text may take this long plus this much per character before it is refused. The
+# patterns of GPT-2 and Qwen2 match in linear time and run without the timeout, which costs the
+# `regex` module 3x on every match.
 REGEX_TIMEOUT_S = 1.0
 REGEX_TIMEOUT_PER_CHAR_S = 1e-6
+_LINEAR_PATTERNS = frozenset({GPT2_SPLIT_PATTERN, QWEN2_SPLIT_PATTERN})
 
 # Unicode fidelity. HF tokenizers matches its split regex with Oniguruma, whose Unicode tables are
 # older (15.x) than those of the `regex` module (17.0). These code points are unassigned there, so
@@ -354,23 +360,39 @@ class Tokenizer:
         """Append the ids of text that holds no added token."""
         for form in self._normal_forms:
             text = unicodedata.normalize(form, text)
-        # Characters HF's regex engine does not know are split as the unassigned code points they are there.
-        masked = _HF_UNASSIGNED.sub(_UNASSIGNED_STAND_IN, text) if _HF_UNASSIGNED.search(text) else text
-        words = [masked]
+        start = len(ids)
+        if not self._encode_words(self._split(text), ids):
+            # A character HF's regex engine does not know (see HF_UNASSIGNED): split again with each
+            # such character standing in as the unassigned code point it is there; same cuts, real text.
+            del ids[start:]
+            cuts = accumulate(map(len, self._split(_HF_UNASSIGNED.sub(_UNASSIGNED_STAND_IN, text))), initial=0)
+            self._encode_words([text[a:b] for a, b in pairwise(cuts)], ids, split_as_hf=True)
+
+    def _split(self, text: str) -> list[str]:
+        words = [text]
         for pattern in self._split_patterns:
             words = [piece for word in words for piece in _split_isolated(pattern, word, self._source)]
-        if masked is not text:  # the same cuts, in the real text
-            cuts = list(accumulate(map(len, words), initial=0))
-            words = [text[a:b] for a, b in pairwise(cuts)]
+        return words
+
+    def _encode_words(self, words: list[str], ids: list[int], split_as_hf: bool = False) -> bool:
+        """Append the ids of `words`; False (and stop) at a word holding an HF_UNASSIGNED character
+        unless the words were `split_as_hf`. Such words are never cached, so every cached word is
+        free of them and only uncached words need the check."""
         cache = self._cache
         for word in words:
             word_ids = cache.get(word)
             if word_ids is None:
+                if not word.isascii() and _HF_UNASSIGNED.search(word):
+                    if not split_as_hf:
+                        return False
+                    ids.extend(self._encode_word(word))
+                    continue
                 word_ids = self._encode_word(word)
                 if len(cache) >= _CACHE_LIMIT:
                     cache.clear()
                 cache[word] = word_ids
             ids.extend(word_ids)
+        return True
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
         # UTF-8 bytes -> one Latin-1 char per byte -> printable stand-ins, all in C.
@@ -463,6 +485,8 @@ class Tokenizer:
 
 def _split_isolated(pattern: regex.Pattern, text: str, source: str = "tokenizer.json") -> list[str]:
     """HF's Split(behavior=Isolated): every match is a word and so is every gap between matches."""
+    if pattern.pattern in _LINEAR_PATTERNS:
+        return _split_isolated_within(pattern, text, None)
     timeout = REGEX_TIMEOUT_S + REGEX_TIMEOUT_PER_CHAR_S * len(text)
     try:
         return _split_isolated_within(pattern, text, timeout)
@@ -471,7 +495,7 @@ def _split_isolated(pattern: regex.Pattern, text: str, source: str = "tokenizer.
                          f"a text of {len(text)} characters (it backtracks catastrophically); fix the pattern") from None
 
 
-def _split_isolated_within(pattern: regex.Pattern, text: str, timeout: float) -> list[str]:
+def _split_isolated_within(pattern: regex.Pattern, text: str, timeout: float | None) -> list[str]:
     if not pattern.groups:
         words = pattern.findall(text, timeout=timeout)
         if sum(map(len, words)) == len(text):  # the usual case: the pattern covers the whole text
