@@ -41,7 +41,7 @@ MAX_DOWNLOAD_BYTES = 256 * 2**20  # 10 minutes of 48 kHz 24-bit stereo WAV is 17
 # torchaudio's resampler builds a (new, orig + 2 * width) polyphase filter from the two rates divided by
 # their gcd: tiny for 44.1 / 48 / 8 kHz, but billions of elements for a rate such as 44 101 Hz.
 MAX_RESAMPLE_FILTER = 2**24  # elements
-BLOCK_BYTES = 2**24  # float32 samples (all channels) decoded at a time: 16 MiB, ~44 s of 48 kHz stereo
+BLOCK_BYTES = 2**25  # float32 samples (all channels) decoded at a time: 32 MiB, ~87 s of 48 kHz stereo
 
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | np.ndarray | torch.Tensor
 

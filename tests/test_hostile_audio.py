@@ -134,8 +134,9 @@ def test_flac_bomb_decodes_in_bounded_memory(tmp_path) -> None:
     assert path.stat().st_size < 200_000
     mb, n, peak = peak_rss_mb("", f"af3.audio.load_audio({str(path)!r})")
     assert (n, peak) == (60 * SR, 0.0)
-    # Decoded whole, it peaked at 316 MB here; block by block: one 16 MiB block and its by-products.
-    assert mb < 120, f"decoding the bomb took {mb:.0f} MB more"
+    # Decoded whole, it peaked at 316 MB more here; block by block, 121 MB (one 32 MiB block, its
+    # by-products and the 3.8 MB result).
+    assert mb < 170, f"decoding the bomb took {mb:.0f} MB more"
 
 
 def test_long_array_is_cut_before_it_is_converted() -> None:
