@@ -182,14 +182,14 @@ def test_nul_in_names_names_the_file_and_field(tiny, tmp_path) -> None:
     ckpt = copy_of(tiny["af3-sharded"], tmp_path / "ckpt")
     edit_json(ckpt / "model.safetensors.index.json",
               lambda d: d["weight_map"].update({next(iter(d["weight_map"])): "model\0.safetensors"}))
-    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: weight_map\[.*\]: shard name "
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: weight_map: shard name "
                                          r"'model\\x00\.safetensors' holds a NUL character"):
         af3.load(ckpt)
     src = copy_of(tiny["hf-sharded"], tmp_path / "src")
     edit_json(src / "model.safetensors.index.json",
               lambda d: d["weight_map"].update({next(iter(d["weight_map"])): "model\0.safetensors"}))
-    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: weight_map: shard "
-                                         r"'model\\x00\.safetensors' is not a file name \(it holds a NUL"):
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: weight_map: shard name "
+                                         r"'model\\x00\.safetensors' holds a NUL character"):
         convert(src, tmp_path / "out")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from af3.checkpoint import shard_path
 from af3.config import is_af3_config
 from af3.jsonfile import read_json_file
 from weights_convert.safetensors_io import TensorInfo, read_header
@@ -144,17 +145,13 @@ def _read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], int]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: no \"weight_map\" object")
-        odd = next((f for f in weight_map.values() if not isinstance(f, str) or "\0" in f), None)
+        odd = next((f for f in weight_map.values() if not isinstance(f, str)), None)
         if odd is not None:
-            raise ValueError(f"{index}: weight_map: shard {odd!r} is not a file name"
-                             + (" (it holds a NUL character)" if isinstance(odd, str) else ""))
+            raise ValueError(f"{index}: shard {odd!r} is not a file name")
         files = sorted(set(weight_map.values()))
         tensors: dict[str, TensorInfo] = {}
         for file in files:
-            path = (folder / str(file)).resolve()
-            # An index could point anywhere; only files inside the checkpoint folder are read.
-            if not isinstance(file, str) or path.parent != folder.resolve():
-                raise ValueError(f"{index}: shard {file!r} is not a file inside {folder}")
+            path = shard_path(folder, file, index)  # an index could point anywhere: only the checkpoint's files
             for name, info in read_header(path).items():
                 if weight_map.get(name) != file:
                     raise ValueError(f"{path}: tensor {name!r} is not listed for this file in {index}")
