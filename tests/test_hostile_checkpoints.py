@@ -84,7 +84,7 @@ def test_frontend_sizes_no_frontend_has_are_refused_by_name(tiny, tmp_path, sett
 
 def test_converter_refuses_a_crafted_n_fft(tiny, tmp_path) -> None:
     src = copy_of(tiny["hf"], tmp_path / "src")
-    edit_json(src / "preprocessor_config.json", lambda d: d.update(n_fft=10**9))
+    edit_json(src / "processor_config.json", lambda d: d["feature_extractor"].update(n_fft=10**9))
     with pytest.raises(ValueError, match=r"frontend: n_fft 1,000,000,000 is longer than a 30 s window"):
         convert(src, tmp_path / "out")
 
@@ -208,7 +208,8 @@ def test_nested_json_in_a_checkpoint_is_invalid_json_naming_the_file(tiny, tmp_p
 
 
 @pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer.json",
-                                  "preprocessor_config.json", "model.safetensors.index.json", "adapter_config.json",
+                                  "processor_config.json", "tokenizer_config.json", "model.safetensors.index.json",
+                                  "adapter_config.json",
                                   "header"])
 def test_nested_json_in_a_source_is_invalid_json_naming_the_file(tiny, tmp_path, name) -> None:
     src = copy_of(tiny["hf-sharded"], tmp_path / "src")
