@@ -269,3 +269,16 @@ def test_partial_folders_of_dead_runs_are_removed_and_reported(tiny, tmp_path) -
     summary = convert(tiny["hf"], dst)
     assert "removed 1 partial folder of interrupted conversions to " + str(dst) + " (3.0 MB)" in summary
     assert not left.exists() and alive.is_dir() and other.is_dir()
+
+
+def test_nested_json_in_a_manifest_or_trainer_state_names_the_file(tiny, tmp_path) -> None:
+    from af3.finetune import STATE_FILE, latest_checkpoint, read_manifest
+
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text(NESTED + "\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl:1: not valid JSON \(nested too deeply\)"):
+        read_manifest(manifest, af3.load(tiny["af3"]).processor)
+    (tmp_path / "run" / "checkpoint-000010").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-000010" / STATE_FILE).write_text(NESTED)
+    with pytest.raises(ValueError, match=rf"checkpoint-000010/{STATE_FILE}: not valid JSON \(nested too deeply\)"):
+        latest_checkpoint(tmp_path / "run")
