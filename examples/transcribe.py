@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", default=None, help='instruction (default: "Transcribe the input speech.")')
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help=DTYPE_HELP)
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the decoder's linear weights while loading a float checkpoint "
+                        "(a checkpoint converted with --quantize needs no flag)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's setting")
     p.add_argument("--batch-size", type=int, default=4, help="files transcribed together (default 4)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the checkpoint's sampling")
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     device, dtype = device_and_dtype(args.device, args.dtype)
     try:
-        model = af3.load(args.checkpoint, device=device, dtype=dtype)
+        model = af3.load(args.checkpoint, device=device, dtype=dtype, quantize=args.quantize)
     except (OSError, ValueError, TypeError, RuntimeError) as e:
         print_error(f"cannot load checkpoint {args.checkpoint}: {e}", FLAGS)
         return 2
