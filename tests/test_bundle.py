@@ -164,9 +164,9 @@ def test_failed_turn_leaves_the_chat_as_it_was(tiny):
     state = (list(session.history), session.ids.clone(), session.cache.length)
 
     def explode(piece):
-        raise KeyboardInterrupt  # the user stops a streamed reply half-way
+        raise KeyboardInterrupt("stopped by the user")  # the user stops a streamed reply half-way
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="stopped by the user"):
         session.ask("Say more.", stream=explode, **GREEDY)
     with pytest.raises(ValueError, match="start a new chat"):
         session.ask("Say more.", max_new_tokens=300)
