@@ -1,9 +1,10 @@
 """`generate` against transformers' `generate` with every logits processor doing real work.
 
 A processor that never changes the output cannot be checked by comparing outputs, so each test
-here first shows, on transformers' side, that its setting changes the tokens (the penalty on
-prompt tokens, top-k, top-p), then that af3 gives transformers' tokens. The batch holds a 45 s
-clip (two encoder windows) beside a short one, left-padded, with an eos that stops rows apart.
+also shows that its setting changes the tokens (the penalty on prompt tokens, top-k, top-p,
+temperature; shown with transformers, or with af3 once af3 is equal to transformers). The batch
+holds a 45 s clip (two encoder windows) beside a 20 s one, left-padded; under the penalty an eos
+stops one row early.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from tests.model_helpers import TINY_AUDIO_ID, hf_to_af3_model, tiny_hf_model
 from tests.test_generation import PAD, left_pad
 
 N_NEW = 12
+
+# The text of each prompt holds ids the model goes on to produce unpenalised (147, 142, 14), so
+# the penalty on prompt tokens changes the output; audio goes after the first ids.
+PROMPTS = [[5, 6, 9, 147, 8], [11, 142, 14]]
+EOS = 150  # row 1 reaches it at its third new token under the penalty, row 0 never does
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +38,10 @@ def batch():
     fmask = torch.zeros(3, 3000, dtype=torch.long)
     fmask[0], fmask[1, :1500], fmask[2, :2000] = 1, 1, 1
     sounds = [750 + 375, 500]  # (valid frames + 1) // 4 per window
-    # Prompt text holds ids the model goes on to produce, so the penalty on prompt tokens matters.
     rows = [PROMPTS[0][:3] + [TINY_AUDIO_ID] * sounds[0] + PROMPTS[0][3:],
             PROMPTS[1][:1] + [TINY_AUDIO_ID] * sounds[1] + PROMPTS[1][1:]]
     ids, mask = left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, "input_features": feats, "input_features_mask": fmask}
-
-
-# The text of each prompt holds ids the model goes on to produce unpenalised (147, 142, 14), so
-# the penalty on prompt tokens changes the output; audio goes after the first ids.
-PROMPTS = [[5, 6, 9, 147, 8], [11, 142, 14]]
-EOS = 150  # row 1 reaches it at its third new token under the penalty, row 0 never does
 
 
 def hf_generate(hf, inputs, seed: int | None = None, **kw):
@@ -90,7 +89,8 @@ def test_greedy_with_the_penalty_on_prompt_tokens_equals_transformers(models, ba
 # (name, the setting under test, the same with that processor switched off)
 SAMPLING = [
     ("top_k", {"temperature": 1.0, "top_k": 5, "top_p": 1.0}, {"top_k": 0}),
-    ("top_p", {"temperature": 1.0, "top_k": 0, "top_p": 0.5}, {"top_p": 1.0}),
+    # 0.7, not 0.5: at 0.5 a top-p that dropped mass <= top_p instead of <= 1 - top_p would pass.
+    ("top_p", {"temperature": 1.0, "top_k": 0, "top_p": 0.7}, {"top_p": 1.0}),
     ("temperature", {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05},
      {"temperature": 1.0}),
 ]
