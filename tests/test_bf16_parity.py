@@ -198,6 +198,24 @@ def test_projector_bf16_equals_transformers():
         assert_bits_equal(ours(x), theirs(x))
 
 
+def test_projector_without_bias_has_none_and_equals_transformers():
+    """projector_bias=False (not AF3's setting, but a config field): no bias tensors at all."""
+    from transformers.models.audioflamingo3.modeling_audioflamingo3 import (
+        AudioFlamingo3MultiModalProjector,
+    )
+
+    config = SimpleNamespace(audio_config=SimpleNamespace(hidden_size=16), text_config=SimpleNamespace(hidden_size=32),
+                             projector_bias=False, projector_hidden_act="gelu")
+    theirs = noisy_(AudioFlamingo3MultiModalProjector(config), seed=12)
+    ours = Projector(SimpleNamespace(audio=SimpleNamespace(hidden_size=16), text=SimpleNamespace(hidden_size=32),
+                                     projector_bias=False))
+    assert sorted(ours.state_dict()) == ["linear1.weight", "linear2.weight"]
+    ours.load_state_dict({k.replace("_", ""): v for k, v in theirs.state_dict().items()}, strict=True)
+    x = randn(2, 5, 16, seed=13)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # The whole model in bf16.
 
