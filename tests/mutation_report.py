@@ -2,7 +2,9 @@
 
 Reads mutmut's results (mutants/af3/*.py.meta) for the mutant names given on the command line
 (fnmatch patterns, as `mutmut run` takes them). A mutant counts as killed when a test failed or
-timed out under it; the kill rate is killed / (killed + survived). Show one with `mutmut show NAME`.
+timed out under it; one that no selected test runs ("no tests") counts as a survivor. The kill
+rate is killed / (killed + survived + no tests); mutants not checked yet are left out of it.
+Show one with `mutmut show NAME`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 KILLED = {1: "killed", 3: "killed", 36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout",
           255: "timeout"}
+NO_TESTS = {5, 33}
 
 
 def main(patterns: list[str]) -> int:
@@ -30,20 +33,22 @@ def main(patterns: list[str]) -> int:
             continue
         status = Counter()
         for name, code in sorted(picked.items()):
-            kind = KILLED.get(code, "survived" if code == 0 else "not checked" if code is None else f"exit {code}")
+            kind = KILLED.get(code, "survived" if code == 0 else "no tests" if code in NO_TESTS
+                              else "not checked" if code is None else f"exit {code}")
             status["killed" if kind in ("killed", "timeout") else kind] += 1
-            if kind == "survived":
-                print(f"survived: {name}")
+            if kind in ("survived", "no tests"):
+                print(f"{kind}: {name}")
         totals.update(status)
-        done = status["killed"] + status["survived"]
-        rate = f"{100 * status['killed'] / done:.1f}%" if done else "-"
-        print(f"{meta.name.removesuffix('.py.meta'):12s} killed {status['killed']:4d}  survived "
-              f"{status['survived']:4d}  other {sum(status.values()) - done:4d}  kill rate {rate}")
-    done = totals["killed"] + totals["survived"]
-    if done:
-        print(f"{'all':12s} killed {totals['killed']:4d}  survived {totals['survived']:4d}  "
-              f"kill rate {100 * totals['killed'] / done:.1f}%")
+        print(summary(meta.name.removesuffix(".py.meta"), status))
+    print(summary("all", totals))
     return 0
+
+
+def summary(name: str, status: Counter) -> str:
+    done = status["killed"] + status["survived"] + status["no tests"]
+    rate = f"{100 * status['killed'] / done:.1f}%" if done else "-"
+    return (f"{name:12s} killed {status['killed']:4d}  survived {status['survived']:4d}  no tests "
+            f"{status['no tests']:4d}  not checked {status['not checked']:4d}  kill rate {rate}")
 
 
 if __name__ == "__main__":

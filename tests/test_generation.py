@@ -128,7 +128,7 @@ def hf_processors(cfg: GenerationConfig, pad_lengths: torch.Tensor | None):
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), do_sample=st.booleans(),
-       penalty=st.sampled_from([1.0, 1.05, 1.3, 0.8]), temperature=st.sampled_from([1.0, 0.7, 1.6]),
+       penalty=st.sampled_from([1.0, 1.05, 1.3, 0.8]), temperature=st.sampled_from([1.0, 0.7, 1.6, 2.0]),
        top_k=st.sampled_from([0, 1, 5, 20, 100]), top_p=st.sampled_from([1.0, 0.8, 0.3, 0.01]))
 def test_processing_matches_transformers(seed, do_sample, penalty, temperature, top_k, top_p):
     g = torch.Generator().manual_seed(seed)
