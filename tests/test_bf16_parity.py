@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import af3.attention
+from af3.attention import attention, repeat_kv
 from af3.encoder import EncoderLayer, layer_norm
 from af3.projector import Projector
 from af3.qwen2 import DecoderAttention, RMSNorm, apply_rope, causal_mask, rope_cos_sin
@@ -146,6 +148,24 @@ def test_decoder_attention_bf16_equals_qwen2(qwen2_attention, use_sdpa):
             diff = (mine.float() - ref.float()).abs()
             assert diff.max() <= scale * 2**-6 and diff.mean() <= scale * 2**-9, (
                 f"max {diff.max().item()}, mean {diff.mean().item()}, scale {scale}")
+
+
+def test_repeat_kv_equals_qwen2s():
+    from transformers.models.qwen2.modeling_qwen2 import repeat_kv as hf_repeat_kv
+
+    k = randn(2, 4, 5, HEAD_DIM, seed=14).to(BF16)
+    assert_bits_equal(repeat_kv(k, 7), hf_repeat_kv(k, 7))
+    assert repeat_kv(k, 1) is k
+
+
+def test_sdpa_without_native_gqa_equals_native(monkeypatch):
+    """torch < 2.5 has no enable_gqa: the keys and values are repeated instead (same result)."""
+    q = randn(2, 28, 6, HEAD_DIM, seed=15).to(BF16)
+    k, v = randn(2, 4, 9, HEAD_DIM, seed=16).to(BF16), randn(2, 4, 9, HEAD_DIM, seed=17).to(BF16)
+    mask = torch.arange(9)[None, None, None, :] < torch.tensor([9, 5])[:, None, None, None]  # (B, 1, 1, 9)
+    native = attention(q, k, v, mask, scale=HEAD_DIM**-0.5)
+    monkeypatch.setattr(af3.attention, "_SDPA_GQA", False)
+    assert_bits_equal(attention(q, k, v, mask, scale=HEAD_DIM**-0.5), native)
 
 
 def test_encoder_layer_bf16_equals_transformers():
