@@ -16,15 +16,19 @@ import json
 import sys
 from pathlib import Path
 
-# Run from a clone without installing: make the repository importable.
+# Run from a clone without installing: make the repository importable. torch loads after --help.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
+from examples._common import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    DTYPE_NAMES,
+    as_flags,
+    device_and_dtype,
+    print_error,
+)
 
-import af3
-from af3.audio import load_audio
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLAGS = ("--max-new-tokens", "--batch-size", "--seed", "--dtype", "--device")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,9 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3) or http(s) URLs")
     p.add_argument("--checkpoint", required=True, help="af3 checkpoint directory (made by weights_convert)")
     p.add_argument("--prompt", default=None, help='instruction (default: "Transcribe the input speech.")')
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="weights dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help=DTYPE_HELP)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's setting")
     p.add_argument("--batch-size", type=int, default=4, help="files transcribed together (default 4)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the checkpoint's sampling")
@@ -58,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    import af3
+
+    device, dtype = device_and_dtype(args.device, args.dtype)
     try:
         model = af3.load(args.checkpoint, device=device, dtype=dtype)
     except (OSError, ValueError, TypeError, RuntimeError) as e:
-        print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+        print_error(f"cannot load checkpoint {args.checkpoint}: {e}", FLAGS)
         return 2
 
     gen: dict = {}
@@ -99,17 +103,27 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def transcribe_batch(model, paths: list[str], clips: list[torch.Tensor], prompt: str | None, gen: dict,
+def transcribe_batch(model, paths: list[str], clips: list, prompt: str | None, gen: dict,
                      stream: bool):
     """Yield (path, text, error) per file; a failing batch is retried file by file to find the culprit."""
     if stream:
-        print(f"{paths[0]}\t", end="", flush=True)
+        started = []  # the line starts with the first piece: a file that fails first prints nothing on stdout
+
+        def piece(text: str) -> None:
+            if not started:
+                print(f"{paths[0]}\t", end="")
+                started.append(True)
+            _print_piece(text)
+
         try:
-            text = model.transcribe(clips[0], prompt, stream=_print_piece, **gen)
+            text = model.transcribe(clips[0], prompt, stream=piece, **gen)
         except (ValueError, TypeError, RuntimeError) as e:
-            print(flush=True)
+            if started:
+                print(flush=True)  # end the partial line; the error goes to stderr
             yield paths[0], None, e
             return
+        if not started:
+            print(f"{paths[0]}\t", end="")
         print(flush=True)
         yield paths[0], text, None
         return
@@ -126,9 +140,16 @@ def transcribe_batch(model, paths: list[str], clips: list[torch.Tensor], prompt:
         yield path, text, None
 
 
+def load_audio(path: str):
+    """af3.audio.load_audio, imported on first use (so that --help does not load torch)."""
+    from af3.audio import load_audio as load
+
+    return load(path)
+
+
 def error_line(path: str, error: BaseException) -> str:
     """`error: <path>: <what>`, the path named once even when the message already names it."""
-    text = str(error)
+    text = as_flags(str(error), FLAGS)
     return f"error: {text}" if path in text else f"error: {path}: {text}"
 
 

@@ -21,8 +21,8 @@ def tiny(tmp_path_factory):
     from tests.tiny_checkpoint import tiny_hf_model, write_tiny_hf_checkpoint
 
     root = tmp_path_factory.mktemp("bundle")
-    # Context for a 45 s clip (1125 audio tokens) plus the prompt and the reply.
-    write_tiny_hf_checkpoint(root / "hf", seed=0, max_position_embeddings=CONTEXT)
+    # Every file by save_pretrained; context for a 45 s clip (1125 audio tokens), prompt and reply.
+    write_tiny_hf_checkpoint(root / "hf", style="new", seed=0, max_position_embeddings=CONTEXT)
     convert(root / "hf", root / "af3")
     return af3.load(root / "af3"), tiny_hf_model(seed=0, max_position_embeddings=CONTEXT), root / "hf"
 
@@ -31,17 +31,14 @@ CONTEXT = 2048
 
 
 @pytest.fixture(scope="module")
-def hf_processor(tiny, shared_tokenizer_dir):
-    """transformers' own AudioFlamingo3Processor on the checkpoint's tokenizer.json and
-    preprocessor_config.json (AF3's chat template from ../shared), padding on the left as for
-    generation."""
+def hf_processor(tiny):
+    """transformers' own AudioFlamingo3Processor, loaded from the files its save_pretrained wrote
+    (tokenizer, feature extractor, chat template), padding on the left as for generation."""
     import transformers
 
-    folder = tiny[2]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, padding_side="left")
-    extractor = transformers.WhisperFeatureExtractor.from_pretrained(folder)
-    template = (shared_tokenizer_dir / "chat_template.jinja").read_text()
-    return transformers.AudioFlamingo3Processor(extractor, tokenizer, chat_template=template)
+    processor = transformers.AudioFlamingo3Processor.from_pretrained(tiny[2])
+    processor.tokenizer.padding_side = "left"
+    return processor
 
 
 def clip(seconds: float, seed: int = 0) -> np.ndarray:
