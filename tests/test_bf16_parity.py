@@ -18,6 +18,7 @@ from af3.attention import attention, repeat_kv
 from af3.encoder import EncoderLayer, layer_norm
 from af3.projector import Projector
 from af3.qwen2 import DecoderAttention, RMSNorm, apply_rope, causal_mask, rope_cos_sin
+from tests.devices import needs_cuda
 from tests.model_helpers import TINY_AUDIO_ID, hf_to_af3_model, tiny_hf_model
 
 BF16 = torch.bfloat16
@@ -321,3 +322,16 @@ def test_whole_model_bf16_greedy_equals_transformers(wide_bf16):
     theirs = hf.generate(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask, **kw)
     mine = generate(ours, ids, mask, feats, fmask, **kw)
     assert torch.equal(mine, theirs)
+
+
+@needs_cuda
+def test_decoder_on_cuda_equals_cpu():
+    """Masks and positions are made on the input's device (a mask left on the CPU fails on CUDA)."""
+    model = hf_to_af3_model(tiny_hf_model(seed=4, **WIDE_TEXT))
+    ids = torch.tensor([[5, 6, 9, 30, 31, 40], [0, 0, 11, 12, 13, 14]])
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        got = model.cuda()(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-4)
