@@ -173,7 +173,7 @@ def test_transcribe_decodes_a_batch_at_a_time_and_keeps_repeats(files, capsys, m
     assert events == [("decode", a), ("decode", b), ("transcribe", a, b), ("decode", a), ("transcribe", a)]
 
 
-@pytest.mark.parametrize("name", ["transcribe", "chat", "train_step", "demo"])
+@pytest.mark.parametrize("name", ["transcribe", "chat", "train_step", "demo", "finetune"])
 def test_help_answers_without_importing_torch(name):
     import subprocess
 
