@@ -242,17 +242,17 @@ def _old_af3_checkpoint(dst):
     """A stand-in for an earlier conversion: what --force may replace."""
     dst.mkdir()
     (dst / "config.json").write_text(json.dumps({"format": "af3", "format_version": 1}))
-    (dst / "keep.txt").write_text("old")
+    (dst / "model-00001-of-00003.safetensors").write_text("old")
 
 
 def test_existing_destination_needs_force(tmp_path, capsys, hf_src):
     dst = tmp_path / "af3"
     _old_af3_checkpoint(dst)
     expect_error(capsys, hf_src, dst, contains=("already exists", "--force"))
-    assert (dst / "keep.txt").is_file()
+    assert (dst / "model-00001-of-00003.safetensors").is_file()
     rc, _, err = run_cli(capsys, hf_src, dst, "--force")
     assert rc == 0, err
-    assert not (dst / "keep.txt").exists() and (dst / "config.json").is_file()
+    assert not (dst / "model-00001-of-00003.safetensors").exists() and (dst / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -449,7 +449,7 @@ def test_force_keeps_the_old_destination_if_the_swap_fails(tmp_path, capsys, hf_
 
     monkeypatch.setattr(convert_module.os, "rename", rename)
     expect_error(capsys, hf_src, dst, "--force", "--quiet", contains="No space left")
-    assert (dst / "keep.txt").read_text() == "old"  # put back, not left under a hidden name
+    assert (dst / "model-00001-of-00003.safetensors").read_text() == "old"  # put back, not left under a hidden name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["af3", "hf"]
 
 
