@@ -26,6 +26,8 @@ from af3.config import (
     QuantConfig,
     is_af3_config,
 )
+from af3.jsonfile import parse_json
+from af3.limits import check_layer_counts
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -63,6 +65,20 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
     from af3.model import AudioFlamingo3
 
     root = Path(root)
+    files = weight_files(root)
+    # Every name, shape and dtype from the headers, before any data is read, and the layer counts
+    # before the model is built: a crafted num_hidden_layers never builds a layer.
+    found: dict[str, tuple[int, ...]] = {}
+    stored: dict[str, str] = {}
+    for file, names in files.items():
+        with _open(file) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if names is not None and name not in names:
+                    raise ValueError(f"{file}: tensor {name!r} is not listed for this file in {INDEX_NAME}")
+                sl = f.get_slice(name)
+                found[name], stored[name] = tuple(sl.get_shape()), sl.get_dtype()
+    check_layer_counts(config, found, f"checkpoint {root}")
+
     with torch.device("meta"):
         model = AudioFlamingo3(config)
     if config.quantization is not None:  # the files hold the quantized layers' own tensors
@@ -74,27 +90,16 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
         quant.replace_linears(model, config.quantization)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     want_dtype = {k: v.dtype for k, v in model.state_dict().items()}
-    files = weight_files(root)
-
-    # Check every name, shape and dtype from the headers before reading any data.
-    found: dict[str, tuple[int, ...]] = {}
     not_float: list[str] = []
     not_quantized: list[str] = []
     total_bytes = 0
-    for file, names in files.items():
-        with _open(file) as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                if names is not None and name not in names:
-                    raise ValueError(f"{file}: tensor {name!r} is not listed for this file in {INDEX_NAME}")
-                sl = f.get_slice(name)
-                found[name] = tuple(sl.get_shape())
-                stored = sl.get_dtype()
-                want = want_dtype.get(name, torch.float32)
-                if want.is_floating_point and stored not in _FLOAT_BYTES:
-                    not_float.append(f"{name} ({stored})")
-                elif not want.is_floating_point and _INT_DTYPES.get(stored) != want:
-                    not_quantized.append(f"{name} ({stored}, wants {str(want).removeprefix('torch.')})")
-                total_bytes += math.prod(found[name]) * _FLOAT_BYTES.get(stored, 1)
+    for name, kind in stored.items():
+        want = want_dtype.get(name, torch.float32)
+        if want.is_floating_point and kind not in _FLOAT_BYTES:
+            not_float.append(f"{name} ({kind})")
+        elif not want.is_floating_point and _INT_DTYPES.get(kind) != want:
+            not_quantized.append(f"{name} ({kind}, wants {str(want).removeprefix('torch.')})")
+        total_bytes += math.prod(found[name]) * _FLOAT_BYTES.get(kind, 1)
     check_state(found, expected, f"checkpoint {root}")
     if not_float:  # every float parameter of AudioFlamingo3 must be stored as floating point
         raise ValueError(f"checkpoint {root}: {len(not_float)} tensors are not floating-point: "
@@ -155,11 +160,9 @@ def weight_files(root: Path) -> dict[Path, set[str] | None]:
     """Shard path -> the names the index lists for it (None for a single model.safetensors)."""
     index = root / INDEX_NAME
     if index.is_file():
-        import json
-
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
+            weight_map = parse_json(index.read_bytes(), str(index))["weight_map"]
+        except (KeyError, TypeError) as e:
             raise ValueError(f"{index}: not a safetensors index (no weight_map: {e})") from None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: weight_map is a {type(weight_map).__name__}, not an object "
@@ -185,6 +188,8 @@ def shard_path(folder: Path, file: object, index: Path) -> Path:
     folder that holds the snapshot (`folder` itself outside a hub cache): an index cannot make
     the loader read any other file on the machine.
     """
+    if isinstance(file, str) and "\0" in file:
+        raise ValueError(f"{index}: weight_map: shard name {file!r} holds a NUL character")
     if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file or "\\" in file:
         raise ValueError(f"{index}: shard {file!r} is not a file inside {folder}")
     folder = folder.resolve()
@@ -211,12 +216,7 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
     config = root / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found: {root} is not an af3 checkpoint directory")
-    import json
-
-    try:
-        d = json.loads(config.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{config}: not valid JSON ({e})") from None
+    d = parse_json(config.read_bytes(), str(config))
     if isinstance(d, dict) and not is_af3_config(d) and "audio_config" in d:
         raise ValueError(f"{root} is a Hugging Face checkpoint; convert it first:\n    {command}\n"
                          "then af3.load the new directory")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from af3.jsonfile import parse_json
+
 # The dtypes a checkpoint is saved and run in, by torch's names; short forms af3.load also takes.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPE_SHORT_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -186,6 +188,7 @@ class FrontendConfig:
             raise ConfigError(f"frontend: window of {self.n_samples} samples is not a multiple of "
                               f"hop_length {self.hop_length}")
         self.n_frames = self.n_samples // self.hop_length
+        _check_frontend_sizes(self)
 
     @property
     def max_samples(self) -> int:
@@ -215,6 +218,25 @@ class FrontendConfig:
             chunk_length=chunk,
             max_windows=max_windows,
         )
+
+
+# Per 30 s window, the frontend allocates the window's samples, its STFT and the mel filter bank
+# (AF3: 1.9 MB, 3.9 MB, 0.1 MB); a config asking for more than this is refused, not allocated.
+MAX_FRONTEND_BYTES = 2**30
+
+
+def _check_frontend_sizes(f: FrontendConfig) -> None:
+    """n_fft 10^9 allocated 4.7 GB before anything failed: refuse sizes no real frontend has."""
+    if f.n_fft > f.n_samples:
+        raise ConfigError(f"frontend: n_fft {f.n_fft:,} is longer than a {f.chunk_length} s window "
+                          f"({f.n_samples:,} samples)")
+    n_freqs = f.n_fft // 2 + 1
+    for setting, nbytes in (("sampling_rate x chunk_length (one window of samples)", f.n_samples * 4),
+                            ("n_fft and hop_length (the STFT of one window)", (f.n_frames + 1) * n_freqs * 8),
+                            ("n_fft and num_mel_bins (the mel filter bank)", n_freqs * f.num_mel_bins * 8)):
+        if nbytes > MAX_FRONTEND_BYTES:
+            raise ConfigError(f"frontend: {setting} would take {nbytes:,} bytes (at most {MAX_FRONTEND_BYTES:,} "
+                              "are accepted)")
 
 
 QUANT_SCHEMES = ("int8", "int4")
@@ -377,11 +399,10 @@ class AF3Config:
         """Read our config.json; every problem is a ConfigError (a ValueError) naming the file."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        try:
+            d = parse_json(Path(path).read_bytes(), str(path))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
         try:

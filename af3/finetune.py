@@ -35,6 +35,7 @@ from torch import nn
 from af3 import lora
 from af3.audio import MAX_SECONDS, SAMPLING_RATE, load_audio
 from af3.chat import AUDIO_KEYS, check_conversation
+from af3.jsonfile import parse_json
 from af3.processor import IGNORE_INDEX
 
 PARTS = ("encoder", "projector", "decoder")  # what --train may fine-tune in full
@@ -128,6 +129,8 @@ def _check_example(number: int, line: str, root: Path, processor: Any) -> Exampl
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply)") from None
     messages = record.get("messages") if isinstance(record, dict) else record
     check_conversation(messages)
     if not any(m["role"] == "assistant" for m in messages):
@@ -266,7 +269,7 @@ def load_parts(model: nn.Module, directory: str | os.PathLike) -> list[str]:
 
 def latest_checkpoint(output: Path) -> Path | None:
     """The checkpoint folder in `output` (checkpoint-NNNNNN/ or final/) with the most steps, or None."""
-    found = [(json.loads(state.read_text())["step"], state.parent)
+    found = [(parse_json(state.read_bytes(), str(state))["step"], state.parent)
              for pattern in ("checkpoint-*/" + STATE_FILE, "final/" + STATE_FILE) for state in output.glob(pattern)]
     return max(found, key=lambda f: f[0])[1] if found else None
 
@@ -274,7 +277,7 @@ def latest_checkpoint(output: Path) -> Path | None:
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
                     trained: list[str]) -> int:
     """Restore what save_checkpoint wrote; returns the step to continue from."""
-    state = json.loads((directory / STATE_FILE).read_text())
+    state = parse_json((directory / STATE_FILE).read_bytes(), str(directory / STATE_FILE))
     saved = TrainConfig(**state["config"])
     if saved != config:
         diff = {k: (v, getattr(config, k)) for k, v in asdict(saved).items() if getattr(config, k) != v}

@@ -9,7 +9,6 @@ transformers' `generate` on the same weights.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 import os
@@ -21,7 +20,9 @@ from typing import Any
 
 import torch
 
-from af3.config import is_int, write_json
+from af3.config import AF3Config, is_int, write_json
+from af3.jsonfile import parse_json
+from af3.limits import check_fits, kv_cache_bytes
 from af3.qwen2 import positions_from_mask
 
 # generation_config.json keys of an HF checkpoint that mean the same thing here.
@@ -125,10 +126,7 @@ class GenerationConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"generation config {path} does not exist")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"generation config {path} is not valid JSON: {e}") from None
+        d = parse_json(path.read_bytes(), f"generation config {path}")
         return cls.from_dict(d)
 
 
@@ -318,6 +316,10 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
         raise ValueError("cached > 0 needs the cache that holds those tokens")
     if own_cache:
         param = next(model.parameters())
+        if isinstance(getattr(model, "config", None), AF3Config):  # a crafted max_position_embeddings: not allocated
+            check_fits(kv_cache_bytes(model.config.text, batch, total, param.dtype), param.device,
+                       f"the KV cache for {batch} x {total:,} positions (prompt {prompt_len} + max_new_tokens "
+                       f"{config.max_new_tokens:,})", "lower max_new_tokens")
         cache = model.new_cache(batch, total, dtype=param.dtype, device=param.device)
     elif cache.max_len < total:
         raise ValueError(f"the cache has room for {cache.max_len} tokens but prompt + max_new_tokens = {total}; "

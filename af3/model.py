@@ -16,6 +16,7 @@ from torch import nn
 from af3.config import AF3Config, is_int
 from af3.encoder import AudioEncoder
 from af3.generation import GenerationConfig, generate
+from af3.limits import check_fits, kv_cache_bytes
 from af3.processor import IGNORE_INDEX
 from af3.projector import Projector
 from af3.qwen2 import KVCache, Qwen2Decoder, causal_mask, positions_from_mask
@@ -66,9 +67,11 @@ class AudioFlamingo3(nn.Module):
                 raise ValueError(f"{name} must be positive, got {v}")
         weight = self.decoder.embed_tokens.weight
         t = self.config.text
+        dtype, device = weight.dtype if dtype is None else dtype, weight.device if device is None else device
+        check_fits(kv_cache_bytes(t, batch_size, max_len, dtype), device,
+                   f"a KV cache of {batch_size} x {max_len:,} positions (max_len)", "lower max_len")
         return KVCache(t.num_hidden_layers, batch_size, t.num_key_value_heads, max_len, t.head_dim,
-                       dtype=weight.dtype if dtype is None else dtype,
-                       device=weight.device if device is None else device)
+                       dtype=dtype, device=device)
 
     # ---- audio --------------------------------------------------------------------------------
 

@@ -16,21 +16,57 @@ asking for anything else is refused with a ValueError rather than tokenised diff
 
 from __future__ import annotations
 
+import heapq
 import json
 import operator
 import unicodedata
 from collections.abc import Iterable
-from itertools import pairwise
+from itertools import accumulate, pairwise
 from pathlib import Path
 from typing import Any
 
 import regex
 
+from af3.jsonfile import parse_json
+
 # The split pattern HF's ByteLevel pre-tokenizer uses when `use_regex` is true (GPT-2's).
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Qwen2's (AF3's) Split pattern.
+QWEN2_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                       r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 _NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")
 _CACHE_LIMIT = 100_000  # words; the cache is emptied when it grows past this, so memory stays bounded
+# A split regex from a tokenizer.json may backtrack catastrophically ((a|aa)+$ on 40 a's and a b):
+# matching one text may take this long plus this much per character before it is refused. The
+# patterns of GPT-2 and Qwen2 match in linear time and run without the timeout, which costs the
+# `regex` module 3x on every match.
+REGEX_TIMEOUT_S = 1.0
+REGEX_TIMEOUT_PER_CHAR_S = 1e-6
+_LINEAR_PATTERNS = frozenset({GPT2_SPLIT_PATTERN, QWEN2_SPLIT_PATTERN})
+
+# Unicode fidelity. HF tokenizers matches its split regex with Oniguruma, whose Unicode tables are
+# older (15.x) than those of the `regex` module (17.0). These code points are unassigned there, so
+# HF's \p{L} / \p{N} do not match them, while ours would (e.g. "\U0001df79's": HF splits "'" and
+# "s", the newer tables "'s"). They are the only difference over all 1 112 064 code points
+# (17 480 of them, measured against tokenizers 0.23.3 with AF3's pattern and GPT-2's). af3 matches
+# HF: text holding one is split with each such character standing in as an unassigned one.
+HF_UNASSIGNED = (
+    (0x558, 0x558), (0x58b, 0x58c), (0x88f, 0x88f), (0xc5c, 0xc5c), (0xcdc, 0xcdc), (0x208f, 0x208f),
+    (0x209d, 0x209f), (0xa7ce, 0xa7cf), (0xa7d2, 0xa7d2), (0xa7d4, 0xa7d4), (0xa7dd, 0xa7dd),
+    (0xa7e2, 0xa7e2), (0xa7f1, 0xa7f1), (0xab6c, 0xab6d), (0x107bb, 0x107bf), (0x10940, 0x10959),
+    (0x10ec5, 0x10ec7), (0x10ed9, 0x10eee), (0x11b0a, 0x11b0a), (0x11db0, 0x11ddb), (0x11de0, 0x11de9),
+    (0x11df1, 0x11df1), (0x1246f, 0x1246f), (0x12475, 0x1247f), (0x12550, 0x12686), (0x16ea0, 0x16eb8),
+    (0x16ebb, 0x16ed3), (0x16ff2, 0x16ff6), (0x187f8, 0x187ff), (0x18cd6, 0x18cda), (0x18d09, 0x18d20),
+    (0x18d80, 0x18df2), (0x18e00, 0x19191), (0x191a0, 0x191d2), (0x1b123, 0x1b128), (0x1b168, 0x1b168),
+    (0x1d6a6, 0x1d6a6), (0x1df1f, 0x1df24), (0x1df2b, 0x1df81), (0x1df90, 0x1df96), (0x1dfcd, 0x1dfff),
+    (0x1e6c0, 0x1e6de), (0x1e6e0, 0x1e6e2), (0x1e6e4, 0x1e6e5), (0x1e6e7, 0x1e6ed), (0x1e6f0, 0x1e6f4),
+    (0x1e6fe, 0x1e6ff), (0x2b73a, 0x2b73f), (0x2b81e, 0x2b81e), (0x2cea2, 0x2cead), (0x323b0, 0x33479),
+    (0x3d000, 0x3fc3f),
+)
+_HF_UNASSIGNED = regex.compile("[" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in HF_UNASSIGNED) + "]")
+_UNASSIGNED_STAND_IN = "\U0010fffe"  # a noncharacter: unassigned in every version, so no class of the pattern
+_ADDED_END = ""  # key of a trie node that ends an added token (every other key is one character)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -99,10 +135,7 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        try:
-            spec = json.loads(path.read_bytes())  # bytes: UTF-8 checked by json
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        spec = parse_json(path.read_bytes(), str(path))
         return cls(spec, pad_token=pad_token, eos_token=eos_token, source=str(path))
 
     # ---- reading tokenizer.json ----------------------------------------------------------------
@@ -241,9 +274,17 @@ class Tokenizer:
             self._added[content] = token_id
             if token.get("special"):
                 self._special_ids.add(token_id)
-        # Longest first, so at any position the alternation takes the longest added token (HF's rule).
-        alternatives = sorted(self._added, key=len, reverse=True)
-        self._added_pattern = regex.compile("|".join(map(regex.escape, alternatives))) if alternatives else None
+        # A trie of the added tokens, and a pattern that finds where one may start: matching costs the
+        # length of the match at each candidate position, however many tokens there are (one
+        # alternation of 300 000 took 19 s to compile and 9 s to run over 10 000 characters).
+        self._added_trie: dict[str, Any] = {}
+        for content, token_id in self._added.items():
+            node = self._added_trie
+            for c in content:
+                node = node.setdefault(c, {})
+            node[_ADDED_END] = token_id
+        firsts = "".join(sorted(self._added_trie))
+        self._added_starts = regex.compile(f"[{regex.escape(firsts, special_only=False)}]") if firsts else None
         self._id_to_token: dict[int, str] = {i: t for t, i in self._vocab.items()}
         self._id_to_token.update({i: t for t, i in self._added.items()})
         self._token_to_id = {**self._vocab, **self._added}
@@ -283,15 +324,12 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         ids: list[int] = []
-        if self._added_pattern is None:
-            self._encode_ordinary(text, ids)
-            return ids
         start = 0
-        for match in self._added_pattern.finditer(text):
-            if match.start() > start:
-                self._encode_ordinary(text[start:match.start()], ids)
-            ids.append(self._added[match.group()])
-            start = match.end()
+        for begin, end, token_id in self._find_added(text):
+            if begin > start:
+                self._encode_ordinary(text[start:begin], ids)
+            ids.append(token_id)
+            start = end
         if start < len(text):
             self._encode_ordinary(text[start:], ids)
         return ids
@@ -333,22 +371,62 @@ class Tokenizer:
 
     # ---- internals -----------------------------------------------------------------------------
 
+    def _find_added(self, text: str) -> Iterable[tuple[int, int, int]]:
+        """(start, end, id) of the added tokens in `text`: at the leftmost position where one starts,
+        the longest one there (HF's rule), then on from its end."""
+        if self._added_starts is None:
+            return
+        trie, resume = self._added_trie, 0
+        for candidate in self._added_starts.finditer(text):
+            begin = candidate.start()
+            if begin < resume:
+                continue  # inside the token just found
+            node, longest, i = trie, None, begin
+            while i < len(text) and (node := node.get(text[i])) is not None:
+                i += 1
+                if _ADDED_END in node:
+                    longest = (i, node[_ADDED_END])
+            if longest is not None:
+                yield begin, longest[0], longest[1]
+                resume = longest[0]
+
     def _encode_ordinary(self, text: str, ids: list[int]) -> None:
         """Append the ids of text that holds no added token."""
         for form in self._normal_forms:
             text = unicodedata.normalize(form, text)
+        start = len(ids)
+        if not self._encode_words(self._split(text), ids):
+            # A character HF's regex engine does not know (see HF_UNASSIGNED): split again with each
+            # such character standing in as the unassigned code point it is there; same cuts, real text.
+            del ids[start:]
+            cuts = accumulate(map(len, self._split(_HF_UNASSIGNED.sub(_UNASSIGNED_STAND_IN, text))), initial=0)
+            self._encode_words([text[a:b] for a, b in pairwise(cuts)], ids, split_as_hf=True)
+
+    def _split(self, text: str) -> list[str]:
         words = [text]
         for pattern in self._split_patterns:
-            words = [piece for word in words for piece in _split_isolated(pattern, word)]
+            words = [piece for word in words for piece in _split_isolated(pattern, word, self._source)]
+        return words
+
+    def _encode_words(self, words: list[str], ids: list[int], split_as_hf: bool = False) -> bool:
+        """Append the ids of `words`; False (and stop) at a word holding an HF_UNASSIGNED character
+        unless the words were `split_as_hf`. Such words are never cached, so every cached word is
+        free of them and only uncached words need the check."""
         cache = self._cache
         for word in words:
             word_ids = cache.get(word)
             if word_ids is None:
+                if not word.isascii() and _HF_UNASSIGNED.search(word):
+                    if not split_as_hf:
+                        return False
+                    ids.extend(self._encode_word(word))
+                    continue
                 word_ids = self._encode_word(word)
                 if len(cache) >= _CACHE_LIMIT:
                     cache.clear()
                 cache[word] = word_ids
             ids.extend(word_ids)
+        return True
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
         # UTF-8 bytes -> one Latin-1 char per byte -> printable stand-ins, all in C.
@@ -370,28 +448,41 @@ class Tokenizer:
                              f"(a merge or byte token is missing from the file)") from None
 
     def _bpe(self, chars: str) -> list[str]:
-        """Merge adjacent pieces, always the pair with the lowest merge rank, until none applies."""
-        parts = list(chars)
+        """Merge adjacent pieces, always the pair with the lowest merge rank (leftmost first), until
+        none applies.
+
+        As HF tokenizers does it: a heap of (rank, position) over the candidate pairs and a linked
+        list of pieces, so a word of n characters costs O(n log n), not O(n^2) (a 64 000-letter
+        "word" of base64 or unspaced CJK took 34 s with rescans). Entries made stale by an earlier
+        merge are skipped when they come up.
+        """
         ranks = self._ranks
-        while len(parts) > 1:
-            best_rank, best = None, None
-            for pair in pairwise(parts):
-                rank = ranks.get(pair)
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best_rank, best = rank, pair
-            if best is None:
-                break
-            first, second = best
-            merged, i, n = [], 0, len(parts)
-            while i < n:  # merge every occurrence, left to right (what HF's lowest-(rank, position) order does)
-                if i + 1 < n and parts[i] == first and parts[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        return parts
+        parts: list[str | None] = list(chars)
+        if len(parts) < 2:
+            return parts
+        heap = [(r, i) for i, pair in enumerate(pairwise(parts)) if (r := ranks.get(pair)) is not None]
+        if not heap:
+            return parts
+        heapq.heapify(heap)
+        following = [*range(1, len(parts)), -1]  # index of the next live piece, -1 at the end
+        preceding = list(range(-1, len(parts) - 1))
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = following[i]
+            left = parts[i]
+            if left is None or j < 0 or ranks.get((left, parts[j])) != rank:
+                continue  # stale: one of the two pieces has been merged since this entry was made
+            merged = parts[i] = left + parts[j]
+            parts[j] = None
+            k = following[i] = following[j]
+            if k >= 0:
+                preceding[k] = i
+                if (r := ranks.get((merged, parts[k]))) is not None:
+                    heapq.heappush(heap, (r, i))
+            h = preceding[i]
+            if h >= 0 and (r := ranks.get((parts[h], merged))) is not None:
+                heapq.heappush(heap, (r, h))
+        return [p for p in parts if p is not None]
 
     def _bytes_of(self, token_id: int) -> bytes:
         token = self._id_to_token[self._check_id(token_id)]
@@ -437,14 +528,25 @@ class Tokenizer:
         return [i if type(i) is int and i >= 0 else self._check_index(i) for i in ids]
 
 
-def _split_isolated(pattern: regex.Pattern, text: str) -> list[str]:
+def _split_isolated(pattern: regex.Pattern, text: str, source: str = "tokenizer.json") -> list[str]:
     """HF's Split(behavior=Isolated): every match is a word and so is every gap between matches."""
+    if pattern.pattern in _LINEAR_PATTERNS:
+        return _split_isolated_within(pattern, text, None)
+    timeout = REGEX_TIMEOUT_S + REGEX_TIMEOUT_PER_CHAR_S * len(text)
+    try:
+        return _split_isolated_within(pattern, text, timeout)
+    except TimeoutError:
+        raise ValueError(f"{source}: the pre-tokenizer regex {pattern.pattern!r} took more than {timeout:.1f} s on "
+                         f"a text of {len(text)} characters (it backtracks catastrophically); fix the pattern") from None
+
+
+def _split_isolated_within(pattern: regex.Pattern, text: str, timeout: float | None) -> list[str]:
     if not pattern.groups:
-        words = pattern.findall(text)
+        words = pattern.findall(text, timeout=timeout)
         if sum(map(len, words)) == len(text):  # the usual case: the pattern covers the whole text
             return [w for w in words if w]
     words, start = [], 0
-    for match in pattern.finditer(text):
+    for match in pattern.finditer(text, timeout=timeout):
         if match.start() > start:
             words.append(text[start:match.start()])
         if match.end() > match.start():

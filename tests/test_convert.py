@@ -242,17 +242,17 @@ def _old_af3_checkpoint(dst):
     """A stand-in for an earlier conversion: what --force may replace."""
     dst.mkdir()
     (dst / "config.json").write_text(json.dumps({"format": "af3", "format_version": 1}))
-    (dst / "keep.txt").write_text("old")
+    (dst / "model-00001-of-00003.safetensors").write_text("old")
 
 
 def test_existing_destination_needs_force(tmp_path, capsys, hf_src):
     dst = tmp_path / "af3"
     _old_af3_checkpoint(dst)
     expect_error(capsys, hf_src, dst, contains=("already exists", "--force"))
-    assert (dst / "keep.txt").is_file()
+    assert (dst / "model-00001-of-00003.safetensors").is_file()
     rc, _, err = run_cli(capsys, hf_src, dst, "--force")
     assert rc == 0, err
-    assert not (dst / "keep.txt").exists() and (dst / "config.json").is_file()
+    assert not (dst / "model-00001-of-00003.safetensors").exists() and (dst / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -334,9 +334,9 @@ def test_interrupted_conversion_leaves_no_destination(tmp_path, hf_src):
     def stop_halfway(done, total, *_):
         calls.append(done)
         if done == total // 2:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("stopped half-way")
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="stopped half-way"):
         convert(hf_src, tmp_path / "af3", progress=stop_halfway)
     assert calls and not (tmp_path / "af3").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # the temporary directory is gone too
@@ -386,10 +386,10 @@ def test_usage_errors_are_one_line(capsys, hf_src, tmp_path):
         (["--max-shard-size", "0"], "'0' must be at least 1 byte"),
         (["--dtype", "int8"], "invalid choice: 'int8'"),
     ):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
             main([str(hf_src), str(tmp_path / "af3"), *args])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and match in err, err
+        assert err.count("\n") == 1 and match in err, err
         assert err.startswith("python -m weights_convert: error: ")
     assert parse_size("1TB") == 10**12 and parse_size("+1KiB") == 1024
     assert not (tmp_path / "af3").exists()
@@ -449,7 +449,7 @@ def test_force_keeps_the_old_destination_if_the_swap_fails(tmp_path, capsys, hf_
 
     monkeypatch.setattr(convert_module.os, "rename", rename)
     expect_error(capsys, hf_src, dst, "--force", "--quiet", contains="No space left")
-    assert (dst / "keep.txt").read_text() == "old"  # put back, not left under a hidden name
+    assert (dst / "model-00001-of-00003.safetensors").read_text() == "old"  # put back, not left under a hidden name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["af3", "hf"]
 
 
@@ -467,9 +467,9 @@ def test_force_replaces_a_link_not_what_it_points_to(tmp_path, capsys, hf_src):
 
 def test_failure_removes_the_parents_it_made(tmp_path, hf_src):
     def stop(*_):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("stopped at once")
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="stopped at once"):
         convert(hf_src, tmp_path / "new" / "deeper" / "af3", progress=stop)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 

@@ -10,8 +10,10 @@ Nothing is written to DST itself until everything has been checked.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -30,6 +32,8 @@ from af3.config import (
     is_af3_config,
 )
 from af3.generation import GenerationConfig
+from af3.jsonfile import read_json_file
+from af3.limits import check_layer_counts
 from af3.progress import format_size
 from weights_convert import hf_files
 from weights_convert.layouts import Source, open_source, read_json
@@ -47,6 +51,9 @@ from weights_convert.safetensors_io import (
 
 DTYPE_CHOICES = {"keep": None, **{short: DTYPES[short] for short in DTYPE_SHORT_NAMES}}  # bf16, fp16, fp32
 INDEX_NAME = "model.safetensors.index.json"
+# Every file a conversion writes: --force replaces a folder holding only these, nothing else.
+WRITTEN_FILES = ("config.json", "tokenizer.json", "generation_config.json", INDEX_NAME, "model.safetensors")
+_WRITTEN_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 LM_HEAD = "decoder.lm_head.weight"
 EMBED = "decoder.embed_tokens.weight"
 
@@ -84,6 +91,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     src, dst = Path(src), Path(dst)
     source = open_source(src)
     _check_destination(src, dst, force)
+    cleaned = remove_dead_partials(dst)
     try:
         if source.kind == "af3":
             config = AF3Config.from_dict(source.config)
@@ -99,7 +107,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     _check_tokenizer(source.tokenizer, config)
     _check_settings(source)
     generation, note = _generation_config(source)  # parsed now, so a bad one fails before the long part
-    notes = [note]
+    notes = [note, *cleaned]
     dropout = hf_files.training_only_settings(source.config)
     if dropout:
         notes.append(f"ignored, as af3 trains without dropout: {', '.join(dropout)}")
@@ -114,6 +122,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     if config.text.tie_word_embeddings and LM_HEAD in mapped:
         _check_tied(mapped.pop(LM_HEAD), mapped.get(EMBED))
         notes.append("lm_head.weight dropped (tie_word_embeddings: it equals embed_tokens)")
+    check_layer_counts(config, mapped, f"checkpoint {src}")  # before building that many layers
     expected = expected_shapes(config)
     check_state({k: v.shape for k, v in mapped.items()}, expected, f"checkpoint {src}")
     quantized = {}  # af3 name of a float weight -> the QuantConfig it is stored with
@@ -224,11 +233,56 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
             raise ValueError(f"destination {dst} exists and is not an af3 checkpoint (no config.json with "
                              "\"format\": \"af3\"); --force only replaces af3 checkpoints: remove it "
                              "yourself or choose another directory")
+        if not dst.is_symlink():
+            foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in dst.iterdir() if not _written_by_us(p))
+            if foreign:
+                # Notes, an adapter of the user's own, ...: replacing the folder would delete them.
+                raise ValueError(f"destination {dst} holds {_plural(len(foreign), 'file')} a conversion does not "
+                                 f"write: {', '.join(foreign[:10])}{', …' if len(foreign) > 10 else ''}; --force "
+                                 "replaces only af3's own files: move these out of it first, or choose "
+                                 "another directory")
+
+
+def _written_by_us(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and (
+        path.name in WRITTEN_FILES or _WRITTEN_SHARD.fullmatch(path.name) is not None)
+
+
+def remove_dead_partials(dst: Path) -> list[str]:
+    """Remove the `.DST.partial-PID` folders of conversions to `dst` whose process is gone (killed
+    runs leave them, as large as the model); returns a note saying how much was removed."""
+    if not dst.parent.is_dir():
+        return []
+    removed, freed = 0, 0
+    for folder in dst.parent.glob(f".{glob.escape(dst.name)}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or not folder.is_dir() or folder.is_symlink() or _process_alive(int(pid)):
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed, freed = removed + 1, freed + size
+    if not removed:
+        return []
+    note = f"removed {_plural(removed, 'partial folder')} of interrupted conversions to {dst} ({format_size(freed)})"
+    return [note]
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's process: alive
+        return True
+    return True
 
 
 def _is_af3_checkpoint(folder: Path) -> bool:
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json_file(folder / "config.json")
     except (OSError, ValueError):
         return False
     return is_af3_config(config)
@@ -356,8 +410,6 @@ def _source_name(name: str, mapped: dict[str, TensorInfo], quantized: dict[str, 
 
 
 def _write_index(tmp: Path, shards: list[list[PlannedTensor]], files: list[str]) -> None:
-    import json
-
     index = {
         "metadata": {"total_size": sum(t.nbytes for s in shards for t in s)},
         "weight_map": {t.name: file for shard, file in zip(shards, files) for t in shard},

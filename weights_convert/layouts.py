@@ -17,12 +17,12 @@ can be re-cast or quantized (`--quantize`) without the original at hand.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from af3.checkpoint import shard_path
 from af3.config import is_af3_config, is_int
+from af3.jsonfile import read_json_file
 from weights_convert.safetensors_io import TensorInfo, read_header
 
 NVIDIA_PARTS = ("llm", "sound_tower", "sound_mm_projector")
@@ -49,13 +49,7 @@ class Source:
 
 
 def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    d = read_json_file(path)
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")  # noqa: TRY004 (file content)
     return d

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from af3.jsonfile import parse_json
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -55,10 +57,7 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         if n > _MAX_HEADER or 8 + n > size:
             raise ValueError(f"{path}: not a safetensors file (header length {n} does not fit a "
                              f"{size}-byte file)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+        header = parse_json(f.read(n), f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise ValueError(f"{path}: safetensors header is not a JSON object")  # noqa: TRY004 (file content)
     data_start = 8 + n
@@ -66,8 +65,28 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        if "\0" in name:
+            raise ValueError(f"{path}: safetensors header: tensor name {name!r} holds a NUL character")
         out[name] = _entry(path, name, entry, data_start, size)
-    return dict(sorted(out.items(), key=lambda kv: kv[1].start))
+    ordered = dict(sorted(out.items(), key=lambda kv: (kv[1].start, kv[1].nbytes)))
+    _check_contiguous(path, list(ordered.values()), data_start, size)
+    return ordered
+
+
+def _check_contiguous(path: Path, infos: list[TensorInfo], data_start: int, size: int) -> None:
+    """Tensors tile the data area exactly, as the safetensors library requires: no byte is shared by
+    two tensors (a crafted file could otherwise make one stored block count as many tensors) and
+    no byte is unaccounted for."""
+    end = data_start
+    for info in infos:
+        if info.start != end:
+            what = "overlaps the tensor before it" if info.start < end else "leaves a gap after the tensor before it"
+            raise ValueError(f"{path}: tensor {info.name!r}: data_offsets start at {info.start - data_start}, "
+                             f"which {what} (ending at {end - data_start}); not a valid safetensors file")
+        end += info.nbytes
+    if end != size:
+        raise ValueError(f"{path}: the tensors end at byte {end} of a {size}-byte file; not a valid "
+                         "safetensors file (extra data at the end)")
 
 
 def _entry(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
