@@ -66,7 +66,8 @@ def mel_filters(n_fft: int, n_mels: int, sampling_rate: int) -> torch.Tensor:
 # with the frequency rows where one of its filters is non-zero (about 7 % of the dense matmul).
 _MELS_PER_BAND = 8
 # On the CPU one window at a time: its ~12 MB of intermediates are reused from window to window and
-# stay in cache instead of page-faulting fresh buffers (measured faster than 2, 4 or 20 at once).
+# stay in cache instead of page-faulting fresh buffers. All 20 at once measured 2-3x slower; 1, 2 and
+# 4 were within the noise of a loaded machine.
 _CPU_WINDOWS_PER_PASS = 1
 
 
