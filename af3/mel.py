@@ -154,7 +154,8 @@ def _log_mel(windows: list[torch.Tensor], frontend: FrontendConfig, work: _Works
 
 def log_mel_spectrogram(windows: list[torch.Tensor],
                         frontend: FrontendConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-mel features of up-to-30 s windows, computed on the windows' device (batched STFT).
+    """Log-mel features of up-to-30 s windows, computed on the windows' device
+    (one window per pass on the CPU, all at once elsewhere).
 
     Returns `input_features` (n, num_mel_bins, n_frames) float32 and `input_features_mask`
     (n, n_frames) int32.
