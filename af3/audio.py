@@ -15,6 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -230,3 +231,162 @@ def _download(url: str) -> bytes:
         raise AudioError(f"{url}: more than the {MAX_DOWNLOAD_BYTES}-byte download limit; download it "
                          "yourself and pass the path")
     return data
+
+
+# ---- recordings of any length: streamed in blocks ------------------------------------------------
+# load_audio stops at 10 minutes because AF3 does; long-form transcription (af3/longform.py) walks a
+# whole recording instead, a block at a time, so memory holds one block however long the file is.
+
+BLOCK_SECONDS = 60.0  # decoded per read: 3.8 MB of float32 at 16 kHz
+
+
+def iter_audio(source: AudioSource, block_seconds: float = BLOCK_SECONDS, *,
+               sampling_rate: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield all of `source` as consecutive 1-D float32 blocks of mono 16 kHz samples.
+
+    Takes what `load_audio` takes, with no length limit. Encoded audio is decoded `block_seconds`
+    at a time and resampled with context across block edges, so the joined blocks equal the
+    whole file resampled at once (to float rounding). The source is opened here, so a missing
+    or undecodable file fails at the call; a file corrupt further in fails at that block.
+    """
+    if isinstance(block_seconds, bool) or not isinstance(block_seconds, (int, float)) or not block_seconds > 0:
+        raise ValueError(f"block_seconds must be a positive number, got {block_seconds!r}")
+    if sampling_rate is not None:
+        sampling_rate = _check_rate(sampling_rate)
+    if isinstance(source, (torch.Tensor, np.ndarray)):  # already in memory: slice it
+        samples = load_audio(source, sampling_rate, max_seconds=None)
+        step = max(1, round(block_seconds * SAMPLING_RATE))
+        return (samples[i:i + step] for i in range(0, samples.shape[0], step))
+    file, name = _encoded_file(source)
+    try:
+        f = soundfile.SoundFile(file)
+    except soundfile.SoundFileError as e:
+        raise _decode_error(name, e) from None
+    if sampling_rate is not None and sampling_rate != f.samplerate:
+        f.close()
+        raise AudioError(f"{name}: sampling_rate={sampling_rate} was given but the file is at {f.samplerate} Hz; "
+                         "leave sampling_rate unset for encoded audio")
+    if f.samplerate != SAMPLING_RATE:
+        try:
+            _check_resample_filter(f.samplerate, name)
+        except AudioError:
+            f.close()
+            raise
+    return _resampled(_decoded_blocks(f, name, max(1, round(block_seconds * f.samplerate))), f.samplerate)
+
+
+def audio_seconds(source: AudioSource, sampling_rate: int | None = None) -> float | None:
+    """The length of `source` in seconds, from the file header where it is encoded (nothing is decoded).
+
+    None for URLs (finding out would mean downloading). Errors as `load_audio`'s for a missing or
+    undecodable file.
+    """
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        n = source.shape[-1] if source.ndim == 1 or source.shape[0] <= source.shape[-1] else source.shape[0]
+        return n / (sampling_rate or SAMPLING_RATE)
+    if isinstance(source, (str, os.PathLike)) and _URL_SCHEME.match(os.fspath(source)):
+        return None
+    file, name = _encoded_file(source)
+    position = file.tell() if hasattr(file, "tell") else None
+    try:
+        with soundfile.SoundFile(file) as f:
+            return f.frames / f.samplerate
+    except soundfile.SoundFileError as e:
+        raise _decode_error(name, e) from None
+    finally:
+        if position is not None:
+            file.seek(position)  # a caller's file object is read again later
+
+
+def _encoded_file(source: Any) -> tuple[str | BinaryIO, str]:
+    """(what soundfile opens, the name errors use) for a path, URL, bytes or binary file object."""
+    # The same checks as load_audio's; once its block decoder lands, the two should share this.
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if isinstance(text, bytes):
+            raise TypeError(f"path must be str, not bytes: {text!r}")
+        match = _URL_SCHEME.match(text)
+        if match:
+            if match.group(1).lower() not in ("http", "https"):
+                raise AudioError(f"{text}: URL scheme {match.group(1).lower()!r} is not supported; use an "
+                                 "http(s) URL or a local path")
+            return io.BytesIO(_download(text)), text
+        if not os.path.exists(text):
+            raise FileNotFoundError(f"audio file not found: {text}")
+        if os.path.isdir(text):
+            raise AudioError(f"{text}: is a directory, not an audio file")
+        return text, text
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        return io.BytesIO(data), f"audio bytes ({len(data)} bytes)"
+    if isinstance(source, io.TextIOBase):
+        raise TypeError(f"file object {getattr(source, 'name', source)!r} is open in text mode; open it with 'rb'")
+    if hasattr(source, "read"):
+        name = f"file object {getattr(source, 'name', type(source).__name__)!r}"
+        if getattr(source, "closed", False):
+            raise ValueError(f"{name} is closed; pass an open binary file")
+        if not (hasattr(source, "seekable") and source.seekable()):
+            source = io.BytesIO(_read_capped(source, name))
+        return source, name
+    raise TypeError(f"unsupported audio source of type {type(source).__name__}: pass a path, an http(s) "
+                    "URL, bytes, a binary file object, a numpy array or a torch tensor")
+
+
+def _decode_error(name: str, e: soundfile.SoundFileError) -> AudioError:
+    reason = getattr(e, "error_string", None) or str(e)
+    return AudioError(f"{name}: could not decode audio ({reason.rstrip('.')}); soundfile reads wav, "
+                      "flac, ogg and mp3, among others")
+
+
+def _decoded_blocks(f: soundfile.SoundFile, name: str, frames: int) -> Iterator[torch.Tensor]:
+    """Mono float32 blocks of `frames` samples at the file's rate, checked as load_audio checks."""
+    done = 0
+    with f:
+        while True:
+            try:
+                data = f.read(frames, dtype="float32", always_2d=True)  # (frames, channels)
+            except (soundfile.SoundFileError, RuntimeError) as e:
+                raise AudioError(f"{name}: could not decode audio after {done / f.samplerate:.1f} s ({e})") from None
+            if data.shape[0] == 0:
+                break
+            block = torch.from_numpy(data).mean(dim=1)
+            finite = torch.isfinite(block)
+            if not bool(finite.all()):
+                first = done + int((~finite).nonzero()[0, 0])
+                raise AudioError(f"{name}: the audio contains NaN or infinite samples (first at sample {first})")
+            done += block.shape[0]
+            yield block
+    if done == 0:
+        raise AudioError(f"{name}: the audio is empty (0 samples)")
+
+
+def _resampled(blocks: Iterator[torch.Tensor], rate: int) -> Iterator[torch.Tensor]:
+    """Resample a stream of blocks at `rate` to 16 kHz as if it were resampled in one piece.
+
+    In lowest terms the rates are orig:new, and output sample k*new + p depends only on input
+    within `width` samples of k*orig. So input is resampled in pieces that start at multiples
+    of orig, each with `context` samples of the input on either side, keeping only the outputs
+    whose inputs were all present. Before the first sample the resampler pads with zeros, as it
+    does for the whole file.
+    """
+    if rate == SAMPLING_RATE:
+        yield from blocks
+        return
+    gcd = math.gcd(rate, SAMPLING_RATE)
+    orig, new = rate // gcd, SAMPLING_RATE // gcd
+    width = math.ceil(6 * orig / (0.99 * min(orig, new)))  # torchaudio's filter half-width, as above
+    context = -(-width // orig) * orig  # a multiple of orig, so pieces stay in phase
+    pending = torch.zeros(0)  # input from `left` samples before the next output's input onwards
+    left = 0
+    for block in blocks:
+        pending = torch.cat([pending, block])
+        ready = (pending.shape[0] - left - context) // orig * orig  # input whose outputs can be made now
+        if ready <= 0:
+            continue
+        out = torchaudio.functional.resample(pending[:left + ready + context], rate, SAMPLING_RATE)
+        yield out[left // orig * new:(left + ready) // orig * new]
+        drop = max(0, left + ready - context)
+        pending, left = pending[drop:], left + ready - drop
+    if pending.shape[0] > left:
+        out = torchaudio.functional.resample(pending, rate, SAMPLING_RATE)
+        yield out[left // orig * new:]
