@@ -107,14 +107,22 @@ def iter_chunks(blocks: Iterable[torch.Tensor], chunk: int, margin: int,
     """
     pending: list[torch.Tensor] = []
     held, start = 0, 0
+
+    def cut() -> Chunk:
+        nonlocal pending, held, start
+        buffer = torch.cat(pending)
+        at = quiet_cut(buffer, chunk, margin, frame)
+        out = Chunk(start, buffer[:at].clone())  # a copy, so the buffer can be freed
+        pending, held, start = [buffer[at:]], held - at, start + at
+        return out
+
     for block in blocks:
         pending.append(block)
         held += block.shape[0]
-        while held > chunk:  # more than one chunk's worth: this chunk is not the last
-            buffer = torch.cat(pending)
-            cut = quiet_cut(buffer, chunk, margin, frame)
-            yield Chunk(start, buffer[:cut].clone())  # a copy, so the buffer can be freed
-            pending, held, start = [buffer[cut:]], held - cut, start + cut
+        while held >= chunk + frame:  # not the last chunk, and the frames around every candidate cut are here
+            yield cut()
+    while held > chunk:  # the stream has ended: the frames are as complete as they will get
+        yield cut()
     if held:
         yield Chunk(start, torch.cat(pending))
 
