@@ -125,9 +125,13 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         gen["seed"] = args.seed
     chunking = {"chunk_seconds": args.chunk_seconds, "margin_seconds": args.margin_seconds}
-    if args.manifest is not None:
+    if args.manifest is None:
+        return min(run_files(model, args, chunking, gen), MAX_EXIT_FAILED)
+    try:
         return run_manifest(model, args, chunking, gen)
-    return min(run_files(model, args, chunking, gen), MAX_EXIT_FAILED)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def run_manifest(model, args: argparse.Namespace, chunking: dict, gen: dict) -> int:
