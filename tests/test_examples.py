@@ -116,6 +116,9 @@ def test_error_lines_name_the_file_once(files, capsys):
     rc = example("transcribe").main([missing, bad, "--checkpoint", str(files / "ckpt")])
     err = capsys.readouterr().err
     assert rc == 2 and [line.count(p) for line, p in zip(err.splitlines(), (missing, bad))] == [1, 1], err
+    # The exit status counts failures, capped below the statuses a shell reads as signals.
+    assert example("transcribe").main([missing] * 101 + ["--checkpoint", str(files / "ckpt")]) == 100
+    assert capsys.readouterr().err.count("audio file not found") == 101
 
 
 def test_transcribe_ctrl_c_is_not_a_traceback(files, capsys, monkeypatch):
