@@ -134,6 +134,7 @@ class AF3:
             for _, result in transcribe_recordings(run_batch, recordings, chunk_seconds=chunk_seconds,
                                                    margin_seconds=margin_seconds,
                                                    batch_size=1 if stream is not None else batch_size,
+                                                   pool=1 if stream is not None else 4,
                                                    progress=reporter):
                 if isinstance(result, BaseException):
                     raise result

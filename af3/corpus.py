@@ -143,7 +143,8 @@ def transcribe_corpus(bundle: Any, manifest: str | os.PathLike, output: str | os
     Resumes: what `output` and its parts already hold successfully is skipped. Under
     torch.distributed (initialised by the caller, e.g. with `init_distributed`) every rank calls
     this; each takes its share, rank 0 merges and returns the number of failed recordings (the
-    other ranks return 0). `sort=False` batches in manifest order instead of by length.
+    other ranks return 0). Recordings run longest first, and their chunks are batched by length
+    (`transcribe_recordings`' pool); `sort=False` batches in manifest order instead.
     `after_record(record)` is called after each record is written (progress, tests).
     """
     log = sys.stderr if log is None else log
@@ -183,7 +184,8 @@ def transcribe_corpus(bundle: Any, manifest: str | os.PathLike, output: str | os
         with _appending(part_path(output, rank)) as part:
             for rec, result in transcribe_recordings(lambda c, p: bundle.transcribe_chunks(c, p, **gen), recordings,
                                                      chunk_seconds=chunk_seconds, margin_seconds=margin_seconds,
-                                                     batch_size=batch_size, progress=reporter):
+                                                     batch_size=batch_size, pool=4 if sort else 1,
+                                                     progress=reporter):
                 record = _record(rec.key, result)
                 part.write(json.dumps(record, ensure_ascii=False) + "\n")
                 part.flush()

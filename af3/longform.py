@@ -129,13 +129,15 @@ def iter_chunks(blocks: Iterable[torch.Tensor], chunk: int, margin: int,
 
 def transcribe_recordings(run_batch: BatchRunner, recordings: Sequence[Recording], *,
                           chunk_seconds: float = CHUNK_SECONDS, margin_seconds: float = MARGIN_SECONDS,
-                          batch_size: int = 8, progress: Progress | None = None,
+                          batch_size: int = 8, pool: int = 4, progress: Progress | None = None,
                           errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError, RuntimeError),
                           ) -> Iterator[tuple[Recording, list[Segment] | BaseException]]:
     """Yield (recording, its segments) in the order given; (recording, the exception) for one that failed.
 
-    Chunks of consecutive recordings share batches of `batch_size`; `run_batch(clips, prompts)`
-    returns one text per chunk. A recording that cannot be decoded, or whose chunk fails even in
+    Chunks of consecutive recordings share batches of `batch_size`: `pool` batches' worth are
+    drawn, sorted by length (so that a batch holds chunks of about one length and little compute
+    goes to padding) and run; memory holds `pool * batch_size` chunks. `pool=1` runs chunks in
+    the order they come. `run_batch(clips, prompts)` returns one text per chunk. A recording that cannot be decoded, or whose chunk fails even in
     a batch of its own, fails alone (exceptions of the `errors` types; others propagate).
     """
     chunk, margin = chunk_sizes(chunk_seconds, margin_seconds)
@@ -195,14 +197,20 @@ def transcribe_recordings(run_batch: BatchRunner, recordings: Sequence[Recording
             next_out += 1
             yield recordings[i], result
 
-    batch: list[tuple[int, Chunk]] = []
+    def run_pool(drawn: list[tuple[int, Chunk]]) -> None:
+        if pool > 1:
+            drawn = sorted(drawn, key=lambda item: -item[1].samples.shape[0])  # stable: ties keep their order
+        for k in range(0, len(drawn), batch_size):
+            run(drawn[k:k + batch_size])
+
+    drawn: list[tuple[int, Chunk]] = []
     for item in draw():
-        batch.append(item)
-        if len(batch) == batch_size:
-            run(batch)
-            batch = []
+        drawn.append(item)
+        if len(drawn) == pool * batch_size:
+            run_pool(drawn)
+            drawn = []
             yield from finished()
-    run(batch)
+    run_pool(drawn)
     yield from finished()
 
 

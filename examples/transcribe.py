@@ -184,7 +184,7 @@ def run_files(model, args: argparse.Namespace, chunking: dict, gen: dict) -> int
 
     reporter = ChunkProgress() if sys.stderr.isatty() else None
     results = transcribe_recordings(lambda clips, prompts: model.transcribe_chunks(clips, prompts, **gen),
-                                    recordings, batch_size=args.batch_size, progress=reporter, **chunking)
+                                    recordings, batch_size=args.batch_size, pool=1, progress=reporter, **chunking)
     for rec, result in results:
         if reporter is not None:
             reporter.end_line()

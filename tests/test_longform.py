@@ -224,3 +224,33 @@ def test_transcribe_long_errors_and_progress(tiny, capsys, tmp_path):
     # A last chunk of a few samples is padded with silence for the model, not dropped or refused.
     segments = m.transcribe_segments(noise(8.0 + 100 / 16000), chunk_seconds=8, margin_seconds=0, **GREEDY)
     assert [(s.start, s.end) for s in segments] == [(0.0, 8.0), (8.0, 8.006)]
+
+
+def test_batches_are_sorted_by_length_and_a_failing_chunk_fails_its_recording_alone():
+    from af3.longform import Recording, transcribe_recordings
+
+    lengths = [12.0, 1.0, 7.0, 3.0]  # chunks of at most 8 s: 8 + 4, 1, 7, 3
+    recordings = [Recording(i, noise(s, seed=i)) for i, s in enumerate(lengths)]
+    batches: list[list[float]] = []
+
+    def run_batch(clips, prompts):
+        seconds = [round(c.shape[0] / 16000) for c in clips]
+        batches.append(seconds)
+        if 3 in seconds:
+            raise ValueError("the 3 s chunk is cursed")
+        return [f"{s}s" for s in seconds]
+
+    def results(**kw):
+        batches.clear()
+        return [(rec.key, r if isinstance(r, Exception) else join_text(r))
+                for rec, r in transcribe_recordings(run_batch, recordings, chunk_seconds=8, margin_seconds=0,
+                                                    batch_size=2, **kw)]
+
+    by_length = results(pool=3)
+    assert batches[:2] == [[8, 7], [4, 3]] and [3] in batches[2:]  # the failing batch retried chunk by chunk
+    in_order = results(pool=1)
+    assert batches[:3] == [[8, 4], [1, 7], [3]]
+    for got in (by_length, in_order):
+        assert [k for k, _ in got] == [0, 1, 2, 3]  # the order given, whatever the batches
+        assert [t for _, t in got[:3]] == ["8s 4s", "1s", "7s"]
+        assert isinstance(got[3][1], ValueError) and "cursed" in str(got[3][1])
