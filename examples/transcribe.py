@@ -30,6 +30,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 FORMATS = ("txt", "jsonl", "srt", "vtt")
 MAX_EXIT_FAILED = 100  # exit statuses above ~125 mean signals to a shell
 CANNOT_START = 101
+MAX_CHUNK_SECONDS = 600  # af3.longform.MAX_CHUNK_SECONDS, restated so that --help needs no torch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not 0 < args.chunk_seconds <= 600:
-        p.error(f"--chunk-seconds must be in (0, 600] (AF3 hears at most 10 minutes), got {args.chunk_seconds:g}")
+    if not 0 < args.chunk_seconds <= MAX_CHUNK_SECONDS:
+        p.error(f"--chunk-seconds must be in (0, {MAX_CHUNK_SECONDS}] (AF3 hears at most 10 minutes), "
+                f"got {args.chunk_seconds:g}")
     if not 0 <= args.margin_seconds < args.chunk_seconds:
         p.error(f"--margin-seconds must be >= 0 and below --chunk-seconds, got {args.margin_seconds:g}")
     if args.manifest is not None:
