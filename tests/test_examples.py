@@ -191,7 +191,9 @@ def test_transcribe_decodes_a_batch_at_a_time_and_keeps_repeats(files, capsys, m
 
 def test_transcribe_long_file_as_subtitles_and_a_manifest(files, capsys, tmp_path):
     import af3
-    from af3.longform import parse_srt, parse_vtt
+    from af3.longform import MAX_CHUNK_SECONDS, parse_srt, parse_vtt
+
+    assert example("transcribe").MAX_CHUNK_SECONDS == MAX_CHUNK_SECONDS  # restated there to spare --help torch
 
     long = tmp_path / "long.wav"
     soundfile.write(str(long), (0.1 * np.random.default_rng(5).standard_normal(16000 * 13)).astype(np.float32), 16000)
