@@ -9,9 +9,14 @@ install: $(STAMP)
 
 # Re-install only when the declared dependencies change.
 $(STAMP): setup.cfg pyproject.toml
+	@echo "[install] creating the virtual environment $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[install] upgrading pip"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	@echo "[install] installing af3 (editable) and its dependencies: torch with its CUDA libraries is"
+	@echo "[install] about 5.7 GB in the venv, so this takes minutes; pip shows each download below"
+	$(PY) -m pip install --progress-bar on -e '.[test]'
+	@echo "[install] done: $(VENV) is ready (make install does nothing more until setup.cfg changes)"
 	touch $(STAMP)
 
 test: install

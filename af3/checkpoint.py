@@ -146,9 +146,7 @@ def weight_files(root: Path) -> dict[Path, set[str] | None]:
                              "of tensor name -> file name")
         files: dict[Path, set[str] | None] = {}
         for name, file in weight_map.items():
-            path = (root / str(file)).resolve()
-            if not isinstance(file, str) or path.parent != root.resolve():
-                raise ValueError(f"{index}: shard {file!r} is not a file inside {root}")
+            path = shard_path(root, file, index)
             if not path.is_file():
                 raise FileNotFoundError(f"{index} lists {file}, which is missing")
             files.setdefault(path, set()).add(name)
@@ -157,6 +155,25 @@ def weight_files(root: Path) -> dict[Path, set[str] | None]:
     if not single.is_file():
         raise FileNotFoundError(f"{root}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
     return {single: None}
+
+
+def shard_path(folder: Path, file: object, index: Path) -> Path:
+    """Where the shard `file` named in `index` is, checked to be a file of the checkpoint.
+
+    The name must be a plain file name in `folder`. It may be a link (the HF hub cache keeps
+    `snapshots/<rev>/*` as links into `../../blobs/`), but only to a file inside the repository
+    folder that holds the snapshot (`folder` itself outside a hub cache): an index cannot make
+    the loader read any other file on the machine.
+    """
+    if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file or "\\" in file:
+        raise ValueError(f"{index}: shard {file!r} is not a file inside {folder}")
+    folder = folder.resolve()
+    repo = folder.parent.parent if folder.parent.name == "snapshots" else folder
+    path = (folder / file).resolve()
+    if not path.is_relative_to(repo):
+        raise ValueError(f"{index}: shard {file!r} is a link to {path}, outside {repo}; a shard must be a "
+                         "file of the checkpoint")
+    return path
 
 
 def _checkpoint_dir(path: str | os.PathLike) -> Path:

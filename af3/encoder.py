@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from af3.attention import attention
 from af3.config import AudioConfig
@@ -88,6 +89,8 @@ class AudioEncoder(nn.Module):
         self.embed_positions.requires_grad_(False)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        # Training: recompute each layer's activations in the backward pass instead of keeping them.
+        self.gradient_checkpointing = False
 
     @property
     def n_mel_frames(self) -> int:
@@ -116,7 +119,10 @@ class AudioEncoder(nn.Module):
             keys = torch.arange(t, device=x.device) < valid[:, None]  # (n, T)
             mask = keys[:, None, None, :]  # (n, 1, 1, T)
         for layer in self.layers:
-            x = layer(x, mask)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, mask, use_reentrant=False)
+            else:
+                x = layer(x, mask)
 
         x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)  # (n, T/2, d)
         return layer_norm(x, self.norm)

@@ -177,7 +177,7 @@ class AudioFlamingo3(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.decoder.logits(h)
-        loss = None if labels is None else _next_token_loss(logits, labels)
+        loss = None if labels is None else _next_token_loss(logits, labels, attention_mask)
         return ModelOutput(logits=logits, loss=loss)
 
     def generate(self, **kwargs: Any) -> Any:
@@ -242,8 +242,15 @@ def _check_labels(labels: object, b: int, t: int, logits_to_keep: int) -> None:
         raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
 
 
-def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting labels[:, i + 1] from logits[:, i]; -100 is ignored."""
-    shifted = F.pad(labels.long(), (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): the last has no target
-    return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten().to(logits.device),
-                           ignore_index=IGNORE_INDEX)
+def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[:, i + 1] from logits[:, i]; -100 is ignored.
+
+    A target whose predicting position is padding (attention_mask 0 there: the last pad of a
+    left-padded row "predicts" its first token) is ignored too: those logits saw no real token.
+    HF counts it, so a left-padded row's loss would differ from the same row alone.
+    """
+    shifted = F.pad(labels.long().to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): the last has none
+    if attention_mask is not None:
+        shifted = shifted.masked_fill(attention_mask[:, -shifted.shape[1]:] == 0, IGNORE_INDEX)
+    return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX)

@@ -126,7 +126,7 @@ class Processor:
         if self.max_length is not None:
             for i, ids in enumerate(rows):
                 if len(ids) > self.max_length:
-                    raise ValueError(f"Sample {i}: the prompt is {len(ids)} tokens (audio included) but the "
+                    raise ValueError(f"sample {i}: the prompt is {len(ids)} tokens (audio included) but the "
                                      f"text model's context is {self.max_length} tokens; shorten the text "
                                      "or the audio")
 
@@ -167,7 +167,7 @@ class Processor:
         clips = []
         for i, entry in enumerate(audio):
             entry = [] if entry is None else entry if isinstance(entry, (list, tuple)) else [entry]
-            clips.append([_load(source, sampling_rate, f"sample {i}, clip {j}") for j, source in enumerate(entry)])
+            clips.append([_load(source, sampling_rate, f"clip {j} of sample {i}") for j, source in enumerate(entry)])
         return clips
 
     def _window_tokens(self, clip: torch.Tensor) -> list[int]:
@@ -186,12 +186,12 @@ class Processor:
         for j, (clip, windows) in enumerate(zip(clips, per_clip)):
             if sum(windows) == 0:  # its <sound> would vanish and the model would never hear it
                 hop = self.frontend.hop_length
-                raise ValueError(f"Sample {index}, clip {j}: {clip.shape[0]} samples is too short to give any "
+                raise ValueError(f"clip {j} of sample {index}: {clip.shape[0]} samples is too short to give any "
                                  f"audio token (3 mel frames make the first one: more than {2 * hop} samples, "
                                  f"{2000 * hop / self.frontend.sampling_rate:g} ms); pad or drop the clip")
         if not clips:
             if found:
-                raise ValueError(f"Sample {index}: found {found} placeholders but no audio was given")
+                raise ValueError(f"sample {index}: found {found} placeholders but no audio was given")
             return ids
         if found == 0:
             return [self.audio_token_id] * sum(map(sum, per_clip)) + ids
@@ -200,11 +200,11 @@ class Processor:
         elif len(clips) == 1 and found == len(per_clip[0]):
             counts = per_clip[0]
         elif len(clips) == 1:
-            raise ValueError(f"Sample {index}: found {found} placeholders but audio was split into "
+            raise ValueError(f"sample {index}: found {found} placeholders but audio was split into "
                              f"{len(per_clip[0])} window(s); use one {self.audio_token} for the clip, one "
                              "per 30 s window, or none")
         else:
-            raise ValueError(f"Sample {index}: found {found} placeholders but {len(clips)} audio clips "
+            raise ValueError(f"sample {index}: found {found} placeholders but {len(clips)} audio clips "
                              f"were given; use one {self.audio_token} per clip, or none")
         expanded: list[int] = []
         counts_iter = iter(counts)

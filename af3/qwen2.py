@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from af3.attention import attention
 from af3.config import TextConfig
@@ -169,6 +170,8 @@ class Qwen2Decoder(nn.Module):
         # Tied: the embedding matrix doubles as the LM head, and no lm_head tensor exists.
         self.lm_head = (None if cfg.tie_word_embeddings
                         else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
+        # Training: recompute each layer's activations in the backward pass instead of keeping them.
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -176,9 +179,12 @@ class Qwen2Decoder(nn.Module):
         or None for plain causal attention over the T tokens (no padding, empty cache)."""
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)
+        # Through the module when untied, so a LoRA adapter on lm_head takes part.
+        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)

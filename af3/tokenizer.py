@@ -157,9 +157,40 @@ class Tokenizer:
             raise self._unsupported("decoder (only ByteLevel)", spec)
 
     def _read_post_processor(self, spec: Any) -> None:
-        # ByteLevel's post-processor only trims offsets; it adds no ids, so add_special_tokens has nothing to do.
-        if spec is not None and (not isinstance(spec, dict) or spec.get("type") != "ByteLevel"):
-            raise self._unsupported("post_processor (only null or ByteLevel)", spec)
+        """Accept only post-processors that add no ids, so add_special_tokens changes nothing.
+
+        ByteLevel only trims offsets. transformers 5 writes a TemplateProcessing whose templates
+        are just the text (`$A`, and `$A $B` for pairs) when the tokenizer adds no bos/eos; one
+        that adds tokens (e.g. add_bos_token) is refused by name rather than silently ignored.
+        """
+        if spec is None:
+            return
+        steps = spec.get("processors") if isinstance(spec, dict) and spec.get("type") == "Sequence" else [spec]
+        if not isinstance(steps, list):
+            raise self._unsupported("post_processor", spec)
+        for step in steps:
+            if not isinstance(step, dict) or step.get("type") not in ("ByteLevel", "TemplateProcessing"):
+                raise self._unsupported("post_processor (only null, ByteLevel, or a TemplateProcessing that "
+                                        "adds no tokens)", spec)
+            if step["type"] == "TemplateProcessing":
+                self._check_template(step)
+
+    def _check_template(self, spec: dict) -> None:
+        added = []
+        for key, want in (("single", ["A"]), ("pair", ["A", "B"])):
+            pieces = spec.get(key)
+            if not isinstance(pieces, list) or not all(isinstance(p, dict) and len(p) == 1 for p in pieces):
+                raise self._unsupported(f"TemplateProcessing {key} template", pieces)
+            added += [p["SpecialToken"].get("id") for p in pieces
+                      if "SpecialToken" in p and isinstance(p["SpecialToken"], dict)]
+            sequences = [p["Sequence"].get("id") for p in pieces if isinstance(p.get("Sequence"), dict)]
+            if not added and sequences != want:
+                raise self._unsupported(f"TemplateProcessing {key} template", pieces)
+        if added:
+            raise ValueError(f"{self._source}: the post_processor adds the special tokens {sorted(set(added))} "
+                             f"around every text ({json.dumps(spec['single'])[:200]}); af3's Tokenizer adds no "
+                             "tokens in encode. Remove them from the TemplateProcessing (transformers: "
+                             "add_bos_token / add_eos_token false) and write them in the prompt instead")
 
     def _read_model(self, spec: Any) -> None:
         if not isinstance(spec, dict) or spec.get("type") != "BPE":
@@ -246,8 +277,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`. Added tokens written in the text (e.g. `<sound>`) become their ids.
 
-        `add_special_tokens` is accepted for HF compatibility; AF3's tokenizer.json has no
-        post-processor, so it adds nothing either way.
+        `add_special_tokens` is accepted for HF compatibility: post-processors that add tokens are
+        refused when the file is read, so it adds nothing either way.
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -266,14 +297,17 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int] | int, skip_special_tokens: bool = False) -> str:
-        """Text of `ids`. Bytes that are not valid UTF-8 (e.g. half a character) become U+FFFD, as in HF."""
+        """Text of `ids`. Bytes that are not valid UTF-8 (e.g. half a character) become U+FFFD, as in HF.
+
+        Ids the tokenizer does not have (the unused rows of a padded embedding, which a model can
+        still emit) are skipped, as HF's tokenizers do."""
         return self.decode_bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Iterable[int] | int, skip_special_tokens: bool = False) -> bytes:
         """The raw UTF-8 bytes of `ids`; for streaming, where a character may span several tokens."""
         out = bytearray()
-        for i in self._as_id_list(ids):
-            if skip_special_tokens and i in self._special_ids:
+        for i in self._as_id_list(ids, known_only=False):
+            if i not in self._id_to_token or skip_special_tokens and i in self._special_ids:
                 continue
             piece = self._token_bytes.get(i)
             if piece is None:
@@ -370,18 +404,27 @@ class Tokenizer:
         return token.encode("utf-8")
 
     def _check_id(self, token_id: Any) -> int:
+        token_id = self._check_index(token_id)
+        if token_id not in self._id_to_token:
+            raise ValueError(f"token id {token_id} is not in the vocabulary of {self._source} "
+                             f"({self.vocab_size} ids); a model with a padded embedding can emit ids the "
+                             f"tokenizer does not have (decode skips them)")
+        return token_id
+
+    @staticmethod
+    def _check_index(token_id: Any) -> int:
+        """A non-negative int token id (any id, known or not)."""
         try:
             token_id = operator.index(token_id)
         except TypeError:
             hint = "; decode each row of a batch separately" if isinstance(token_id, (list, tuple)) else ""
             raise TypeError(f"token ids must be integers, got {type(token_id).__name__}{hint}") from None
-        if token_id not in self._id_to_token:
-            raise ValueError(f"token id {token_id} is not in the vocabulary of {self._source} "
-                             f"({self.vocab_size} ids); a model with a padded embedding can emit ids the "
-                             f"tokenizer does not have")
+        if token_id < 0:
+            raise ValueError(f"token id {token_id} is negative; ids are >= 0")
         return token_id
 
-    def _as_id_list(self, ids: Iterable[int] | int) -> list[int]:
+    def _as_id_list(self, ids: Iterable[int] | int, known_only: bool = True) -> list[int]:
+        """`ids` as a list of ints; `known_only` refuses ids outside the vocabulary, else only negative ones."""
         if hasattr(ids, "tolist"):  # torch / numpy arrays
             ids = ids.tolist()
         if isinstance(ids, int):
@@ -389,7 +432,9 @@ class Tokenizer:
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
             raise TypeError(f"ids must be an int or a sequence of ints, got {type(ids).__name__}")
         known = self._id_to_token
-        return [i if type(i) is int and i in known else self._check_id(i) for i in ids]
+        if known_only:
+            return [i if type(i) is int and i in known else self._check_id(i) for i in ids]
+        return [i if type(i) is int and i >= 0 else self._check_index(i) for i in ids]
 
 
 def _split_isolated(pattern: regex.Pattern, text: str) -> list[str]:

@@ -15,26 +15,31 @@ import argparse
 import sys
 from pathlib import Path
 
+# Run from a clone without installing: make the repository importable. torch loads after --help.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
+from examples._common import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    DTYPE_NAMES,
+    device_and_dtype,
+    print_error,
+)
 
-import af3
-from af3.audio import load_audio
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+END_HINT = "(an empty line or Ctrl-D ends the chat)"
+FLAGS = ("--max-new-tokens", "--max-tokens", "--seed", "--dtype", "--device")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " " + END_HINT)
     p.add_argument("audio", help="the audio file (or http(s) URL) to talk about")
     p.add_argument("--checkpoint", required=True, help="af3 checkpoint directory")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="default: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help=DTYPE_HELP)
     p.add_argument("--max-new-tokens", type=int, default=None, help="per reply (default: the checkpoint's)")
     p.add_argument("--think", action="store_true", help="ask the model to reason before answering")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (the same replies to the same questions)")
     p.add_argument("--max-tokens", type=int, default=8192, help="room for the whole chat (default 8192)")
     args = p.parse_args(argv)
     for option, value in (("--max-new-tokens", args.max_new_tokens), ("--max-tokens", args.max_tokens)):
@@ -48,31 +53,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    import torch
+
+    import af3
+    from af3.audio import load_audio
+
+    device, dtype = device_and_dtype(args.device, args.dtype)
     try:
         clip = load_audio(args.audio)
     except (OSError, ValueError, TypeError, RuntimeError) as e:
         text = str(e)
-        print(f"error: {text}" if args.audio in text else f"error: {args.audio}: {text}", file=sys.stderr)
+        print_error(text if args.audio in text else f"{args.audio}: {text}")
         return 1
     try:
         model = af3.load(args.checkpoint, device=device, dtype=dtype)
     except (OSError, ValueError, TypeError, RuntimeError) as e:
-        print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+        print_error(f"cannot load checkpoint {args.checkpoint}: {e}", FLAGS)
         return 2
     gen: dict = {}
     if args.max_new_tokens is not None:
         gen["max_new_tokens"] = args.max_new_tokens
     if args.greedy:
         gen["do_sample"] = False
+    if args.seed is not None:
+        gen["generator"] = torch.Generator(device=device).manual_seed(args.seed)  # one stream for the chat
 
     try:
         session = model.start_chat(clip, max_tokens=args.max_tokens)
     except (ValueError, TypeError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e), FLAGS)
         return 1
     interactive = sys.stdin.isatty()
+    if interactive:
+        print(END_HINT, file=sys.stderr)
     while True:
         if interactive:
             print("you> ", end="", flush=True)
@@ -85,7 +98,8 @@ def chat(args: argparse.Namespace) -> int:
         try:
             session.ask(line.strip(), think=args.think, stream=lambda s: print(s, end="", flush=True), **gen)
         except ValueError as e:  # e.g. the chat outgrew its cache: say so, keep what was said
-            print(f"\nerror: {e}", file=sys.stderr)
+            print(flush=True)
+            print_error(str(e), FLAGS)
             return 1
         print(flush=True)
 

@@ -14,11 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
+# Run from a clone without installing: make the repository importable. torch loads after --help.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
+from examples._common import DEVICE_HELP, DTYPE_NAMES, device_and_dtype, print_error
 
-import af3
+FLAGS = ("--dtype", "--device")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,17 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="af3 checkpoint directory")
     p.add_argument("--prompt", default="Transcribe the input speech.", help="the user's instruction")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
+                   help="weights dtype (default float32: a plain, exact step; bfloat16 halves the memory)")
     args = p.parse_args(argv)
     if not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    import torch
+
+    import af3
+
+    device, dtype = device_and_dtype(args.device, args.dtype)
     try:
-        # Train in fp32 here for a plain, exact step; real fine-tuning uses bf16 autocast + LoRA or FSDP.
-        m = af3.load(args.checkpoint, device=device, dtype=torch.float32)
+        m = af3.load(args.checkpoint, device=device, dtype=dtype)
     except (OSError, ValueError, TypeError, RuntimeError) as e:
-        print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+        print_error(f"cannot load checkpoint {args.checkpoint}: {e}", FLAGS)
         return 2
     conversation = [
         {"role": "user", "content": [{"type": "audio", "path": args.audio},
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = m.processor.apply_chat_template(conversation, add_generation_prompt=False,
                                                 output_labels="assistant").to(device)
     except (OSError, ValueError, TypeError) as e:  # an unreadable audio file, a prompt too long
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e), FLAGS)
         return 1
 
     model = m.model

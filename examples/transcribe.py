@@ -26,7 +26,19 @@ import json
 import sys
 from pathlib import Path
 
-DTYPES = ("bfloat16", "float16", "float32")
+# Run from a clone without installing: make the repository importable. torch loads after --help.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from examples._common import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    DTYPE_NAMES,
+    as_flags,
+    device_and_dtype,
+    print_error,
+)
+
+FLAGS = ("--max-new-tokens", "--batch-size", "--seed", "--dtype", "--device", "--chunk-seconds", "--margin-seconds")
 FORMATS = ("txt", "jsonl", "srt", "vtt")
 MAX_EXIT_FAILED = 100  # exit statuses above ~125 mean signals to a shell
 CANNOT_START = 101
@@ -46,9 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "srt and vtt take one file); a manifest's output is always jsonl")
     p.add_argument("--json", action="store_true", help="the same as --format jsonl")
     p.add_argument("--prompt", default=None, help='instruction (default: "Transcribe the input speech.")')
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weights dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help=DTYPE_HELP)
     p.add_argument("--max-new-tokens", type=int, default=None, help="per chunk (default: the checkpoint's setting)")
     p.add_argument("--batch-size", type=int, default=8, help="chunks transcribed together (default 8)")
     p.add_argument("--chunk-seconds", type=float, default=30.0, help="longest chunk, at most 600 (default 30)")
@@ -98,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Run from a clone without installing: make the repository importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
 
     import af3
@@ -107,16 +116,13 @@ def run(args: argparse.Namespace) -> int:
 
     rank_device = init_distributed()  # under torchrun: join the group; None otherwise
     if rank_device is not None and args.manifest is None:
-        print("error: under torchrun, give the work as --manifest FILE --output FILE", file=sys.stderr)
+        print_error("under torchrun, give the work as --manifest FILE --output FILE")
         return CANNOT_START
-    device = args.device or (str(rank_device) if rank_device is not None else
-                             "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda")
-                                                           else torch.float32)
+    device, dtype = device_and_dtype(args.device or (None if rank_device is None else str(rank_device)), args.dtype)
     try:
         model = af3.load(args.checkpoint, device=device, dtype=dtype)
     except (OSError, ValueError, TypeError, RuntimeError) as e:
-        print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+        print_error(f"cannot load checkpoint {args.checkpoint}: {e}", FLAGS)
         return CANNOT_START
 
     gen: dict = {}
@@ -174,15 +180,7 @@ def run_files(model, args: argparse.Namespace, chunking: dict, gen: dict) -> int
         return failed
     short = recordings[0].seconds is not None and recordings[0].seconds <= args.chunk_seconds
     if len(args.audio) == 1 and args.format == "txt" and short:  # one chunk: show the text as it comes
-        print(f"{args.audio[0]}\t", end="", flush=True)
-        try:
-            model.transcribe(args.audio[0], args.prompt, stream=_print_piece, progress=False, **chunking, **gen)
-        except (OSError, ValueError, TypeError, RuntimeError) as e:
-            print(flush=True)
-            print(error_line(args.audio[0], e), file=sys.stderr)
-            return 1
-        print(flush=True)
-        return 0
+        return stream_one(model, args.audio[0], args.prompt, chunking, gen)
 
     reporter = ChunkProgress() if sys.stderr.isatty() else None
     results = transcribe_recordings(lambda clips, prompts: model.transcribe_chunks(clips, prompts, **gen),
@@ -205,9 +203,33 @@ def run_files(model, args: argparse.Namespace, chunking: dict, gen: dict) -> int
     return failed
 
 
+def stream_one(model, path: str, prompt: str | None, chunking: dict, gen: dict) -> int:
+    """Print `path<TAB>text` as the text is generated; -> failures (0 or 1)."""
+    started = False  # the line starts with the first piece: a file that fails first prints nothing on stdout
+
+    def piece(text: str) -> None:
+        nonlocal started
+        if not started:
+            print(f"{path}\t", end="")
+            started = True
+        _print_piece(text)
+
+    try:
+        model.transcribe(path, prompt, stream=piece, progress=False, **chunking, **gen)
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        if started:
+            print(flush=True)  # end the partial line; the error goes to stderr
+        print(error_line(path, e), file=sys.stderr)
+        return 1
+    if not started:
+        print(f"{path}\t", end="")
+    print(flush=True)
+    return 0
+
+
 def error_line(path: str, error: BaseException) -> str:
     """`error: <path>: <what>`, the path named once even when the message already names it."""
-    text = str(error)
+    text = as_flags(str(error), FLAGS)
     return f"error: {text}" if path in text else f"error: {path}: {text}"
 
 

@@ -21,7 +21,7 @@ def tiny(tmp_path_factory):
     from tests.tiny_checkpoint import tiny_hf_model, write_tiny_hf_checkpoint
 
     root = tmp_path_factory.mktemp("bundle")
-    write_tiny_hf_checkpoint(root / "hf", seed=0)
+    write_tiny_hf_checkpoint(root / "hf", style="new", seed=0)  # every file by save_pretrained
     convert(root / "hf", root / "af3")
     return af3.load(root / "af3"), tiny_hf_model(seed=0)
 

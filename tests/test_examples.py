@@ -102,12 +102,10 @@ def test_train_step_lowers_nothing_silently(files, capsys):
 def test_demo_builds_converts_and_transcribes(tmp_path, capsys, monkeypatch):
     demo = example("demo")
     root = tmp_path / ".demo"
-    for name, value in (("DEMO", root), ("HF_DIR", root / "hf-checkpoint"), ("AF3_DIR", root / "af3-checkpoint"),
-                        ("WAV", root / "speech.wav"), ("DONE", root / "built")):
-        monkeypatch.setattr(demo, name, value)
-    assert demo.main() == 0
+    assert demo.main(root) == 0
     out = capsys.readouterr().out
     assert "RANDOM" in out and "weights_convert" in out and (root / "built").exists()
+    assert f"the checkpoint {root / 'af3-checkpoint'}/ and the clip {root / 'speech.wav'}" in out
     assert (root / "af3-checkpoint" / "config.json").exists() and (root / "speech.wav").exists()
 
 
@@ -218,3 +216,78 @@ def test_transcribe_long_file_as_subtitles_and_a_manifest(files, capsys, tmp_pat
     assert records[0]["segments"] == rows[0]["segments"]
     assert example("transcribe").main(["--manifest", str(tmp_path / "nope"), "--output", str(out), *ckpt]) == 101
     assert "manifest not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["transcribe", "chat", "train_step", "demo", "finetune"])
+def test_help_answers_without_importing_torch(name):
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-X", "importtime", str(EXAMPLES / f"{name}.py"), "--help"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0 and run.stdout.startswith("usage:"), run.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "af3" not in imported and "torch" not in imported and "numpy" not in imported
+
+
+def test_train_step_takes_dtype(files, capsys, monkeypatch):
+    import af3
+
+    loaded = []
+    real_load = af3.load
+    monkeypatch.setattr(af3, "load", lambda *a, **k: loaded.append(k["dtype"]) or real_load(*a, **k))
+    assert example("train_step").main([str(files / "a.wav"), "Hello.", "--checkpoint", str(files / "ckpt"),
+                                       "--dtype", "bfloat16"]) == 0
+    assert loaded == ["bfloat16"] and "loss before" in capsys.readouterr().out
+
+
+def test_chat_seed_repeats_the_replies_and_says_how_to_end(files, capsys, monkeypatch):
+    chat, args = example("chat"), [str(files / "a.wav"), "--checkpoint", str(files / "ckpt")]
+    replies = []
+    for seed in ("3", "3", "4"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("What is it?\nAnd then?\n\n"))
+        assert chat.main([*args, "--seed", seed]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] != replies[2]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("\n"))
+    assert chat.main(args) == 0
+    assert "an empty line or Ctrl-D ends the chat" in capsys.readouterr().err
+
+
+def test_errors_name_the_flag_to_change(files, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is it?\n\n"))
+    assert example("chat").main([str(files / "a.wav"), "--checkpoint", str(files / "ckpt"), "--max-tokens", "40"]) == 1
+    err = capsys.readouterr().err
+    assert "--max-tokens" in err and "--max-new-tokens" in err and "start_chat(" not in err, err
+    assert "max_new_tokens" not in err.replace("--max-new-tokens", "")
+    assert example("transcribe").main([str(files / "a.wav"), str(files / "b.flac"), "--checkpoint", str(files / "ckpt"),
+                                       "--max-new-tokens", "100000"]) == 2  # the exit status counts the failures
+    err = capsys.readouterr().err
+    assert err.count("lower --max-new-tokens") == 2, err
+
+
+def test_a_failed_streamed_file_prints_no_empty_line(files, capsys, tmp_path):
+    short = tmp_path / "short.wav"
+    soundfile.write(str(short), np.zeros(200, dtype=np.float32), 16000)  # decodes, but gives no audio token
+    assert example("transcribe").main([str(short), "--checkpoint", str(files / "ckpt")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "too short" in err and err.count(str(short)) == 1
+
+
+def test_make_install_says_what_it_is_doing(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    # A dry run (-n) with a venv that does not exist lists every command install would run.
+    run = subprocess.run(["make", "-n", "install", f"VENV={tmp_path / 'venv'}"], cwd=EXAMPLES.parent,
+                         capture_output=True, text=True, timeout=60, check=True)
+    lines = run.stdout.splitlines()
+    big = next(i for i, line in enumerate(lines) if "pip install" in line and ".[test]" in line)
+    said = " ".join(line for line in lines[:big] if line.startswith("echo"))
+    assert "5.7 GB" in said and "torch" in said and "--quiet" not in lines[big]

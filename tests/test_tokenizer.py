@@ -15,12 +15,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from af3.streaming import TextStreamer
 from af3.tokenizer import Tokenizer, bytes_to_unicode
 from tests.tiny_tokenizer import (
     ADDED_TOKENS,
     TINY_AUDIO_TOKEN_ID,
     TINY_EOS_TOKEN_ID,
     TINY_PAD_TOKEN_ID,
+    TINY_TOKEN_IDS,
     TINY_VOCAB_SIZE,
     tiny_tokenizer_json,
     write_tiny_tokenizer,
@@ -205,6 +207,67 @@ def test_tiny_round_trip(text):
 _TINY_FOR_HYPOTHESIS = Tokenizer(tiny_tokenizer_json())
 
 
+# ---- post-processors and ids the tokenizer lacks, as transformers 5 writes / generation emits -------
+
+# What `save_pretrained` of transformers 5 writes for AF3's tokenizer (no bos/eos added).
+NO_OP_TEMPLATE = {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                  "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                  "special_tokens": {}}
+
+
+def _adding_template(first: str, last: str) -> dict:
+    ids = {c: TINY_TOKEN_IDS[c] for c in (first, last)}
+    return {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": first, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                       {"SpecialToken": {"id": last, "type_id": 0}}],
+            "pair": NO_OP_TEMPLATE["pair"],
+            "special_tokens": {c: {"id": c, "ids": [i], "tokens": [c]} for c, i in ids.items()}}
+
+
+@needs_hf
+@pytest.mark.parametrize("post_processor", [
+    NO_OP_TEMPLATE,
+    {"type": "Sequence", "processors": [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                                         "use_regex": True}, NO_OP_TEMPLATE]},
+], ids=["template", "sequence"])
+def test_template_post_processor_that_adds_nothing_loads_and_matches_hf(post_processor):
+    spec = _with("post_processor", post_processor)
+    ours, hf = Tokenizer(spec), hf_tokenizers.Tokenizer.from_str(json.dumps(spec))
+    for text in CORPUS[:6]:
+        for add in (True, False):
+            assert ours.encode(text, add_special_tokens=add) == hf.encode(text, add_special_tokens=add).ids
+
+
+@needs_hf
+def test_template_post_processor_that_adds_tokens_is_refused_naming_them():
+    spec = _with("post_processor", _adding_template("<|im_start|>", "<|im_end|>"))
+    hf = hf_tokenizers.Tokenizer.from_str(json.dumps(spec))
+    plain = hf.encode("hello", add_special_tokens=False).ids
+    # HF puts the two tokens around every text; af3 would not, so it refuses the file by name.
+    assert hf.encode("hello", add_special_tokens=True).ids == [TINY_TOKEN_IDS["<|im_start|>"], *plain,
+                                                                TINY_TOKEN_IDS["<|im_end|>"]]
+    with pytest.raises(ValueError, match=r"adds the special tokens \['<\|im_end\|>', '<\|im_start\|>'\]"):
+        Tokenizer(spec)
+
+
+@needs_hf
+def test_decode_skips_ids_the_tokenizer_lacks_as_hf_does(tiny, tiny_path):
+    hf = hf_tokenizers.Tokenizer.from_file(str(tiny_path))
+    known = tiny.encode("The sound of rain <|im_end|>")
+    # 583..599: the unused rows of the tiny model's padded embedding (600 rows, 583 ids).
+    ids = [known[0], 583, *known[1:3], 599, 596, *known[3:]]
+    for skip in (False, True):
+        assert tiny.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+        assert tiny.decode(ids, skip_special_tokens=skip) == tiny.decode(known, skip_special_tokens=skip)
+    assert tiny.decode(torch.tensor([596, 597])) == hf.decode([596, 597]) == ""
+    pieces = []
+    streamer = TextStreamer(tiny, on_text=pieces.append)
+    for i in ids:  # one id per step, as generate hands them over
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    assert "".join(pieces) == hf.decode(ids, skip_special_tokens=True)
+
+
 # ---- parity with HF tokenizers on the tiny tokenizer and its variants ---------------------------
 
 def _gpt2_style(spec: dict) -> dict:
@@ -346,8 +409,10 @@ def test_broken_files_and_bad_inputs_raise_clear_errors(tmp_path, tiny, tiny_pat
     with pytest.raises(TypeError, match="text must be a str"):
         tiny.encode(b"bytes")
     with pytest.raises(ValueError, match="token id 583 is not in the vocabulary"):
-        tiny.decode([1, 583])
-    with pytest.raises(ValueError, match="token id -1"):
+        tiny.convert_ids_to_tokens([1, 583])
+    with pytest.raises(ValueError, match="token id -1 is negative"):
+        tiny.decode([1, -1])
+    with pytest.raises(ValueError, match="token id -1 is negative"):
         tiny.convert_ids_to_tokens(-1)
     with pytest.raises(TypeError, match="decode each row"):
         tiny.decode([[1, 2], [3, 4]])

@@ -1,16 +1,19 @@
-"""Tiny random AF3 checkpoints in the layouts weights_convert reads, made with transformers.
+"""Tiny random AF3 checkpoints in the layouts weights_convert reads, saved by transformers.
 
-`write_tiny_hf_checkpoint` writes what `nvidia/audio-flamingo-3-hf` looks like (config.json,
-safetensors in either tensor-name style, single or sharded, tokenizer.json,
-preprocessor_config.json, generation_config.json) from a randomly initialised
-`AudioFlamingo3ForConditionalGeneration`. `write_tiny_nvidia_checkpoint` rearranges the same
-tensors into NVIDIA's original `llm/`, `sound_tower/`, `sound_mm_projector/` folders.
+`write_tiny_hf_checkpoint` saves a randomly initialised `AudioFlamingo3ForConditionalGeneration`
+and an `AudioFlamingo3Processor` (around tests/tiny_tokenizer.py's tokenizer) with transformers'
+`save_pretrained`: config.json, generation_config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json, processor_config.json and chat_template.jinja, exactly as a user's
+fine-tuned checkpoint comes out of transformers 5. `write_tiny_nvidia_checkpoint` rearranges the
+same tensors into NVIDIA's original `llm/`, `sound_tower/`, `sound_mm_projector/` folders.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,8 +22,23 @@ from safetensors.torch import save_file
 
 from tests.tiny_tokenizer import (
     TINY_AUDIO_TOKEN_ID,
+    TINY_EOS_TOKEN_ID,
+    TINY_PAD_TOKEN_ID,
     TINY_VOCAB_SIZE,
     write_tiny_tokenizer,
+)
+
+# The chat template nvidia/audio-flamingo-3-hf ships (its chat_template.jinja), as test data: the
+# processor that transformers saves needs one. tests/test_convert.py checks it against ../shared.
+AF3_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}{% for m in messages if m['content'] is not none %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% set audio = namespace(found=False) %}"
+    "{% set text_buf = namespace(v='') %}{% for c in m['content'] %}"
+    "{% if c.get('type') == 'audio' or 'audio' in c %}{% set audio.found = True %}"
+    "{% elif c.get('type') == 'text' or 'text' in c %}{% set text_buf.v = text_buf.v + c['text'] %}"
+    "{% endif %}{% endfor %}{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 TINY_AUDIO = {"num_mel_bins": 128, "d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 4,
@@ -88,36 +106,65 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], shards:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def _token_id(tokenizer_json: Path, content: str) -> int:
-    for t in json.loads(tokenizer_json.read_text())["added_tokens"]:
-        if t["content"] == content:
-            return t["id"]
-    raise KeyError(content)
-
-
 def write_tiny_hf_checkpoint(directory: str | Path, *, style: str = "old", shards: int = 1,
                              tie_word_embeddings: bool = False, seed: int = 0,
-                             dtype: torch.dtype = torch.float32, **text_overrides) -> Path:
-    """Write a tiny random HF-layout AF3 checkpoint into `directory`; returns its path."""
-    from transformers import WhisperFeatureExtractor
+                             dtype: torch.dtype = torch.float32, generation: dict | None = None,
+                             **text_overrides) -> Path:
+    """Write a tiny random HF-layout AF3 checkpoint into `directory`; returns its path.
 
+    `generation` updates the generation config (AF3's sampling defaults); keyword arguments
+    override text_config keys.
+
+    config.json, generation_config.json and the processor files are written by transformers'
+    own `save_pretrained`. With style="new" and one shard, so is model.safetensors; otherwise
+    the same tensors are renamed to transformers 4.x's names ("old") or split into `shards`
+    files here, to test the layouts transformers no longer writes.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = tiny_hf_model(tie_word_embeddings=tie_word_embeddings, seed=seed, **text_overrides)
-    model.config.dtype = dtype
-    model.config.save_pretrained(str(directory))
-    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
-    write_safetensors(directory, _hf_names(state, style), shards)
-
-    write_tiny_tokenizer(directory)
-    tok = directory / "tokenizer.json"
-    WhisperFeatureExtractor(feature_size=128, return_attention_mask=True).save_pretrained(str(directory))
-    eos, pad = _token_id(tok, "<|im_end|>"), _token_id(tok, "<|endoftext|>")
-    generation = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
-                  "repetition_penalty": 1.05, "eos_token_id": [eos, pad], "pad_token_id": pad,
-                  "bos_token_id": pad}
-    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    model.generation_config = tiny_generation_config()
+    model.generation_config.update(**(generation or {}))
+    if style == "new" and shards == 1:
+        model.to(dtype).save_pretrained(str(directory))
+    else:
+        model.config.dtype = dtype
+        model.config.save_pretrained(str(directory))
+        model.generation_config.save_pretrained(str(directory))
+        state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+        write_safetensors(directory, _hf_names(state, style), shards)
+    tiny_hf_processor().save_pretrained(str(directory))
     return directory
+
+
+def tiny_generation_config():
+    """AF3's sampling defaults (nvidia/audio-flamingo-3-hf's generation_config.json), tiny ids."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05,
+                            eos_token_id=[TINY_EOS_TOKEN_ID, TINY_PAD_TOKEN_ID], pad_token_id=TINY_PAD_TOKEN_ID,
+                            bos_token_id=TINY_PAD_TOKEN_ID)
+
+
+@functools.cache
+def tiny_hf_processor():
+    """transformers' AudioFlamingo3Processor around the tiny tokenizer (built once per process).
+
+    Its tokenizer is what `AutoTokenizer` makes of tests/tiny_tokenizer.py's files, so the
+    tokenizer.json that `save_pretrained` writes is transformers 5's rewrite of it (with a
+    TemplateProcessing post-processor), as a fine-tuned AF3's is.
+    """
+    from transformers import (
+        AudioFlamingo3Processor,
+        AutoTokenizer,
+        WhisperFeatureExtractor,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    return AudioFlamingo3Processor(feature_extractor=WhisperFeatureExtractor(feature_size=128),
+                                   tokenizer=tokenizer, chat_template=AF3_CHAT_TEMPLATE)
 
 
 def write_tiny_nvidia_checkpoint(directory: str | Path, hf_checkpoint: str | Path) -> Path:

@@ -24,6 +24,7 @@ from af3.checkpoint import check_state
 from af3.config import AF3Config, ConfigError, is_af3_config
 from af3.generation import GenerationConfig
 from af3.progress import format_size
+from weights_convert import hf_files
 from weights_convert.layouts import Source, open_source, read_json
 from weights_convert.lora import LoraAdapter
 from weights_convert.names import hf_to_af3
@@ -74,8 +75,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     except ConfigError as e:
         raise ConfigError(f"{src} ({source.kind} layout), its config: {e}") from None
     _check_tokenizer(source.tokenizer, config)
+    _check_settings(source)
     generation, note = _generation_config(source)  # parsed now, so a bad one fails before the long part
     notes = [note]
+    dropout = hf_files.training_only_settings(source.config)
+    if dropout:
+        notes.append(f"ignored, as af3 trains without dropout: {', '.join(dropout)}")
 
     # Map names and check them against the model before reading any data.
     mapped: dict[str, TensorInfo] = {}
@@ -183,14 +188,36 @@ def _is_af3_checkpoint(folder: Path) -> bool:
 
 
 def _check_tokenizer(path: Path, config: AF3Config) -> None:
+    """Build the tokenizer that will be copied, as af3.load will: a bad one fails here, not at load."""
     tok = read_json(path)
     if not isinstance(tok.get("model"), dict):
         # A file with the wrong content, not an argument of the wrong type.
         raise ValueError(f"{path}: not a tokenizers tokenizer.json (no \"model\" object)")  # noqa: TRY004
-    for t in tok.get("added_tokens") or []:
-        if isinstance(t, dict) and t.get("content") == "<sound>" and t.get("id") != config.audio_token_id:
-            raise ValueError(f"{path}: <sound> is token {t.get('id')} but the config's audio_token_id "
-                             f"is {config.audio_token_id}")
+    sound = hf_files.check_tokenizer(path).added_tokens.get("<sound>")
+    if sound != config.audio_token_id:
+        raise ValueError(f"{path}: <sound> is token {sound} but the config's audio_token_id "
+                         f"is {config.audio_token_id}")
+
+
+def _check_settings(source: Source) -> None:
+    """Every settings file beside the weights: a field af3 would not honour is refused by name."""
+    hf_files.check_text_config(source.config["text_config"], f"{source.root / 'config.json'}")
+    if source.generation is not None:
+        hf_files.check_generation_config(source.generation, "generation_config.json")
+    folder = source.tokenizer.parent
+    if (folder / "tokenizer_config.json").is_file():
+        hf_files.check_tokenizer_config(read_json(folder / "tokenizer_config.json"),
+                                        str(folder / "tokenizer_config.json"), hf_layout=source.kind == "hf")
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (source.root / name).is_file():
+            hf_files.check_processor_config(read_json(source.root / name), str(source.root / name))
+    if source.kind == "hf":
+        if (source.root / "chat_template.jinja").is_file():
+            path = source.root / "chat_template.jinja"
+            hf_files.check_chat_template(path.read_text(encoding="utf-8"), str(path))
+        if (source.root / "chat_template.json").is_file():
+            path = source.root / "chat_template.json"
+            hf_files.check_chat_template(read_json(path).get("chat_template"), str(path))
 
 
 def _check_tied(lm_head: TensorInfo, embed: TensorInfo | None) -> None:

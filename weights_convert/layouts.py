@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from af3.checkpoint import shard_path
 from af3.config import is_af3_config
 from weights_convert.safetensors_io import TensorInfo, read_header
 
@@ -156,10 +157,7 @@ def _read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], int]:
         files = sorted(set(weight_map.values()))
         tensors: dict[str, TensorInfo] = {}
         for file in files:
-            path = (folder / str(file)).resolve()
-            # An index could point anywhere; only files inside the checkpoint folder are read.
-            if not isinstance(file, str) or path.parent != folder.resolve():
-                raise ValueError(f"{index}: shard {file!r} is not a file inside {folder}")
+            path = shard_path(folder, file, index)  # an index could point anywhere: only the checkpoint's files
             for name, info in read_header(path).items():
                 if weight_map.get(name) != file:
                     raise ValueError(f"{path}: tensor {name!r} is not listed for this file in {index}")

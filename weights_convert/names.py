@@ -6,6 +6,7 @@ Both HF spellings are accepted:
   new (transformers 5.x):  model.audio_tower.…, model.multi_modal_projector.…,
                            model.language_model.…, lm_head.weight
 A name that matches no rule raises UnknownTensorError naming it: nothing is silently dropped.
+`af3_to_hf` runs the same tables backwards (new spelling), for files HF must read (LoRA adapters).
 """
 
 from __future__ import annotations
@@ -131,3 +132,47 @@ def hf_to_af3(name: str) -> str:
         raise UnknownTensorError(f"tensor {name!r} is not part of an AudioFlamingo3 checkpoint "
                                  "(no rule in weights_convert/names.py maps it)")
     return out
+
+
+def af3_to_hf(name: str) -> str:
+    """Map one af3 state-dict name (or module name, without .weight/.bias) to HF's new-style name.
+
+    The inverse of `hf_to_af3` for transformers 5.x spelling; UnknownTensorError if no rule covers it.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"tensor name must be a str, got {type(name).__name__}")
+    tower, _, rest = name.partition(".")
+    out = None
+    if name in ("decoder.lm_head", "decoder.lm_head.weight"):
+        out = "lm_head" + name[len("decoder.lm_head"):]
+    elif tower in ("encoder", "decoder") and rest:
+        prefix = "model.audio_tower." if tower == "encoder" else "model.language_model."
+        top, layer = (_ENCODER_TOP, _ENCODER_LAYER) if tower == "encoder" else (_DECODER_TOP, _DECODER_LAYER)
+        out = _unmap(rest, top, layer, prefix)
+    elif tower == "projector":
+        module, dot, suffix = rest.partition(".")
+        back = {ours: hf for hf, ours in _PROJECTOR.items()}
+        if module in back and (not dot or suffix in ("weight", "bias")):
+            out = f"model.multi_modal_projector.{back[module]}{dot}{suffix}"
+    # The forward map is the contract: the answer must map back (this also applies _ALLOWED_SUFFIXES).
+    tensor = name if name.endswith((".weight", ".bias")) else name + ".weight"
+    try:
+        ok = out is not None and hf_to_af3(out if tensor == name else out + ".weight") == tensor
+    except UnknownTensorError:
+        ok = False
+    if not ok:
+        raise UnknownTensorError(f"{name!r} is not an af3 AudioFlamingo3 tensor or module name "
+                                 "(no rule in weights_convert/names.py maps it)")
+    return out
+
+
+def _unmap(rest: str, top: dict[str, str], layer: dict[str, str], prefix: str) -> str | None:
+    """'layers.3.attn.q.weight' -> prefix + 'layers.3.self_attn.q_proj.weight' (suffix optional)."""
+    module, suffix = rest, ""
+    split = _module_and_suffix(rest)
+    if split is not None:
+        module, suffix = split[0], "." + split[1]
+    m = _LAYER.fullmatch(module)
+    table, body, head = (layer, m.group(2), f"layers.{m.group(1)}.") if m else (top, module, "")
+    back = {ours: hf for hf, ours in table.items()}
+    return None if body not in back else f"{prefix}{head}{back[body]}{suffix}"

@@ -1,0 +1,45 @@
+"""What the example scripts share. Imports nothing heavy, so `--help` answers at once (torch loads later).
+
+The scripts run from a clone without installing: they put the repository on sys.path and import
+this file as `examples._common`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # af3.load takes these names
+DTYPE_HELP = "weights dtype (default: bfloat16 on a GPU, float32 on the CPU)"
+DEVICE_HELP = "cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)"
+
+# A library error names the keyword of a Python call; a script's user changes a flag instead.
+FLAGS = {"max_new_tokens": "--max-new-tokens", "max_tokens": "--max-tokens", "batch_size": "--batch-size",
+         "dtype": "--dtype", "device": "--device", "seed": "--seed", "chunk_seconds": "--chunk-seconds",
+         "margin_seconds": "--margin-seconds"}
+
+
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """The defaults the examples share: cuda when available, bfloat16 there and float32 on the CPU."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
+def as_flags(message: str, flags: tuple[str, ...]) -> str:
+    """`message` with the Python keywords that are flags of this script written as those flags.
+
+    "lower max_new_tokens" -> "lower --max-new-tokens"; "start_chat(max_tokens=...)" -> "--max-tokens".
+    """
+    for name, flag in FLAGS.items():
+        if flag not in flags:
+            continue
+        message = re.sub(rf"\w+\({name}=\.\.\.\)", flag, message)  # start_chat(max_tokens=...)
+        message = re.sub(rf"\b{name}=(\S+?)([,;)]|\s|$)", rf"{flag} \1\2", message)  # max_new_tokens=256
+        message = re.sub(rf"\b{name}\b", flag, message)
+    return message
+
+
+def print_error(message: str, flags: tuple[str, ...] = ()) -> None:
+    print(f"error: {as_flags(message, flags)}", file=sys.stderr)
