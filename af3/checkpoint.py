@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from af3.config import AF3Config, is_af3_config
+from af3.config import AF3Config, QuantConfig, is_af3_config
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -27,13 +27,15 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 # Floating dtypes the model runs in (float64 too, for precision checks; float8 types are not).
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _FLOAT_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}  # the same, as safetensors headers spell them: bytes
+_INT_DTYPES = {"I8": torch.int8, "U8": torch.uint8}  # quantized weights (af3/quant.py)
 # af3.load shows progress by default for checkpoints this large, when stderr is a terminal.
 PROGRESS_MIN_BYTES = 10**9
 Progress = Callable[[int, int, int, int], None]  # (tensors done, tensors, bytes done, bytes)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype | str | None = None, *, progress: bool | Progress | None = None):
+         dtype: torch.dtype | str | None = None, *, progress: bool | Progress | None = None,
+         quantize: str | None = None, group_size: int | None = None):
     """Load an af3 checkpoint directory into an `af3.bundle.AF3` (model in eval mode).
 
     `dtype` defaults to the dtype the checkpoint was saved in ("float32", "bfloat16", "float16",
@@ -42,6 +44,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     `progress`: True draws tensors and bytes loaded on stderr, False never; None (the default)
     draws it when stderr is a terminal and the weights are 1 GB or more (the real model:
     16.5 GB); a callable gets (tensors done, tensors, bytes done, bytes) after each tensor.
+    `quantize` ("int8" or "int4", int4 with `group_size` 32, 64 or 128, default 128) quantizes the
+    decoder's linear weights of a float checkpoint while reading it, one tensor at a time;
+    `dtype` is then that of the parts that stay floating point. A checkpoint converted with
+    `weights_convert --quantize` loads quantized without it.
     HF- and NVIDIA-layout directories are refused with the `weights_convert` command to run.
     """
     from af3.bundle import AF3
@@ -54,11 +60,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     device = _resolve_device(device)
     if dtype is not None:
         dtype = _resolve_dtype(dtype)  # a bad argument is reported before any file is read
+    qc = quant_config(quantize, group_size)
     root = _checkpoint_dir(path)
     config = AF3Config.load(root / "config.json")
     dtype = _resolve_dtype(config.dtype) if dtype is None else dtype
 
-    model = load_model(root, config, device=device, dtype=dtype, progress=progress)
+    model = load_model(root, config, device=device, dtype=dtype, progress=progress, quantize=qc)
     generation_config = GenerationConfig.load(root / "generation_config.json")
     model.generation_config = generation_config
     tokenizer = Tokenizer.from_file(root / "tokenizer.json")
@@ -67,22 +74,45 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
                generation_config=generation_config)
 
 
+def quant_config(quantize: str | None, group_size: int | None = None) -> QuantConfig | None:
+    """af3.load's `quantize` / `group_size` arguments -> a QuantConfig (None: no quantization)."""
+    if quantize is None:
+        if group_size is not None:
+            raise ValueError("group_size is for quantize='int4'; pass quantize='int4' too")
+        return None
+    if not isinstance(quantize, str):
+        raise TypeError(f"quantize must be 'int8', 'int4' or None, got {type(quantize).__name__}")
+    return QuantConfig(quantize, group_size)
+
+
 def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.device,
-               dtype: torch.dtype, progress: bool | Progress | None = False) -> torch.nn.Module:
+               dtype: torch.dtype, progress: bool | Progress | None = False,
+               quantize: QuantConfig | None = None) -> torch.nn.Module:
     """Build AudioFlamingo3(config) on the meta device and assign the checkpoint's tensors.
 
-    `progress` as in `load`."""
+    `progress` as in `load`; `quantize`: quantize a float checkpoint's decoder linears on the
+    way in (a checkpoint converted with --quantize says so in its config and needs nothing)."""
+    from af3 import quant
     from af3.model import AudioFlamingo3
 
     root = Path(root)
     with torch.device("meta"):
         model = AudioFlamingo3(config)
+    if config.quantization is not None:  # the files hold the quantized layers' own tensors
+        if quantize is not None and quantize != config.quantization:
+            raise ValueError(f"checkpoint {root} is already quantized ({_scheme(config.quantization)}); "
+                             f"it cannot be quantized again to {_scheme(quantize)}: load it without "
+                             "quantize=, or quantize the float checkpoint it came from")
+        quantize = None
+        quant.replace_linears(model, config.quantization)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    want_dtype = {k: v.dtype for k, v in model.state_dict().items()}
     files = weight_files(root)
 
     # Check every name, shape and dtype from the headers before reading any data.
     found: dict[str, tuple[int, ...]] = {}
     not_float: list[str] = []
+    not_quantized: list[str] = []
     total_bytes = 0
     for file, names in files.items():
         with _open(file) as f:
@@ -91,34 +121,57 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
                     raise ValueError(f"{file}: tensor {name!r} is not listed for this file in {INDEX_NAME}")
                 sl = f.get_slice(name)
                 found[name] = tuple(sl.get_shape())
-                if sl.get_dtype() not in _FLOAT_BYTES:
-                    not_float.append(f"{name} ({sl.get_dtype()})")
-                else:
-                    total_bytes += math.prod(found[name]) * _FLOAT_BYTES[sl.get_dtype()]
+                stored = sl.get_dtype()
+                want = want_dtype.get(name, torch.float32)
+                if want.is_floating_point and stored not in _FLOAT_BYTES:
+                    not_float.append(f"{name} ({stored})")
+                elif not want.is_floating_point and _INT_DTYPES.get(stored) != want:
+                    not_quantized.append(f"{name} ({stored}, wants {str(want).removeprefix('torch.')})")
+                total_bytes += math.prod(found[name]) * _FLOAT_BYTES.get(stored, 1)
     check_state(found, expected, f"checkpoint {root}")
-    if not_float:  # every tensor of AudioFlamingo3 is a floating-point parameter
+    if not_float:  # every float parameter of AudioFlamingo3 must be stored as floating point
         raise ValueError(f"checkpoint {root}: {len(not_float)} tensors are not floating-point: "
                          f"{_some(not_float)}; re-convert it with weights_convert")
+    if not_quantized:  # a quantized layer's weight must be exactly its integer type
+        raise ValueError(f"checkpoint {root}: {len(not_quantized)} tensors have the wrong dtype for its "
+                         f"{_scheme(config.quantization)} quantization: {_some(not_quantized)}; "
+                         "re-convert it with weights_convert")
+    on_the_fly = set(quant.replace_linears(model, quantize)) if quantize is not None else set()
+    params = {name for name, _ in model.named_parameters()}  # cast to `dtype`; buffers keep theirs
 
     report = _progress_reporter(progress, total_bytes)
     state: dict[str, torch.Tensor] = {}
-    done_bytes = 0
+    done = done_bytes = 0
     try:
         for file in files:
             with _open(file) as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     t = f.get_tensor(name)
+                    done += 1
                     done_bytes += t.nbytes
-                    state[name] = t.to(device=device, dtype=dtype)
+                    if name in on_the_fly:
+                        prefix = name.removesuffix("weight")
+                        for suffix, q in quant.quantize_weight(t.to(device), quantize).items():
+                            state[prefix + suffix] = q
+                    else:
+                        state[name] = t.to(device=device, dtype=dtype if name in params else want_dtype[name])
+                    del t
                     if report is not None:
-                        report(len(state), len(found), done_bytes, total_bytes)
+                        report(done, len(found), done_bytes, total_bytes)
     finally:
         if report is not None and hasattr(report, "end_line"):
             report.end_line()
     model.load_state_dict(state, strict=True, assign=True)
     del state
     _check_nothing_on_meta(model)
+    if quantize is not None:
+        config.quantization = quantize  # the model in memory is quantized now; its config says so
+    quant.pack_for_kernels(model)
     return model.eval()
+
+
+def _scheme(qc: QuantConfig) -> str:
+    return qc.scheme if qc.group_size is None else f"{qc.scheme}, group size {qc.group_size}"
 
 
 def _progress_reporter(progress: bool | Progress | None, total_bytes: int) -> Progress | None:

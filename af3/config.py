@@ -213,6 +213,36 @@ class FrontendConfig:
         )
 
 
+QUANT_SCHEMES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)  # sizes the int4 kernels take, within the 32-128 we support
+DEFAULT_INT4_GROUP_SIZE = 128  # the size that keeps the whole real decoder under 0.33x bf16 (README)
+
+
+@dataclass
+class QuantConfig:
+    """How the decoder's linear weights are stored: "int8" (per output channel) or "int4"
+    (groups of `group_size` inputs). See af3/quant.py for the tensor names."""
+
+    scheme: str
+    group_size: int | None = None  # int4 only
+
+    def __post_init__(self) -> None:
+        if self.scheme not in QUANT_SCHEMES:
+            raise ConfigError(f"quantization scheme {self.scheme!r} is not one of {', '.join(QUANT_SCHEMES)}")
+        if self.scheme == "int8" and self.group_size is not None:
+            raise ConfigError(f"int8 has one scale per output channel: group_size must be null, got "
+                              f"{self.group_size!r}")
+        if self.scheme == "int4":
+            if self.group_size is None:
+                self.group_size = DEFAULT_INT4_GROUP_SIZE
+            if not _is_int(self.group_size) or self.group_size not in INT4_GROUP_SIZES:
+                raise ConfigError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got "
+                                  f"{self.group_size!r}")
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "group_size": self.group_size}
+
+
 @dataclass
 class AF3Config:
     """The whole model: encoder + projector + decoder, and the frontend that feeds it."""
@@ -223,10 +253,13 @@ class AF3Config:
     audio_token_id: int = 151669
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
-    dtype: str = "bfloat16"  # the dtype the checkpoint was saved in
+    dtype: str = "bfloat16"  # the dtype the checkpoint was saved in (its floating-point part)
+    quantization: QuantConfig | None = None  # None: every weight is floating point
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if self.quantization is not None and not isinstance(self.quantization, QuantConfig):
+            raise ConfigError(f"quantization must be a QuantConfig or None, got {self.quantization!r}")
         if self.frontend.num_mel_bins != self.audio.num_mel_bins:
             raise ConfigError(f"frontend makes {self.frontend.num_mel_bins} mel bins but the encoder "
                               f"expects {self.audio.num_mel_bins}")
@@ -289,6 +322,8 @@ class AF3Config:
             "projector_hidden_act": self.projector_hidden_act,
             "projector_bias": self.projector_bias,
             "dtype": self.dtype,
+            # Written only when set, so float checkpoints keep the config older af3 versions read.
+            **({"quantization": self.quantization.to_dict()} if self.quantization else {}),
         }
 
     @classmethod
@@ -315,7 +350,7 @@ class AF3Config:
             return klass(**sub)
 
         top = {"format", "format_version", "audio", "text", "frontend", "audio_token_id",
-               "projector_hidden_act", "projector_bias", "dtype"}
+               "projector_hidden_act", "projector_bias", "dtype", "quantization"}
         unknown = sorted(set(d) - top)
         if unknown:
             raise ConfigError(f"config: unknown keys {unknown}")
@@ -327,6 +362,7 @@ class AF3Config:
             projector_hidden_act=_require(d, "projector_hidden_act", "config"),
             projector_bias=_require(d, "projector_bias", "config"),
             dtype=_require(d, "dtype", "config"),
+            quantization=_quantization(d.get("quantization")),
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -348,6 +384,19 @@ class AF3Config:
             return cls.from_dict(d)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+
+
+def _quantization(d: Any) -> QuantConfig | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config.quantization must be an object, got {type(d).__name__} {d!r}")
+    unknown = sorted(set(d) - {"scheme", "group_size"})
+    if unknown:
+        raise ConfigError(f"config.quantization: unknown keys {unknown}")
+    if "scheme" not in d:
+        raise ConfigError("config.quantization: required key 'scheme' is missing")
+    return QuantConfig(d["scheme"], d.get("group_size"))
 
 
 def _is_int(v: Any) -> bool:

@@ -186,5 +186,6 @@ class Qwen2Decoder(nn.Module):
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        # Through the module when untied, so a LoRA adapter on lm_head takes part.
+        # Through the module when untied, so that a LoRA adapter or a quantized head (af3/quant.py)
+        # on lm_head takes part.
         return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)

@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     model = m.model
-    model.train()
+    try:
+        model.train()
+    except ValueError as e:  # a quantized checkpoint: its int8/int4 weights cannot be trained
+        print_error(f"{args.checkpoint}: {e}")
+        return 2
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     loss = model(**batch).loss  # batch holds input_ids, attention_mask, input_features(_mask), labels
     loss.backward()

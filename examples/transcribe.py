@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", default=None, help='instruction (default: "Transcribe the input speech.")')
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help=DTYPE_HELP)
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the decoder's linear weights while loading a float checkpoint "
+                        "(a checkpoint converted with --quantize needs no flag)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="per chunk (default: the checkpoint's setting)")
     p.add_argument("--batch-size", type=int, default=8, help="chunks transcribed together (default 8)")
     p.add_argument("--chunk-seconds", type=float, default=30.0, help="longest chunk, at most 600 (default 30)")
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         return CANNOT_START
     device, dtype = device_and_dtype(args.device or (None if rank_device is None else str(rank_device)), args.dtype)
     try:
-        model = af3.load(args.checkpoint, device=device, dtype=dtype)
+        model = af3.load(args.checkpoint, device=device, dtype=dtype, quantize=args.quantize)
     except (OSError, ValueError, TypeError, RuntimeError) as e:
         print_error(f"cannot load checkpoint {args.checkpoint}: {e}", FLAGS)
         return CANNOT_START

@@ -45,11 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     p = _Parser(
         prog="python -m weights_convert",
         description="Convert an Audio Flamingo 3 checkpoint (HF layout, either tensor-name style, "
-                    "or NVIDIA's llm/ sound_tower/ sound_mm_projector/ layout) into af3's layout.")
+                    "or NVIDIA's llm/ sound_tower/ sound_mm_projector/ layout) into af3's layout; "
+                    "an af3 checkpoint can be re-cast or quantized.")
     p.add_argument("src", help="source checkpoint directory")
     p.add_argument("dst", help="destination directory (created; must not exist unless --force)")
     p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep",
                    help="dtype of the written floating-point tensors (default: keep)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="store the decoder's linear weights and LM head as int8 (one scale per "
+                        "output channel) or int4 (groups of --group-size inputs); --dtype is then "
+                        "that of the parts that stay floating point")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None, metavar="N",
+                   help="int4 only: inputs sharing one scale and zero, 32, 64 or 128 (default)")
     p.add_argument("--adapter", metavar="DIR", help="merge this PEFT LoRA adapter "
                    "(adapter_config.json + adapter_model.safetensors), e.g. the thinking-mode one")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"), metavar="SIZE",
@@ -57,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace DST if it is an earlier af3 checkpoint (or empty)")
     p.add_argument("--quiet", action="store_true", help="no progress, only the summary")
     args = p.parse_args(_join_values(sys.argv[1:] if argv is None else list(argv), ("--max-shard-size",)))
+    if args.group_size is not None and args.quantize != "int4":
+        p.error("--group-size is for --quantize int4")
 
     # Imported here so that --help does not pay for torch.
     from af3.progress import TensorProgress
@@ -65,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = None if args.quiet else TensorProgress()
     try:
         summary = convert(args.src, args.dst, dtype=args.dtype, adapter=args.adapter,
-                          max_shard_size=args.max_shard_size, force=args.force, progress=progress)
+                          max_shard_size=args.max_shard_size, force=args.force, progress=progress,
+                          quantize=args.quantize, group_size=args.group_size)
     except (ValueError, TypeError, OSError) as e:  # OSError covers FileNotFoundError
         if progress is not None:
             progress.end_line()

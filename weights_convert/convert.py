@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from af3.checkpoint import check_state
-from af3.config import AF3Config, ConfigError, is_af3_config
+from af3 import quant
+from af3.checkpoint import check_state, quant_config
+from af3.config import AF3Config, ConfigError, QuantConfig, is_af3_config
 from af3.generation import GenerationConfig
 from af3.progress import format_size
 from weights_convert import hf_files
@@ -55,25 +56,40 @@ def expected_shapes(config: AF3Config) -> dict[str, tuple[int, ...]]:
 
     with torch.device("meta"):
         model = AudioFlamingo3(config)
+    if config.quantization is not None:
+        quant.replace_linears(model, config.quantization)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep",
             adapter: str | os.PathLike | None = None, max_shard_size: int = 2 * 10**9,
-            force: bool = False, progress: Progress | None = None) -> str:
-    """Convert SRC into af3's layout at DST; returns a one-line summary."""
+            force: bool = False, progress: Progress | None = None, quantize: str | None = None,
+            group_size: int | None = None) -> str:
+    """Convert SRC into af3's layout at DST; returns a one-line summary.
+
+    `quantize` ("int8" or "int4" with `group_size`) stores the decoder's linear weights and
+    LM head quantized (af3/quant.py); `dtype` is then that of everything else."""
     t0 = time.monotonic()
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_CHOICES)}")
     if not isinstance(max_shard_size, int) or max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+    qc = quant_config(quantize, group_size)
     src, dst = Path(src), Path(dst)
     source = open_source(src)
     _check_destination(src, dst, force)
     try:
-        config = AF3Config.from_hf(source.config, source.preprocessor)
+        if source.kind == "af3":
+            config = AF3Config.from_dict(source.config)
+        else:
+            config = AF3Config.from_hf(source.config, source.preprocessor)
     except ConfigError as e:
         raise ConfigError(f"{src} ({source.kind} layout), its config: {e}") from None
+    if config.quantization is not None:
+        # Rounding cannot be undone: a float checkpoint made from this one would pass for the original.
+        raise ValueError(f"{src} is already quantized ({config.quantization.scheme}); it cannot be "
+                         "converted again or back to floating point: convert the float checkpoint "
+                         "it was made from")
     _check_tokenizer(source.tokenizer, config)
     _check_settings(source)
     generation, note = _generation_config(source)  # parsed now, so a bad one fails before the long part
@@ -85,7 +101,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     # Map names and check them against the model before reading any data.
     mapped: dict[str, TensorInfo] = {}
     for hf_name, info in source.tensors.items():
-        name = hf_to_af3(hf_name)
+        name = hf_name if source.kind == "af3" else hf_to_af3(hf_name)
         if name in mapped:
             raise ValueError(f"{info.path}: tensors {mapped[name].name!r} and {hf_name!r} both map to {name}")
         mapped[name] = info
@@ -94,6 +110,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
         notes.append("lm_head.weight dropped (tie_word_embeddings: it equals embed_tokens)")
     expected = expected_shapes(config)
     check_state({k: v.shape for k, v in mapped.items()}, expected, f"checkpoint {src}")
+    quantized = {}  # af3 name of a float weight -> the QuantConfig it is stored with
+    if qc is not None:
+        config.quantization = qc
+        quantized = {name: qc for name in _quantized_weights(config)}
+        expected = expected_shapes(config)
 
     lora = None
     if adapter is not None:
@@ -110,8 +131,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     cast = DTYPE_CHOICES[dtype]
     # Read in file order, so each source file is read front to back.
     order = sorted(mapped, key=lambda k: (str(mapped[k].path), mapped[k].start))
-    plan = [PlannedTensor(k, _out_dtype(mapped[k].dtype, cast), tuple(mapped[k].shape)) for k in order]
-    config.dtype = _config_dtype(plan)
+    plan, float_part = [], []
+    for k in order:
+        if k in quantized:  # one float weight -> weight, scales[, zeros]
+            prefix = k.removesuffix("weight")
+            plan += [PlannedTensor(prefix + suffix, dt, shape)
+                     for suffix, (dt, shape) in quant.stored_shapes(qc, *mapped[k].shape).items()]
+        else:
+            plan.append(PlannedTensor(k, _out_dtype(mapped[k].dtype, cast), tuple(mapped[k].shape)))
+            float_part.append(plan[-1])
+    config.dtype = _config_dtype(float_part)
     shards = plan_shards(plan, max_shard_size)
     files = shard_file_names(len(shards))
 
@@ -122,7 +151,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
             tmp.mkdir()
         except OSError as e:
             raise OSError(f"cannot create a directory beside {dst}: {e.strerror or e}") from None
-        _write_tensors(tmp, shards, files, mapped, lora, progress)
+        _write_tensors(tmp, shards, files, mapped, lora, progress, quantized)
         if len(shards) > 1:
             _write_index(tmp, shards, files)
         config.save(tmp / "config.json")
@@ -139,9 +168,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
 
     total = sum(t.nbytes for t in plan)
     dtypes = "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in plan}))
+    if qc is not None:
+        notes.append(f"{_plural(len(quantized), 'decoder weight')} quantized to {qc.scheme}"
+                     + (f" (group size {qc.group_size})" if qc.group_size else ""))
     return (f"converted {src} ({source.description}) -> {dst}: {len(plan)} tensors, "
             f"{format_size(total)} {dtypes} in {_plural(len(files), 'file')}; " + "; ".join(notes)
             + f"; {time.monotonic() - t0:.1f} s")
+
+
+def _quantized_weights(config: AF3Config) -> list[str]:
+    """Names of the float weights a quantized checkpoint of `config` stores quantized."""
+    from af3.model import AudioFlamingo3
+
+    with torch.device("meta"):
+        model = AudioFlamingo3(config)
+    return quant.replace_linears(model, config.quantization)  # an int4 group size that does not fit fails here
 
 
 def _plural(n: int, word: str) -> str:
@@ -255,24 +296,38 @@ def _config_dtype(plan: list[PlannedTensor]) -> str:
 
 def _write_tensors(tmp: Path, shards: list[list[PlannedTensor]], files: list[str],
                    mapped: dict[str, TensorInfo], lora: LoraAdapter | None,
-                   progress: Progress | None) -> None:
+                   progress: Progress | None, quantized: dict[str, QuantConfig]) -> None:
     n_total = sum(len(s) for s in shards)
     bytes_total = sum(t.nbytes for s in shards for t in s)
     n_done = bytes_done = 0
     handles: dict[Path, object] = {}
+    pieces: dict[str, torch.Tensor] = {}  # the quantized parts of one weight, until written
     with contextlib.ExitStack() as stack:
         for shard, file in zip(shards, files):
             writer = ShardWriter(tmp / file, shard)
             for planned in shard:
-                info = mapped[planned.name]
+                if planned.name in pieces:
+                    writer.write(planned.name, pieces.pop(planned.name))
+                    n_done += 1
+                    bytes_done += planned.nbytes
+                    if progress is not None:
+                        progress(n_done, n_total, bytes_done, bytes_total)
+                    continue
+                source_name = _source_name(planned.name, mapped, quantized)
+                info = mapped[source_name]
                 if info.path not in handles:
                     handles[info.path] = stack.enter_context(open(info.path, "rb"))
                 tensor = read_tensor(handles[info.path], info)
-                delta = lora.delta(planned.name) if lora is not None else None
+                delta = lora.delta(source_name) if lora is not None else None
                 if delta is not None:
                     # Merge in float32, then round once to the output dtype.
-                    tensor = (tensor.float() + delta).to(planned.dtype)
+                    tensor = tensor.float() + delta
                     del delta
+                if source_name in quantized:
+                    prefix = source_name.removesuffix("weight")
+                    pieces = {prefix + k: v for k, v in
+                              quant.quantize_weight(tensor, quantized[source_name]).items()}
+                    tensor = pieces.pop(planned.name)
                 else:
                     tensor = tensor.to(planned.dtype)
                 writer.write(planned.name, tensor)
@@ -282,6 +337,16 @@ def _write_tensors(tmp: Path, shards: list[list[PlannedTensor]], files: list[str
                 if progress is not None:
                     progress(n_done, n_total, bytes_done, bytes_total)
             writer.close()
+
+
+def _source_name(name: str, mapped: dict[str, TensorInfo], quantized: dict[str, QuantConfig]) -> str:
+    """The SRC tensor a planned output tensor is made from (its float weight, for quantized parts)."""
+    if name in mapped:
+        return name
+    for suffix in ("scales", "zeros"):
+        if name.endswith("." + suffix) and name.removesuffix(suffix) + "weight" in quantized:
+            return name.removesuffix(suffix) + "weight"
+    raise ValueError(f"no source tensor for planned output {name}")
 
 
 def _write_index(tmp: Path, shards: list[list[PlannedTensor]], files: list[str]) -> None:
@@ -299,6 +364,8 @@ def _write_index(tmp: Path, shards: list[list[PlannedTensor]], files: list[str])
 def _generation_config(source: Source) -> tuple[GenerationConfig, str]:
     if source.generation is None:
         return GenerationConfig(), "no generation_config.json in the source: af3's defaults written"
+    if source.kind == "af3":
+        return GenerationConfig.load(source.root / "generation_config.json"), "generation_config.json copied"
     return GenerationConfig.from_hf(source.generation), "generation_config.json converted"
 
 

@@ -10,6 +10,9 @@ Two layouts are read (see ../shared/DESIGN.md):
   `sound_tower/` (the encoder without the `audio_tower.` prefix) and `sound_mm_projector/`
   (`layers.0.*` / `layers.2.*`). Its tensor names are rewritten to the HF ones here, so that
   one name map (names.py) serves both.
+
+An af3 checkpoint is read too (kind "af3": names and config already ours), so that a float one
+can be re-cast or quantized (`--quantize`) without the original at hand.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ class Source:
     """A checkpoint to convert: its tensors under HF names and where its settings come from."""
 
     root: Path
-    kind: str  # "hf" or "nvidia"
-    config: dict  # an HF-style config dict with audio_config and text_config
+    kind: str  # "hf", "nvidia" or "af3"
+    config: dict  # an HF-style config dict with audio_config and text_config (af3: our own config)
     preprocessor: dict | None  # feature-extractor settings, None when the source has none
     generation: dict | None  # generation_config.json, None when absent
     tokenizer: Path
-    tensors: dict[str, TensorInfo] = field(default_factory=dict)  # HF name -> where it is
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)  # HF (af3: af3) name -> where it is
     n_files: int = 0
 
     @property
@@ -85,7 +88,10 @@ def open_source(root: str | Path) -> Source:
     root = Path(root)
     kind = detect_layout(root)
     if kind == "af3":
-        raise ValueError(f"{root} is already in af3's layout; load it with af3.load({str(root)!r})")
+        tensors, n_files = _read_tensors(root)
+        return Source(root, "af3", read_json(root / "config.json"), None,
+                      _optional_json(root / "generation_config.json"), root / "tokenizer.json",
+                      tensors, n_files)
     if kind == "hf":
         return _open_hf(root)
     return _open_nvidia(root)
