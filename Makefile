@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench demo clean
+.PHONY: install test bench bench-gpu demo clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: install
 # Benchmarks print ratios against HF transformers measured in the same run (never asserted).
 bench: install
 	@for f in tests/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# The real model's dimensions (random weights) on a CUDA GPU: decode tokens/s, % of the HBM floor, encoder time.
+bench-gpu: install
+	$(PY) tests/bench_gpu.py
 
 demo: install
 	$(PY) examples/demo.py

@@ -30,14 +30,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     uses key/value head i // (H / H_kv)); mask: bool (B or 1, 1, Tq, Tk), or None. With mask
     None, `causal` selects a plain causal mask (Tq == Tk), which lets SDPA pick its fastest
     kernels. Returns (B, H, Tq, hd).
-    A query row with no visible key (a left-padding position under a causal mask) would be
-    0/0 = NaN; such rows are let see every key instead, so their (unused) output stays finite.
+    Every query row of the mask must see at least one key (0/0 would be NaN): the mask builders
+    (`qwen2.causal_mask`, the encoder's) let a row with nothing to see (padding) see every key.
     """
     b, h, tq, hd = q.shape
     h_kv = k.shape[1]
     n_rep = h // h_kv
-    if mask is not None:
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
     if use_sdpa:
         is_causal = causal and mask is None
         if _SDPA_GQA:

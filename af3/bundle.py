@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,8 +22,16 @@ from typing import Any
 import torch
 
 from af3.audio import load_audio
-from af3.chat import check_conversation
-from af3.config import AF3Config
+from af3.chat import check_conversation, next_user_turn
+from af3.checkpoint import (
+    Progress,
+    checkpoint_dir,
+    load_model,
+    quant_config,
+    resolve_device,
+    resolve_dtype,
+)
+from af3.config import AF3Config, is_int
 from af3.generation import GenerationConfig, generate
 from af3.longform import (
     CHUNK_SECONDS,
@@ -34,10 +43,52 @@ from af3.longform import (
     known_seconds,
     transcribe_recordings,
 )
+from af3.processor import Processor
 from af3.progress import ChunkProgress
+from af3.qwen2 import KVCache
 from af3.streaming import TextStreamer
+from af3.tokenizer import Tokenizer
 
 THINK_PROMPT = "Please think and reason about the input audio before you respond."
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu",
+         dtype: torch.dtype | str | None = None, *, progress: bool | Progress | None = None,
+         quantize: str | None = None, group_size: int | None = None, compile: bool = False) -> AF3:
+    """Load an af3 checkpoint directory into an `AF3` bundle (model in eval mode).
+
+    `dtype` defaults to the dtype the checkpoint was saved in ("float32", "bfloat16", "float16",
+    their short forms "fp32", "bf16", "fp16", or a floating torch.dtype); `device` ("cpu",
+    "cuda", "cuda:1", or a torch.device) is where the weights go and must be available here.
+    `progress`: True draws tensors and bytes loaded on stderr, False never; None (the default)
+    draws it when stderr is a terminal and the weights are 1 GB or more (the real model:
+    16.5 GB); a callable gets (tensors done, tensors, bytes done, bytes) after each tensor.
+    `quantize` ("int8" or "int4", int4 with `group_size` 32, 64 or 128, default 128) quantizes the
+    decoder's linear weights of a float checkpoint while reading it, one tensor at a time;
+    `dtype` is then that of the parts that stay floating point. A checkpoint converted with
+    `weights_convert --quantize` loads quantized without it.
+    HF- and NVIDIA-layout directories are refused with the `weights_convert` command to run.
+    `compile=True`: every generate call of the bundle runs its decode step through torch.compile
+    (the first call compiles, and says so; the tokens are the same).
+    """
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise TypeError(f"progress must be a bool, None or a callable, got {type(progress).__name__}")
+    device = resolve_device(device)
+    if dtype is not None:
+        dtype = resolve_dtype(dtype)  # a bad argument is reported before any file is read
+    qc = quant_config(quantize, group_size)
+    root = checkpoint_dir(path)
+    config = AF3Config.load(root / "config.json")
+    dtype = resolve_dtype(config.dtype) if dtype is None else dtype
+
+    model = load_model(root, config, device=device, dtype=dtype, progress=progress, quantize=qc)
+    generation_config = GenerationConfig.load(root / "generation_config.json")
+    tokenizer = Tokenizer.from_file(root / "tokenizer.json")
+    processor = Processor(tokenizer, config.frontend, max_length=config.text.max_position_embeddings)
+    return AF3(model=model, processor=processor, tokenizer=tokenizer, config=config,
+               generation_config=generation_config, compile=compile)
 
 
 class AF3:
@@ -51,12 +102,25 @@ class AF3:
     """
 
     def __init__(self, *, model: torch.nn.Module, processor: Any, tokenizer: Any, config: AF3Config,
-                 generation_config: GenerationConfig | None = None) -> None:
+                 generation_config: GenerationConfig | None = None, compile: bool = False) -> None:
         self.model = model
+        self.compile = compile  # run the decode step through torch.compile (see af3.generation)
         self.processor = processor
         self.tokenizer = tokenizer
         self.config = config
-        self.generation_config = generation_config if generation_config is not None else GenerationConfig()
+        if generation_config is not None:
+            model.generation_config = generation_config
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The model's: one config, so the bundle and `model.generate` cannot disagree."""
+        return self.model.generation_config
+
+    @generation_config.setter
+    def generation_config(self, config: GenerationConfig) -> None:
+        if not isinstance(config, GenerationConfig):
+            raise TypeError(f"generation_config must be an af3 GenerationConfig, got {type(config).__name__}")
+        self.model.generation_config = config
 
     @property
     def device(self) -> torch.device:
@@ -105,7 +169,7 @@ class AF3:
         clips = [audio] if single else list(audio)
         if not clips:
             raise ValueError("audio is an empty list: give at least one clip to transcribe")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if stream is not None and len(clips) != 1:
             raise ValueError(f"stream needs a single clip, got {len(clips)}")
@@ -181,10 +245,12 @@ class AF3:
         return self._run(inputs, None, gen)
 
     def start_chat(self, audio: Any = None, *, system: str | None = None,
-                   max_tokens: int = 8192) -> ChatSession:
+                   max_tokens: int | None = None) -> ChatSession:
         """A multi-turn chat about one clip that keeps its KV cache, so the audio is encoded once.
 
         The clip (a path, URL, bytes or array, as everywhere) is decoded here, so a bad one fails now.
+        The cache grows as the chat does (doubling); `max_tokens` caps the whole chat (default:
+        the model's context).
         """
         return ChatSession(self, audio, system=system, max_tokens=max_tokens)
 
@@ -199,7 +265,7 @@ class AF3:
         inputs = inputs.to(self.device)
         streamer = TextStreamer(self.tokenizer, stream) if stream is not None else None
         out = generate(self.model, **_model_inputs(inputs), generation_config=self.generation_config,
-                       streamer=streamer, vocab_limit=self.tokenizer.vocab_size, **gen)
+                       streamer=streamer, vocab_limit=self.tokenizer.vocab_size, compile=self.compile, **gen)
         new = out[:, inputs["input_ids"].shape[1]:]  # (B, n_new): the prompt is returned too, as in HF
         return self.processor.batch_decode(new, skip_special_tokens=True, strip_prefix=strip_prefix)
 
@@ -209,23 +275,29 @@ class ChatSession:
 
     Each turn appends the user's text (and the closing of the previous reply) as tokens after
     what is already cached, so only the new tokens are run: the audio is encoded on the first
-    turn only. `history` holds the conversation in HF message format.
+    turn only. The cache is made for the first turn and grows (at least doubling, keeping what
+    it holds) when a later turn needs more room. `history` holds the conversation in HF
+    message format.
     """
 
     def __init__(self, bundle: AF3, audio: Any = None, *, system: str | None = None,
-                 max_tokens: int = 8192) -> None:
+                 max_tokens: int | None = None) -> None:
         limit = bundle.config.text.max_position_embeddings
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        if max_tokens is None:
+            max_tokens = limit
+        if not is_int(max_tokens) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
         if system is not None and not isinstance(system, str):
             raise TypeError(f"system must be a string or None, got {type(system).__name__}")
         self.bundle = bundle
         self.audio = audio  # as given (history shows it so)
         self._clip = None if audio is None else load_audio(audio)  # a bad file fails here, not at ask()
-        self.capacity = min(max_tokens, limit)
+        self.max_tokens = min(max_tokens, limit)
         self.history: list[dict] = [] if system is None else [{"role": "system", "content": system}]
-        self.ids: torch.Tensor | None = None  # (1, n): every token so far, the last reply included
-        self.cache = bundle.model.new_cache(1, self.capacity, dtype=bundle.dtype, device=bundle.device)
+        # (1, n): every token so far, the last reply included. The cache holds all but the last of
+        # them (the last generated token is never fed back), so each turn re-feeds from there.
+        self.ids: torch.Tensor | None = None
+        self.cache: KVCache | None = None  # made by the first turn, sized for it
 
     def ask(self, text: str, *, think: bool = False, stream: Callable[[str], Any] | None = None,
             **gen: Any) -> str:
@@ -254,35 +326,32 @@ class ChatSession:
             features = {k: inputs[k] for k in ("input_features", "input_features_mask") if k in inputs}
         else:
             # Close the previous reply as the chat template does, then open the next turns.
-            turn = f"<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-            turn_ids = bundle.tokenizer.encode(turn)
+            turn_ids = bundle.tokenizer.encode(next_user_turn(text))
             if processor.audio_token_id in turn_ids:  # the model would take it as a plain token, silently
                 raise ValueError(f"text holds the audio placeholder {processor.audio_token!r}; a chat's audio is "
                                  "given once, to start_chat, and its first turn carries it")
             new = torch.tensor([turn_ids], device=self.ids.device)
             ids = torch.cat([self.ids, new], dim=1)  # (1, n + new): once per turn, not per token
             user = {"role": "user", "content": text}
-        max_new = settings.max_new_tokens
-        room = self.capacity - ids.shape[1]
-        if room < 1 or max_new > room:
-            raise ValueError(f"this chat holds {ids.shape[1]} tokens and max_new_tokens={max_new}, beyond its "
-                             f"{self.capacity}-token cache; start a new chat (start_chat(max_tokens=...)) "
-                             "or lower max_new_tokens")
+        need = ids.shape[1] + settings.max_new_tokens
+        if need > self.max_tokens:
+            raise ValueError(f"this chat holds {ids.shape[1]} tokens and max_new_tokens={settings.max_new_tokens}, "
+                             f"beyond its limit of {self.max_tokens} tokens; start a new chat "
+                             "(start_chat(max_tokens=...)) or lower max_new_tokens")
         streamer = TextStreamer(bundle.tokenizer, stream) if stream is not None else None
-        cached = self.cache.length
-        try:
-            out = generate(bundle.model, ids, **features, generation_config=settings, streamer=streamer,
-                           cache=self.cache, vocab_limit=bundle.tokenizer.vocab_size,
-                           **{k: v for k, v in gen.items() if k in ("seed", "generator")})
-        except BaseException:
-            self.cache.length = cached  # forget what the failed turn wrote; the next one overwrites it
-            raise
+        if self.cache is None:
+            self.cache = bundle.model.new_cache(1, need, dtype=bundle.dtype, device=bundle.device)
+        elif need > self.cache.max_len:
+            self.cache.grow(min(max(need, 2 * self.cache.max_len), self.max_tokens))
+        # A failed turn leaves self.ids as it was; what it wrote past them is written again next time.
+        cached = 0 if self.ids is None else self.ids.shape[1] - 1
+        out = generate(bundle.model, ids, **features, generation_config=settings, streamer=streamer,
+                       cache=self.cache, cached=cached, vocab_limit=bundle.tokenizer.vocab_size,
+                       compile=bundle.compile, **{k: v for k, v in gen.items() if k in ("seed", "generator")})
         reply_ids = out[0, ids.shape[1]:].tolist()
         eos = set(settings.eos_token_id)
         if reply_ids and reply_ids[-1] in eos:
             reply_ids = reply_ids[:-1]  # the template closes the turn itself, next time
-        # The cache holds every token but the last one generated, so it stays a prefix of self.ids
-        # whether or not that token was an eos (dropped here, re-added by the next turn's text).
         self.ids = torch.cat([ids, torch.tensor([reply_ids], dtype=ids.dtype, device=ids.device)], dim=1)
         reply = bundle.tokenizer.decode(reply_ids, skip_special_tokens=True)
         self.history += [user, {"role": "assistant", "content": reply}]

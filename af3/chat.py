@@ -28,6 +28,20 @@ IM_END = "<|im_end|>"
 Message = dict[str, Any]
 
 
+def turn(role: str, body: str) -> str:
+    """One ChatML turn: `<|im_start|>{role}\n{body}<|im_end|>\n`."""
+    return f"{IM_START}{role}\n{body}{IM_END}\n"
+
+
+GENERATION_PROMPT = f"{IM_START}assistant\n"  # opens the turn the model writes
+
+
+def next_user_turn(text: str) -> str:
+    """What follows a generated reply (which stops before its `<|im_end|>`) to ask `text` next:
+    the reply's closing, the user's turn, and the opening of the next reply."""
+    return f"{IM_END}\n{turn('user', text)}{GENERATION_PROMPT}"
+
+
 def render_conversation(messages: list[Message], *, add_generation_prompt: bool = True,
                         audio_token: str = "<sound>") -> str:
     """Render one conversation as AF3's prompt string (one `audio_token` per audio item).
@@ -38,7 +52,7 @@ def render_conversation(messages: list[Message], *, add_generation_prompt: bool 
     check_conversation(messages)
     parts = []
     if messages[0]["role"] != "system":
-        parts.append(f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n")
+        parts.append(turn("system", DEFAULT_SYSTEM_PROMPT))
     for i, message in enumerate(messages):
         content = message["content"]
         if isinstance(content, str):
@@ -47,9 +61,9 @@ def render_conversation(messages: list[Message], *, add_generation_prompt: bool 
             n_audio = sum(1 for item in content if item["type"] == "audio")
             text = "".join(item["text"] for item in content if item["type"] == "text")
             body = audio_token * n_audio + text
-        parts.append(f"{IM_START}{message['role']}\n{body}{IM_END}\n")
+        parts.append(turn(message["role"], body))
     if add_generation_prompt:
-        parts.append(f"{IM_START}assistant\n")
+        parts.append(GENERATION_PROMPT)
     return "".join(parts)
 
 

@@ -1,4 +1,5 @@
-"""af3.load: an af3-layout checkpoint directory -> a ready bundle (model, processor, tokenizer).
+"""Finding, checking and reading the weights of an af3-layout checkpoint directory
+(`af3.bundle.load` assembles the bundle around the model this builds).
 
 The model is built on the meta device (no memory), then every parameter is assigned a tensor
 read from safetensors. `safe_open` memory-maps the file, so a tensor that needs no cast and
@@ -18,12 +19,19 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from af3.config import AF3Config, QuantConfig, is_af3_config
+from af3.config import (
+    DTYPE_NAMES,
+    DTYPE_SHORT_NAMES,
+    AF3Config,
+    QuantConfig,
+    is_af3_config,
+)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# dtype name (long or short) -> torch dtype.
+DTYPES = {**{name: getattr(torch, name) for name in DTYPE_NAMES},
+          **{short: getattr(torch, name) for short, name in DTYPE_SHORT_NAMES.items()}}
 # Floating dtypes the model runs in (float64 too, for precision checks; float8 types are not).
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _FLOAT_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}  # the same, as safetensors headers spell them: bytes
@@ -31,47 +39,6 @@ _INT_DTYPES = {"I8": torch.int8, "U8": torch.uint8}  # quantized weights (af3/qu
 # af3.load shows progress by default for checkpoints this large, when stderr is a terminal.
 PROGRESS_MIN_BYTES = 10**9
 Progress = Callable[[int, int, int, int], None]  # (tensors done, tensors, bytes done, bytes)
-
-
-def load(path: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype | str | None = None, *, progress: bool | Progress | None = None,
-         quantize: str | None = None, group_size: int | None = None):
-    """Load an af3 checkpoint directory into an `af3.bundle.AF3` (model in eval mode).
-
-    `dtype` defaults to the dtype the checkpoint was saved in ("float32", "bfloat16", "float16",
-    their short forms "fp32", "bf16", "fp16", or a floating torch.dtype); `device` ("cpu",
-    "cuda", "cuda:1", or a torch.device) is where the weights go and must be available here.
-    `progress`: True draws tensors and bytes loaded on stderr, False never; None (the default)
-    draws it when stderr is a terminal and the weights are 1 GB or more (the real model:
-    16.5 GB); a callable gets (tensors done, tensors, bytes done, bytes) after each tensor.
-    `quantize` ("int8" or "int4", int4 with `group_size` 32, 64 or 128, default 128) quantizes the
-    decoder's linear weights of a float checkpoint while reading it, one tensor at a time;
-    `dtype` is then that of the parts that stay floating point. A checkpoint converted with
-    `weights_convert --quantize` loads quantized without it.
-    HF- and NVIDIA-layout directories are refused with the `weights_convert` command to run.
-    """
-    from af3.bundle import AF3
-    from af3.generation import GenerationConfig
-    from af3.processor import Processor
-    from af3.tokenizer import Tokenizer
-
-    if not (progress is None or isinstance(progress, bool) or callable(progress)):
-        raise TypeError(f"progress must be a bool, None or a callable, got {type(progress).__name__}")
-    device = _resolve_device(device)
-    if dtype is not None:
-        dtype = _resolve_dtype(dtype)  # a bad argument is reported before any file is read
-    qc = quant_config(quantize, group_size)
-    root = _checkpoint_dir(path)
-    config = AF3Config.load(root / "config.json")
-    dtype = _resolve_dtype(config.dtype) if dtype is None else dtype
-
-    model = load_model(root, config, device=device, dtype=dtype, progress=progress, quantize=qc)
-    generation_config = GenerationConfig.load(root / "generation_config.json")
-    model.generation_config = generation_config
-    tokenizer = Tokenizer.from_file(root / "tokenizer.json")
-    processor = Processor(tokenizer, config.frontend, max_length=config.text.max_position_embeddings)
-    return AF3(model=model, processor=processor, tokenizer=tokenizer, config=config,
-               generation_config=generation_config)
 
 
 def quant_config(quantize: str | None, group_size: int | None = None) -> QuantConfig | None:
@@ -229,7 +196,7 @@ def shard_path(folder: Path, file: object, index: Path) -> Path:
     return path
 
 
-def _checkpoint_dir(path: str | os.PathLike) -> Path:
+def checkpoint_dir(path: str | os.PathLike) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     root = Path(path)
@@ -271,7 +238,7 @@ def _quote(path: Path) -> str:
     return shlex.quote(str(path))
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     """A device that exists here; torch's own errors (no driver, bad string) become ValueErrors."""
     if not isinstance(device, (str, torch.device)):
         hint = f" (for GPU {device} write 'cuda:{device}')" if isinstance(device, int) and not isinstance(
@@ -305,16 +272,16 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit] + "…"
 
 
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"dtype must be a floating-point dtype ({', '.join(map(str, _FLOAT_DTYPES))}), "
                              f"got {dtype}")
         return dtype
     if isinstance(dtype, str):
-        if dtype.removeprefix("torch.") not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype.removeprefix("torch.")]
+        if dtype.removeprefix("torch.") not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[dtype.removeprefix("torch.")]
     raise TypeError(f"dtype must be a torch.dtype or a str, got {type(dtype).__name__}")
 
 

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The dtypes a checkpoint is saved and run in, by torch's names; short forms af3.load also takes.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_SHORT_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 FORMAT = "af3"  # the "format" key of our config.json: what tells it apart from an HF one
 FORMAT_VERSION = 1  # bump when the JSON we write changes incompatibly
 
@@ -194,7 +198,7 @@ class FrontendConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{w}: settings must be an object, got {type(d).__name__} {d!r}")
         chunk = _optional(d, "chunk_length", 30)
-        if not _is_int(chunk) or chunk <= 0:
+        if not is_int(chunk) or chunk <= 0:
             raise ConfigError(f"{w}: chunk_length must be a positive integer (seconds), got {chunk!r}")
         if max_audio_len is None:
             max_windows = 20
@@ -235,7 +239,7 @@ class QuantConfig:
         if self.scheme == "int4":
             if self.group_size is None:
                 self.group_size = DEFAULT_INT4_GROUP_SIZE
-            if not _is_int(self.group_size) or self.group_size not in INT4_GROUP_SIZES:
+            if not is_int(self.group_size) or self.group_size not in INT4_GROUP_SIZES:
                 raise ConfigError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got "
                                   f"{self.group_size!r}")
 
@@ -269,8 +273,8 @@ class AF3Config:
         if self.projector_hidden_act != "gelu":
             raise ConfigError(f"projector_hidden_act {self.projector_hidden_act!r} is not supported "
                               "(AF3 uses 'gelu')")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16")
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
         # Frames per window after conv2 (stride 2) must fit the encoder's position table.
         if math.ceil(self.frontend.n_frames / 2) > self.audio.max_source_positions:
             raise ConfigError(f"a {self.frontend.chunk_length} s window gives "
@@ -335,7 +339,7 @@ class AF3Config:
                               "converted with `python -m weights_convert SRC DST`")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+            newer = is_int(version) and version > FORMAT_VERSION
             hint = ("; it was written by a newer af3: upgrade af3, or convert the original checkpoint "
                     "again with this af3's weights_convert" if newer else "")
             raise ConfigError(f"config format_version {version!r} is not supported by this af3 "
@@ -399,7 +403,8 @@ def _quantization(d: Any) -> QuantConfig | None:
     return QuantConfig(d["scheme"], d.get("group_size"))
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An int and not a bool (True is an int to Python, never a count or an id here)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -407,7 +412,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-_KINDS = {"int": (_is_int, "an integer"), "float": (_is_number, "a finite number"),
+_KINDS = {"int": (is_int, "an integer"), "float": (_is_number, "a finite number"),
           "bool": (lambda v: isinstance(v, bool), "true or false"),
           "str": (lambda v: isinstance(v, str), "a string")}
 
@@ -436,7 +441,7 @@ def _positive(obj: Any, *names: str) -> None:
     where = type(obj).__name__
     for n in names:
         v = getattr(obj, n)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        if not is_int(v) or v <= 0:
             raise ConfigError(f"{where}.{n} must be a positive integer, got {v!r}")
 
 

@@ -13,16 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from af3.attention import attention
 from af3.config import AudioConfig
-
-
-def conv_lengths(mel_lengths: torch.Tensor) -> torch.Tensor:
-    """Valid positions after conv2 (k3, s2, p1) for `mel_lengths` valid mel frames."""
-    return (mel_lengths - 1) // 2 + 1
-
-
-def pooled_lengths(mel_lengths: torch.Tensor) -> torch.Tensor:
-    """Valid encoder output frames (after the k2 s2 average pool); equals (L + 1) // 4."""
-    return (conv_lengths(mel_lengths) - 2) // 2 + 1
+from af3.windows import conv_length
 
 
 def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -100,7 +91,7 @@ class AudioEncoder(nn.Module):
     def forward(self, input_features: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
         """Encode windows; `mel_lengths` (n,) are the valid mel frames of each window.
 
-        Returns (n, T_out, d): frame j of window i is valid for j < pooled_lengths(mel_lengths)[i];
+        Returns (n, T_out, d): frame j of window i is valid for j < windows.pooled_length(mel_lengths)[i];
         T_out covers the longest window (750 when one window is full), the rest is padding.
         """
         x = F.gelu(self.conv1(input_features))  # (n, d, 3000)
@@ -110,13 +101,14 @@ class AudioEncoder(nn.Module):
         # Valid positions attend only to valid keys, so positions past the longest window's valid
         # length cannot change any valid output: drop them (a 5 s clip needs 1/6 of the work).
         # Keep an even count so the pool's pairs stay aligned.
-        valid = conv_lengths(mel_lengths)
+        valid = conv_length(mel_lengths)
         t = min(x.shape[1], max(2, 2 * ((int(valid.max()) + 1) // 2)))
         x = x[:, :t]  # (n, T, d)
         mask = None
         if bool((valid < t).any()):
             # Only keys are masked: padded positions still get (unused) outputs.
             keys = torch.arange(t, device=x.device) < valid[:, None]  # (n, T)
+            keys = keys | ~keys.any(-1, keepdim=True)  # a window with no valid frame: unused, kept finite
             mask = keys[:, None, None, :]  # (n, 1, 1, T)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -13,13 +13,16 @@ import json
 import math
 import numbers
 import os
+import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from af3.config import write_json
+from af3.config import is_int, write_json
+from af3.qwen2 import positions_from_mask
 
 # generation_config.json keys of an HF checkpoint that mean the same thing here.
 _HF_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens",
@@ -158,23 +161,22 @@ def _as_id_list(value: Any, name: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # Logits processing, in HF's order. Every function takes and returns float scores (B, V).
 
-def apply_repetition_penalty(scores: torch.Tensor, seen_ids: torch.Tensor, penalty: float,
-                             ignore: torch.Tensor | None = None) -> torch.Tensor:
-    """Divide positive (multiply negative) scores of every id in `seen_ids` (B, T) by `penalty`.
-
-    `ignore` (B, T) bool marks positions that do not count (left padding), as HF does.
-    """
-    if penalty == 1.0:
-        return scores
-    vocab = scores.shape[-1]
-    # Ids at or beyond the vocabulary (and ignored positions) land in one extra column, dropped after.
-    ids = seen_ids.clamp(max=vocab)
+def seen_mask(ids: torch.Tensor, vocab: int, ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool (B, vocab): which ids occur in `ids` (B, T), positions marked in `ignore` (B, T) left out
+    (left padding, as HF's prompt_ignore_length). Ids at or beyond `vocab` are dropped."""
+    ids = ids.clamp(max=vocab)  # out-of-vocabulary ids (and ignored positions) land in one extra column
     if ignore is not None:
         ids = ids.masked_fill(ignore, vocab)
-    seen = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
-    seen.scatter_(1, ids, True)
+    seen = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, ids, True)[:, :vocab]
+
+
+def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive (multiply negative) scores of every id marked in `seen` (B, V) by `penalty`."""
+    if penalty == 1.0:
+        return scores
     penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return torch.where(seen[:, :vocab], penalised, scores)
+    return torch.where(seen, penalised, scores)
 
 
 def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -203,10 +205,10 @@ def apply_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(drop, float("-inf"))
 
 
-def process_scores(scores: torch.Tensor, seen_ids: torch.Tensor, config: GenerationConfig,
-                   ignore: torch.Tensor | None = None) -> torch.Tensor:
-    """Repetition penalty (always, as HF), then temperature, top-k, top-p (sampling only)."""
-    scores = apply_repetition_penalty(scores, seen_ids, config.repetition_penalty, ignore)
+def process_scores(scores: torch.Tensor, seen: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """Repetition penalty over `seen` (B, V, from `seen_mask`; always, as HF), then temperature,
+    top-k, top-p (sampling only)."""
+    scores = apply_repetition_penalty(scores, seen, config.repetition_penalty)
     if config.do_sample:
         scores = apply_temperature(scores, config.temperature)
         scores = apply_top_k(scores, config.top_k)
@@ -215,39 +217,82 @@ def process_scores(scores: torch.Tensor, seen_ids: torch.Tensor, config: Generat
 
 
 # ---------------------------------------------------------------------------------------------
-# The decoding loop.
+# The decoding loop, gpt-fast style: `prefill` runs the prompt (audio included) once and checks
+# it; `decode_one_token` runs one token per row with fixed shapes (it attends over a fixed span
+# of cache slots, masked, and writes at `input_pos`), so it can be compiled and needs no host sync.
+
+# How many tokens to generate between looks at "has every row finished?", by device type: each
+# look waits for the device (on the CPU it costs nothing). Rows that finish in between get pad.
+EOS_CHECK_EVERY = {"cpu": 1, "other": 8}
+
+
+def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            features: dict, cache: Any, input_pos: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Float logits (B, V) of the last prompt token; the prompt's keys/values land in `cache`.
+    The model checks its inputs here, once per generate call."""
+    out = model(input_ids, attention_mask, **features, position_ids=position_ids, cache=cache,
+                input_pos=input_pos, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def decode_one_token(model: torch.nn.Module, token: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
+                     input_pos: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Float logits (B, V) after one token per row, token (B, 1) at slot input_pos (1,), RoPE
+    position position_ids (B, 1); attention_mask (B, S) covers the same S slots every step."""
+    out = model(token, attention_mask, position_ids=position_ids, cache=cache, input_pos=input_pos, check=False)
+    return out.logits[:, -1].float()
+
+
+_compiled: dict[str, Any] = {}  # device type -> compiled decode_one_token
+_compiled_models: weakref.WeakSet = weakref.WeakSet()
+
+
+def compiled_decode_one_token(model: torch.nn.Module, device: torch.device) -> Any:
+    """`decode_one_token` compiled with torch.compile: CUDA graphs on CUDA ("reduce-overhead"),
+    inductor kernels elsewhere. Says so on stderr the first time a model goes through it."""
+    if device.type not in _compiled:
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        _compiled[device.type] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+    if model not in _compiled_models:
+        _compiled_models.add(model)
+        print("af3: compiling the decode step (the first tokens take a while; later calls are fast)",
+              file=sys.stderr, flush=True)
+    return _compiled[device.type]
+
 
 @torch.inference_mode()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              input_features: torch.Tensor | None = None, input_features_mask: torch.Tensor | None = None,
              *, generation_config: GenerationConfig | None = None, streamer: Any = None,
              seed: int | None = None, generator: torch.Generator | None = None,
-             cache: Any = None, vocab_limit: int | None = None, **gen: Any) -> torch.Tensor:
+             cache: Any = None, cached: int = 0, vocab_limit: int | None = None, compile: bool = False,
+             **gen: Any) -> torch.Tensor:
     """Prompt + new tokens (B, P + n) for a left-padded batch, like HF's `generate`.
 
     Settings start from `generation_config` (default: `model.generation_config`) and are
     overridden by keyword arguments (`max_new_tokens`, `do_sample`, `temperature`, `top_k`,
     `top_p`, `repetition_penalty`, `eos_token_id`, `pad_token_id`). Rows stop independently
-    at an eos token and are then filled with `pad_token_id`. `seed` or `generator` makes
-    sampling reproducible (otherwise torch's global RNG is used, as HF does). `streamer`
-    (e.g. `af3.streaming.TextStreamer`) gets `put(new_ids)` each step and `end()` at the end;
-    it needs a batch of one. `cache` continues from a KV cache holding the first `cache.length`
-    tokens of `input_ids` (a multi-turn chat reuses it, so the audio is encoded once); it must
-    have room for the whole result. `vocab_limit`: ids at or above it are never generated (the
-    unused rows of a padded embedding, which the tokenizer cannot decode).
+    at an eos token and are then filled with `pad_token_id`; a finished row is dropped from
+    the work (unless compiled, or decoding into the caller's `cache`). `seed` or `generator` makes sampling reproducible (otherwise torch's global RNG
+    is used, as HF does). `streamer` (e.g. `af3.streaming.TextStreamer`) gets `put(new_ids)`
+    each step and `end()` at the end; it needs a batch of one. `cache` (from `model.new_cache`,
+    with room for the whole result) is written in place; with `cached` = n it already holds
+    the first n tokens of `input_ids` (a multi-turn chat reuses it, so the audio is encoded
+    once). `vocab_limit`: ids at or above it are never generated (the unused rows of a padded
+    embedding, which the tokenizer cannot decode). `compile=True` runs the decode step through
+    torch.compile (`compiled_decode_one_token`); the tokens are the same.
     """
     config = _resolve_config(model, generation_config, gen)
     input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
     batch, prompt_len = input_ids.shape
+    device = input_ids.device
     if streamer is not None and batch != 1:
         raise ValueError(f"streaming needs a batch of one prompt, got {batch}")
-    generator = _make_generator(seed, generator, input_ids.device)
-    eos = torch.tensor(config.eos_token_id, dtype=torch.long, device=input_ids.device)
+    generator = _make_generator(seed, generator, device)
     pad_id = config.pad_token_id
     if pad_id is None:
         pad_id = config.eos_token_id[0] if config.eos_token_id else 0  # HF's fallback
-    if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int)
-                                    or vocab_limit < 1):
+    if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit < 1):
         raise ValueError(f"vocab_limit must be a positive int or None, got {vocab_limit!r}")
     vocab = _text_setting(model, "vocab_size")
     if vocab is not None:
@@ -256,62 +301,98 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
             bad = [i for i in ids if i >= vocab]
             if bad:
                 raise ValueError(f"{name} {bad[0]} is outside the model's vocabulary of {vocab} ids")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
 
     total = prompt_len + config.max_new_tokens
     limit = _text_setting(model, "max_position_embeddings")
     if limit is not None and total > limit:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({config.max_new_tokens}) = {total} "
                          f"exceeds the model's context of {limit} tokens; lower max_new_tokens")
-    if cache is None:
+    _check_int(cached, "cached")
+    if not 0 <= cached < prompt_len:
+        raise ValueError(f"cached must be in [0, {prompt_len}) (the tokens of input_ids already in the cache; "
+                         f"at least one must be new), got {cached}")
+    own_cache = cache is None
+    if own_cache and cached:
+        raise ValueError("cached > 0 needs the cache that holds those tokens")
+    if own_cache:
         param = next(model.parameters())
         cache = model.new_cache(batch, total, dtype=param.dtype, device=param.device)
-    cached = int(cache.length)
-    if cached >= prompt_len:
-        raise ValueError(f"the cache already holds {cached} tokens but input_ids has only {prompt_len}: "
-                         "give the whole sequence so far plus at least one new token")
+    elif cache.max_len < total:
+        raise ValueError(f"the cache has room for {cache.max_len} tokens but prompt + max_new_tokens = {total}; "
+                         "grow it first (cache.grow) or lower max_new_tokens")
 
-    # Preallocated outputs: tokens and mask grow by writing, never by torch.cat.
-    tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=input_ids.device)
+    # Preallocated outputs and mask: they grow by writing, never by torch.cat.
+    tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
     tokens[:, :prompt_len] = input_ids
-    mask = torch.ones((batch, total), dtype=attention_mask.dtype, device=attention_mask.device)
+    mask = torch.ones((batch, total), dtype=attention_mask.dtype, device=device)
     mask[:, :prompt_len] = attention_mask
-    # Left padding takes no part in the repetition penalty (HF's prompt_ignore_length).
+    positions = positions_from_mask(mask[:, :prompt_len])  # (B, P): left padding does not shift them
+    # The repetition penalty's memory, kept up to date one token at a time. Left padding takes
+    # no part (HF's prompt_ignore_length).
     first_real = (attention_mask != 0).int().argmax(dim=1)  # (B,)
-    ignore = torch.arange(total, device=input_ids.device)[None, :] < first_real[:, None]  # (B, total)
+    ignore = torch.arange(prompt_len, device=device)[None, :] < first_real[:, None]  # (B, P)
+    eos = torch.tensor(config.eos_token_id, dtype=torch.long, device=device)
+    check_every = 1 if streamer is not None else EOS_CHECK_EVERY.get(device.type, EOS_CHECK_EVERY["other"])
+    step_fn = compiled_decode_one_token(model, device) if compile else decode_one_token
 
-    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-    step_ids, length = input_ids[:, cached:], prompt_len
+    rows = torch.arange(batch, device=device)  # the rows still being decoded (all, at first)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    input_pos = torch.arange(cached, prompt_len, device=device)
     features = {"input_features": input_features, "input_features_mask": input_features_mask}
+    features = {k: v for k, v in features.items() if v is not None}
     try:
-        while True:
-            # Positions count real tokens only, so left padding does not shift them.
-            positions = (mask[:, :length].long().cumsum(-1) - 1).clamp(min=0)[:, length - step_ids.shape[1]:]
-            out = model(input_ids=step_ids, attention_mask=mask[:, :length], position_ids=positions,
-                        cache=cache, logits_to_keep=1, **features)
-            features = {}  # the audio is encoded once, at prefill
-            scores = out.logits[:, -1, :].float()
-            if vocab_limit is not None and vocab_limit < scores.shape[-1]:
-                scores[:, vocab_limit:] = float("-inf")
-            scores = process_scores(scores, tokens[:, :length], config, ignore[:, :length])
+        logits = prefill(model, input_ids[:, cached:], mask[:, :prompt_len], features, cache, input_pos,
+                         positions[:, cached:])
+        n_scores = logits.shape[-1]
+        seen = seen_mask(input_ids, n_scores, ignore) if config.repetition_penalty != 1.0 else None
+        banned = None  # ids the tokenizer cannot decode
+        if vocab_limit is not None and vocab_limit < n_scores:
+            banned = torch.arange(n_scores, device=device) >= vocab_limit  # (V,)
+        position = positions[:, -1:]  # (B, 1)
+        slot = input_pos[-1:]  # (1,)
+        for step in range(config.max_new_tokens):
+            if banned is not None:
+                logits = logits.masked_fill(banned, float("-inf"))
+            scores = process_scores(logits, seen, config)
             if config.do_sample:
-                probs = scores.softmax(dim=-1)
-                next_ids = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+                next_ids = torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
             else:
-                next_ids = scores.argmax(dim=-1)
-            next_ids = torch.where(unfinished, next_ids, torch.full_like(next_ids, pad_id))
-            tokens[:, length] = next_ids
-            length += 1
+                next_ids = scores.argmax(dim=-1)  # (b,)
+            next_ids = torch.where(unfinished, next_ids, pad_id)
+            tokens[rows, prompt_len + step] = next_ids
             if streamer is not None:
                 streamer.put(next_ids)
             if eos.numel():
-                unfinished &= ~torch.isin(next_ids, eos)
-            if length == total or not bool(unfinished.any()):
+                unfinished = unfinished & ~torch.isin(next_ids, eos)
+            if step + 1 == config.max_new_tokens:
                 break
-            step_ids = next_ids[:, None]  # (B, 1)
+            if (step + 1) % check_every == 0 and eos.numel():
+                n_left = int(unfinished.sum())  # the one wait for the device, every check_every tokens
+                if n_left == 0:
+                    break
+                # Drop finished rows: no more work on them. Compiled, the batch keeps its shape
+                # instead (each new batch size would be compiled, and captured, again).
+                if own_cache and not compile and n_left < len(rows):
+                    keep = unfinished.nonzero().squeeze(1)
+                    cache.keep_rows(keep)
+                    rows, unfinished, next_ids, position = rows[keep], unfinished[keep], next_ids[keep], position[keep]
+                    mask = mask[keep]
+                    seen = None if seen is None else seen[keep]
+            if seen is not None:
+                seen[torch.arange(len(rows), device=device), next_ids] = True
+            slot, position = slot + 1, position + 1
+            logits = step_fn(model, next_ids[:, None], mask, cache, slot, position)
     finally:
         if streamer is not None:
             streamer.end()
-    return tokens[:, :length]
+    # Like HF, stop at the step where the last row finished.
+    finished = (tokens[:, prompt_len:, None] == eos).any(-1) if eos.numel() else None
+    if finished is not None and finished.any(1).all():
+        end = prompt_len + int(finished.int().argmax(1).max()) + 1
+        return tokens[:, :end]
+    return tokens[:, :prompt_len + step + 1]
 
 
 def _resolve_config(model: torch.nn.Module, config: GenerationConfig | None, gen: dict) -> GenerationConfig:

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from af3.config import AF3Config
-from af3.encoder import AudioEncoder, pooled_lengths
+from af3.config import AF3Config, is_int
+from af3.encoder import AudioEncoder
 from af3.generation import GenerationConfig, generate
+from af3.processor import IGNORE_INDEX
 from af3.projector import Projector
-from af3.qwen2 import KVCache, Qwen2Decoder, causal_mask
-
-IGNORE_INDEX = -100  # label value that takes no part in the loss
+from af3.qwen2 import KVCache, Qwen2Decoder, causal_mask, positions_from_mask
+from af3.windows import pooled_length
 
 
 @dataclass
@@ -60,7 +60,7 @@ class AudioFlamingo3(nn.Module):
         dtype and device default to those of the model's weights.
         """
         for name, v in (("batch_size", batch_size), ("max_len", max_len)):
-            if not isinstance(v, int) or isinstance(v, bool):
+            if not is_int(v):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
             if v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
@@ -79,14 +79,177 @@ class AudioFlamingo3(nn.Module):
         input_features: (n_windows, mel_bins, 3000) log-mel; input_features_mask: (n_windows, 3000),
         nonzero on valid frames (all valid when None).
         """
-        return self._encode(input_features, self._check_features(input_features, input_features_mask))
+        self._check_features(input_features, input_features_mask)
+        return self._encode(input_features, input_features_mask)
 
-    def _encode(self, input_features: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
+    def _encode(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> torch.Tensor:
         weight = self.encoder.conv1.weight
+        if input_features_mask is None:
+            mel_lengths = torch.full(input_features.shape[:1], input_features.shape[-1], device=weight.device)
+        else:
+            mel_lengths = (input_features_mask != 0).sum(-1)  # (n,)
         hidden = self.encoder(input_features.to(weight.dtype), mel_lengths)  # (n, <= 750, d_audio)
-        keep = torch.arange(hidden.shape[1], device=hidden.device) < pooled_lengths(mel_lengths)[:, None]
+        keep = torch.arange(hidden.shape[1], device=hidden.device) < pooled_length(mel_lengths)[:, None]
         # Projecting only the kept frames is the same per-frame math as projecting all of them.
         return self.projector(hidden[keep])  # (total_valid, d_text)
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                input_features: torch.Tensor | None = None,
+                input_features_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None, logits_to_keep: int = 0,
+                check: bool = True) -> ModelOutput:
+        """Logits (and loss, with labels) for token ids (B, T) with optional audio.
+
+        attention_mask: (B, S) nonzero on real tokens; S = T without a cache. cache: from
+        `new_cache`; the new keys/values are written at slots `input_pos` (T,) (default 0..T-1)
+        and the queries attend over slots [0, S) (S = cache.max_len without a mask), causally.
+        position_ids (B, T): RoPE positions, by default counted from the mask so left padding
+        does not shift them. logits_to_keep: if > 0, logits of the last that many tokens only.
+        `check=False` skips `check_inputs`, for a caller that checked once already (a decoding
+        loop's later steps, where a sampled `<sound>` id is embedded as an ordinary token).
+        """
+        if check:
+            self.check_inputs(input_ids, attention_mask, input_features, input_features_mask, labels,
+                              position_ids=position_ids, cache=cache, input_pos=input_pos,
+                              logits_to_keep=logits_to_keep)
+        t = input_ids.shape[1]
+        x = self.decoder.embed_tokens(input_ids)  # (B, T, d)
+        if input_features is not None:
+            audio = self._encode(input_features, input_features_mask)  # (n_frames, d)
+            is_audio = (input_ids == self.config.audio_token_id)[..., None]  # (B, T, 1)
+            x = x.masked_scatter(is_audio, audio.to(x.dtype))  # row-major: sample by sample, left to right
+        if input_pos is None:
+            input_pos = torch.arange(t, device=x.device)  # (T,)
+        if position_ids is None:
+            position_ids = input_pos[None] if attention_mask is None else \
+                positions_from_mask(attention_mask).index_select(1, input_pos)  # (1 or B, T)
+        mask = None  # without padding or a cache: plain causal attention (SDPA's fastest kernels)
+        if cache is not None or attention_mask is not None:
+            s = cache.max_len if attention_mask is None else attention_mask.shape[1]
+            mask = causal_mask(attention_mask, input_pos, s)  # (B or 1, 1, T, S)
+        h = self.decoder(x, position_ids, mask, cache, input_pos)  # (B, T, d)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.decoder.logits(h)
+        loss = None if labels is None else _next_token_loss(logits, labels, attention_mask)
+        return ModelOutput(logits=logits, loss=loss)
+
+    def generate(self, **kwargs: Any) -> Any:
+        """Autoregressive decoding; see `af3.generation.generate`."""
+        return generate(self, **kwargs)
+
+    # ---- checks -------------------------------------------------------------------------------
+
+    def check_inputs(self, input_ids: Any, attention_mask: Any = None, input_features: Any = None,
+                     input_features_mask: Any = None, labels: Any = None, *, position_ids: Any = None,
+                     cache: Any = None, input_pos: Any = None, logits_to_keep: Any = 0) -> None:
+        """TypeError/ValueError naming the input for anything `forward` cannot take as given.
+
+        Called by `forward` (unless check=False) and once per call by `generate`, at prefill.
+        Syncs with the device once (to read the ids' range and the slots).
+        """
+        b, t = self._check_ids(input_ids)
+        device = input_ids.device
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a KVCache from model.new_cache, got {type(cache).__name__}")
+            if cache.k.device != device:
+                raise ValueError(f"cache is on {cache.k.device} but input_ids is on {device}")
+            if cache.batch_size != b:
+                raise ValueError(f"cache was made for batch size {cache.batch_size} but the input has "
+                                 f"batch size {b}")
+        first, last = self._check_input_pos(input_pos, t, cache, device)
+        if attention_mask is not None:
+            self._check_mask(attention_mask, b, t, cache, last, device)
+        if position_ids is not None:
+            if not isinstance(position_ids, torch.Tensor):
+                raise TypeError(f"position_ids must be a torch.Tensor, got {type(position_ids).__name__}")
+            if position_ids.dim() != 2 or position_ids.shape[0] not in (1, b) or position_ids.shape[1] != t:
+                raise ValueError(f"position_ids must have shape ({b}, {t}), got {tuple(position_ids.shape)}")
+        if not is_int(logits_to_keep) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        if labels is not None:
+            _check_labels(labels, b, t, logits_to_keep)
+
+        n_tokens = self._check_ids_values(input_ids)
+        if input_features is not None:
+            mel_lengths = self._check_features(input_features, input_features_mask)
+            n_frames = int(pooled_length(mel_lengths).sum())
+            if n_tokens != n_frames:  # checked before the encoder runs
+                raise ValueError(f"Audio tokens and features mismatch: {n_tokens} <sound> tokens but "
+                                 f"{n_frames} audio frames")
+        elif n_tokens and first == 0:
+            # Audio goes in with the first pass only: <sound> ids after it (a sampled one) are text.
+            raise ValueError(f"Audio tokens and features mismatch: {n_tokens} <sound> tokens but 0 "
+                             "audio frames (no input_features given)")
+        elif input_features_mask is not None:
+            raise ValueError("input_features_mask given without input_features")
+
+    def _check_ids(self, input_ids: Any) -> tuple[int, int]:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have shape (batch, seq_len) with seq_len >= 1, got "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        device = self.decoder.embed_tokens.weight.device
+        if input_ids.device != device:
+            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}; "
+                             "move the inputs with .to(device)")
+        return input_ids.shape[0], input_ids.shape[1]
+
+    def _check_ids_values(self, input_ids: torch.Tensor) -> int:
+        """Check the ids are in the vocabulary; return the <sound> count. One device sync."""
+        n_audio = (input_ids == self.config.audio_token_id).sum()
+        lo, hi, n_audio = torch.stack([input_ids.min().long(), input_ids.max().long(), n_audio]).tolist()
+        vocab = self.config.text.vocab_size
+        if lo < 0 or hi >= vocab:
+            # An out-of-range id would be a device-side assert on GPU; say which id instead.
+            raise ValueError(f"input_ids contains {lo if lo < 0 else hi}, outside the vocabulary "
+                             f"[0, {vocab})")
+        return n_audio
+
+    @staticmethod
+    def _check_input_pos(input_pos: Any, t: int, cache: KVCache | None,
+                         device: torch.device) -> tuple[int, int]:
+        """The first and last slot the new tokens go to."""
+        if input_pos is None:
+            first, last = 0, t - 1
+        else:
+            if cache is None:
+                raise ValueError("input_pos names cache slots: it needs a cache (model.new_cache)")
+            if not isinstance(input_pos, torch.Tensor):
+                raise TypeError(f"input_pos must be a torch.Tensor, got {type(input_pos).__name__}")
+            if input_pos.shape != (t,) or input_pos.dtype != torch.long:
+                raise ValueError(f"input_pos must be an int64 tensor of shape ({t},) (one slot per new "
+                                 f"token), got {input_pos.dtype} {tuple(input_pos.shape)}")
+            if input_pos.device != device:
+                raise ValueError(f"input_pos is on {input_pos.device} but input_ids is on {device}")
+            first, last = (int(v) for v in torch.stack([input_pos.min(), input_pos.max()]).tolist())
+            if first < 0:
+                raise ValueError(f"input_pos holds {first}; cache slots start at 0")
+        if cache is not None and last >= cache.max_len:
+            raise ValueError(f"cache is full: the new tokens reach slot {last} but max_len is {cache.max_len}; "
+                             "make a larger one with model.new_cache(...) or cache.grow(...)")
+        return first, last
+
+    @staticmethod
+    def _check_mask(mask: Any, b: int, t: int, cache: KVCache | None, last: int, device: torch.device) -> None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
+        if cache is None and mask.shape != (b, t):
+            raise ValueError(f"attention_mask must have shape ({b}, {t}), got {tuple(mask.shape)}")
+        if cache is not None and (mask.dim() != 2 or mask.shape[0] != b
+                                  or not last < mask.shape[1] <= cache.max_len):
+            raise ValueError(f"attention_mask must have shape ({b}, S) with {last} < S <= {cache.max_len} "
+                             f"(with a cache it covers every slot attended to, the new tokens' included), "
+                             f"got {tuple(mask.shape)}")
+        if mask.device != device:
+            raise ValueError(f"attention_mask is on {mask.device} but input_ids is on {device}")
 
     def _check_features(self, features: Any, mask: Any) -> torch.Tensor:
         """Validate the features and return the valid mel length of every window (n,)."""
@@ -112,123 +275,6 @@ class AudioFlamingo3(nn.Module):
         if mask.device != device:
             raise ValueError(f"input_features_mask is on {mask.device} but the model is on {device}")
         return (mask != 0).sum(-1)  # (n,)
-
-    # ---- forward ------------------------------------------------------------------------------
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                input_features: torch.Tensor | None = None,
-                input_features_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int = 0) -> ModelOutput:
-        """Logits (and loss, with labels) for token ids (B, T) with optional audio.
-
-        attention_mask: (B, S) nonzero on real tokens, S = T, or cache.length + T with a cache.
-        position_ids: (B, T); by default counted from the attention mask, so left padding does
-        not shift them. cache: from `new_cache`; the new keys/values are written at cache.length
-        and the cache advances by T. logits_to_keep: if > 0, logits of the last that many tokens.
-        Audio goes in with the first pass only: once the cache holds tokens, `<sound>` ids among
-        the new ones (a sampled one, say) are embedded as ordinary tokens, so decoding cannot fail.
-        """
-        b, t = self._check_ids(input_ids)
-        device = input_ids.device
-        start = 0
-        if cache is not None:
-            if not isinstance(cache, KVCache):
-                raise TypeError(f"cache must be a KVCache from model.new_cache, got {type(cache).__name__}")
-            if cache.k.device != device:
-                raise ValueError(f"cache is on {cache.k.device} but input_ids is on {device}")
-            cache.check_room(b, t)
-            start = cache.length
-        if attention_mask is not None:
-            self._check_mask(attention_mask, b, start + t, cache is not None, device)
-        if position_ids is None:
-            position_ids = _positions(attention_mask, start, t, device)
-        elif not isinstance(position_ids, torch.Tensor):
-            raise TypeError(f"position_ids must be a torch.Tensor, got {type(position_ids).__name__}")
-        elif position_ids.dim() != 2 or position_ids.shape[0] not in (1, b) or position_ids.shape[1] != t:
-            raise ValueError(f"position_ids must have shape ({b}, {t}), got {tuple(position_ids.shape)}")
-        if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
-        if labels is not None:
-            _check_labels(labels, b, t, logits_to_keep)
-
-        is_audio = input_ids == self.config.audio_token_id
-        n_tokens = self._check_ids_values(input_ids, is_audio)
-        x = self.decoder.embed_tokens(input_ids)  # (B, T, d)
-        if input_features is not None:
-            mel_lengths = self._check_features(input_features, input_features_mask)
-            n_frames = int(pooled_lengths(mel_lengths).sum())
-            if n_tokens != n_frames:  # checked before the encoder runs
-                raise ValueError(f"Audio tokens and features mismatch: {n_tokens} <sound> tokens but "
-                                 f"{n_frames} audio frames")
-            audio = self._encode(input_features, mel_lengths)  # (n_frames, d)
-            x[is_audio] = audio.to(x.dtype)  # row-major order: sample by sample, left to right
-        elif n_tokens and (cache is None or cache.length == 0):
-            raise ValueError(f"Audio tokens and features mismatch: {n_tokens} <sound> tokens but 0 "
-                             "audio frames (no input_features given)")
-        elif input_features_mask is not None:
-            raise ValueError("input_features_mask given without input_features")
-
-        # Without padding or history, leave the mask implicit (SDPA's causal kernels are faster).
-        mask = None if attention_mask is None and start == 0 else causal_mask(attention_mask, start, t, device)
-        h = self.decoder(x, position_ids, mask, cache)
-        if cache is not None:
-            cache.advance(t)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        logits = self.decoder.logits(h)
-        loss = None if labels is None else _next_token_loss(logits, labels, attention_mask)
-        return ModelOutput(logits=logits, loss=loss)
-
-    def generate(self, **kwargs: Any) -> Any:
-        """Autoregressive decoding; see `af3.generation.generate`."""
-        return generate(self, **kwargs)
-
-    # ---- checks -------------------------------------------------------------------------------
-
-    def _check_ids(self, input_ids: Any) -> tuple[int, int]:
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape (batch, seq_len) with seq_len >= 1, got "
-                             f"{tuple(input_ids.shape)}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
-        device = self.decoder.embed_tokens.weight.device
-        if input_ids.device != device:
-            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}; "
-                             "move the inputs with .to(device)")
-        return input_ids.shape[0], input_ids.shape[1]
-
-    def _check_ids_values(self, input_ids: torch.Tensor, is_audio: torch.Tensor) -> int:
-        """Check the ids are in the vocabulary; return the <sound> count. One device sync."""
-        lo, hi, n_audio = torch.stack([input_ids.min().long(), input_ids.max().long(), is_audio.sum()]).tolist()
-        vocab = self.config.text.vocab_size
-        if lo < 0 or hi >= vocab:
-            # An out-of-range id would be a device-side assert on GPU; say which id instead.
-            raise ValueError(f"input_ids contains {lo if lo < 0 else hi}, outside the vocabulary "
-                             f"[0, {vocab})")
-        return n_audio
-
-    @staticmethod
-    def _check_mask(mask: Any, b: int, s: int, cached: bool, device: torch.device) -> None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
-        if mask.shape != (b, s):
-            where = " (cache.length + new tokens: the mask covers every position so far)" if cached else ""
-            raise ValueError(f"attention_mask must have shape ({b}, {s}){where}, got {tuple(mask.shape)}")
-        if mask.device != device:
-            raise ValueError(f"attention_mask is on {mask.device} but input_ids is on {device}")
-
-
-def _positions(attention_mask: torch.Tensor | None, start: int, t: int,
-               device: torch.device) -> torch.Tensor:
-    """Positions of the T new tokens: count of real tokens before each one (padding gets 0)."""
-    if attention_mask is None:
-        return torch.arange(start, start + t, device=device)[None]  # (1, T)
-    real = attention_mask != 0
-    pos = real.long().cumsum(-1) - 1  # (B, S)
-    return pos.masked_fill(~real, 0)[:, start:]  # (B, T)
 
 
 def _check_labels(labels: object, b: int, t: int, logits_to_keep: int) -> None:

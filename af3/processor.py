@@ -17,7 +17,7 @@ import torch
 
 from af3.audio import load_audio
 from af3.chat import conversation_audio, is_conversation, render_conversation
-from af3.config import FrontendConfig
+from af3.config import FrontendConfig, is_int
 from af3.mel import extract_features
 from af3.windows import mel_length, window_ranges, window_token_count
 
@@ -75,8 +75,7 @@ class Processor:
             raise TypeError(f"frontend must be an af3.config.FrontendConfig, got {type(frontend).__name__}")
         if not isinstance(audio_token, str) or not audio_token:
             raise TypeError(f"audio_token must be a non-empty string, got {audio_token!r}")
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                       or max_length <= 0):
+        if max_length is not None and (not is_int(max_length) or max_length <= 0):
             raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
         ids = tokenizer.encode(audio_token)
         if len(ids) != 1:

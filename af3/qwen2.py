@@ -45,11 +45,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Keys and values of every layer, preallocated and written in place at `length`.
+    """Keys and values of every layer, preallocated; written only by `update`, where the caller says.
 
     k, v: (n_layers, B, kv_heads, max_len, head_dim), non-persistent buffers (never saved).
-    Lifecycle: a forward pass writes its T new positions at [length, length + T) in every layer,
-    then advances `length` by T; `reset()` starts over without reallocating.
+    The cache does not count tokens: whoever feeds the model names the slot of each new token
+    (`input_pos`) and which slots hold real tokens (the attention mask, causal up to the
+    query's slot). A slot written by a turn that was then abandoned is simply written again.
+    `grow` makes room for a longer sequence and keeps every key and value written so far.
     """
 
     def __init__(self, n_layers: int, batch_size: int, kv_heads: int, max_len: int, head_dim: int,
@@ -58,7 +60,6 @@ class KVCache(nn.Module):
         shape = (n_layers, batch_size, kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.length = 0  # positions filled so far
 
     @property
     def batch_size(self) -> int:
@@ -68,27 +69,30 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def reset(self) -> None:
-        self.length = 0
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, kv_heads, T, hd) of `layer` at slots `input_pos` (T,); return the whole
+        layer's keys and values (B, kv_heads, max_len, hd)."""
+        k_all, v_all = self.k[layer], self.v[layer]
+        k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
+        v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
+        return k_all, v_all
 
-    def check_room(self, batch_size: int, n_new: int) -> None:
-        """ValueError unless `n_new` more positions of a batch of `batch_size` fit."""
-        if batch_size != self.batch_size:
-            raise ValueError(f"cache was made for batch size {self.batch_size} but the input has "
-                             f"batch size {batch_size}")
-        if self.length + n_new > self.max_len:
-            raise ValueError(f"cache is full: {self.length} positions filled + {n_new} new > max_len "
-                             f"{self.max_len}; make a larger one with model.new_cache(...)")
+    def grow(self, max_len: int) -> None:
+        """Room for `max_len` positions, the slots written so far kept (one copy; callers double
+        the size so a growing chat copies O(1) per token, amortised)."""
+        if max_len <= self.max_len:
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], max_len, old.shape[4])
+            new[:, :, :, :old.shape[3]] = old
+            setattr(self, name, new)  # a registered buffer: replaced, still not persistent
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, kv_heads, T, hd) of `layer` at `length`; return all keys/values so far."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, kv_heads, end, hd)
-
-    def advance(self, n: int) -> None:
-        self.length += n
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (1-D indices), in that order."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
 
 
 class DecoderAttention(nn.Module):
@@ -105,16 +109,17 @@ class DecoderAttention(nn.Module):
         self.use_sdpa = True
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | None, input_pos: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd), S = past + T
-            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache was made in another dtype
-        # mask None: no padding and no history, so plain causal attention.
+            k, v = cache.update(self.layer_idx, input_pos, k, v)  # (B, nkv, max_len, hd)
+            s = mask.shape[-1]  # the mask says how many slots to attend over
+            k, v = k[:, :, :s].to(q.dtype), v[:, :, :s].to(q.dtype)  # .to: no-op unless the cache's dtype differs
+        # mask None: no padding and no cache, so plain causal attention.
         y = attention(q, k, v, mask, scale=self.head_dim**-0.5, causal=mask is None, use_sdpa=self.use_sdpa)
         return self.o(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, d)
 
@@ -141,20 +146,27 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+                cache: KVCache | None, input_pos: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, input_pos)
         return x + self.mlp(self.mlp_norm(x))
 
 
-def causal_mask(attention_mask: torch.Tensor | None, start: int, t: int,
-                device: torch.device) -> torch.Tensor:
-    """Bool (B or 1, 1, T, start + T): query i (at position start + i) sees key j <= start + i
-    that the 2-D `attention_mask` (B, start + T) marks as real (nonzero)."""
-    q_pos = torch.arange(start, start + t, device=device)
-    k_pos = torch.arange(start + t, device=device)
-    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions (B, S) for a 2-D mask (B, S): the count of real tokens before each one, so
+    left padding does not shift them (padding itself gets 0)."""
+    real = attention_mask != 0
+    return (real.long().cumsum(-1) - 1).masked_fill(~real, 0)
+
+
+def causal_mask(attention_mask: torch.Tensor | None, input_pos: torch.Tensor, s: int) -> torch.Tensor:
+    """Bool (B or 1, 1, T, S): the query in slot input_pos[i] sees key slot j <= input_pos[i]
+    that the 2-D `attention_mask` (B, S) marks as real (nonzero). A query that would see no key
+    (left padding) sees every key instead: its output is unused, and stays finite (not 0/0)."""
+    mask = torch.arange(s, device=input_pos.device)[None, :] <= input_pos[:, None]  # (T, S)
+    mask = mask[None, None]  # (1, 1, T, S)
     if attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
     return mask
 
 
@@ -174,15 +186,17 @@ class Qwen2Decoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """x: input embeddings (B, T, d); position_ids (B or 1, T); mask: bool (B or 1, 1, T, S),
-        or None for plain causal attention over the T tokens (no padding, empty cache)."""
+                cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x: input embeddings (B, T, d); position_ids (B or 1, T) for RoPE; mask: bool
+        (B or 1, 1, T, S), or None for plain causal attention over the T tokens (no padding, no
+        cache). With a cache, the new keys/values go to slots `input_pos` (T,) and the queries
+        attend over slots [0, S)."""
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, cache, input_pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, cache, input_pos)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

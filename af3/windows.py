@@ -51,11 +51,22 @@ def mel_length(n_samples_in_window: int, hop_length: int = HOP_LENGTH) -> int:
     return -(-n_samples_in_window // hop_length)
 
 
+def conv_length(mel_len):
+    """Encoder positions after conv2 (kernel 3, stride 2, padding 1) for `mel_len` valid frames.
+    Plain arithmetic: an int gives an int, an integer tensor of lengths a tensor (the encoder's use)."""
+    return (mel_len - 1) // 2 + 1
+
+
+def pooled_length(mel_len):
+    """Audio tokens (encoder output frames after the avg-pool, kernel 2, stride 2) for `mel_len`
+    valid mel frames; equals (mel_len + 1) // 4. Int or integer tensor, as `conv_length`."""
+    return (conv_length(mel_len) - 2) // 2 + 1
+
+
 def window_token_count(mel_len: int) -> int:
     """Audio tokens from one window with `mel_len` valid frames (after conv2 and the avg-pool)."""
     _check_count("mel_len", mel_len, 0)
-    conv = (mel_len - 1) // 2 + 1  # conv2: kernel 3, stride 2, padding 1
-    return (conv - 2) // 2 + 1  # avg-pool: kernel 2, stride 2; equals (mel_len + 1) // 4
+    return pooled_length(mel_len)
 
 
 def audio_token_count(n_samples: int, *, window_samples: int = WINDOW_SAMPLES,

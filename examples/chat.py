@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--think", action="store_true", help="ask the model to reason before answering")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (the same replies to the same questions)")
-    p.add_argument("--max-tokens", type=int, default=8192, help="room for the whole chat (default 8192)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens the whole chat may hold (default: the model's context); the cache grows as needed")
     args = p.parse_args(argv)
     for option, value in (("--max-new-tokens", args.max_new_tokens), ("--max-tokens", args.max_tokens)):
         if value is not None and value < 1:

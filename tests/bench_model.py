@@ -2,7 +2,8 @@
 
 Times (1) a prefill forward with audio (encoder + projector + decoder) on a left-padded batch,
 (2) the same for one short clip (af3's encoder skips positions past the longest valid window)
-and (3) 32 greedy decoding steps after a prefill, with each implementation's KV cache. Prints the times and the
+and (3) 32 greedy decoding steps after a prefill, with each implementation's KV cache (af3 eager,
+and af3 with the decode step compiled; HF eager in both rows). Prints the times and the
 ratio HF / af3 (> 1 means af3 is faster). Run: .venv/bin/python tests/bench_model.py
 """
 
@@ -17,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from af3.generation import compiled_decode_one_token, decode_one_token
 from tests.model_helpers import hf_to_af3_model, tiny_hf_model
 from tests.test_model import hf_positions, make_batch
 
@@ -72,20 +74,30 @@ def main() -> None:
                 out = hf(input_ids=token, attention_mask=mask, position_ids=p, cache=cache, use_cache=True)
                 cache, token = out.cache, out.logits[:, -1:].argmax(-1)
 
+        # af3: prefill once into a cache with room for the steps, then decode_one_token as
+        # generate runs it (one static mask over every slot; slots and positions as tensors).
         af3_cache = ours.new_cache(n, t + STEPS)
-        af3_prefill(af3_cache)
+        ours(**b, cache=af3_cache)
         mask = torch.cat([attn, torch.ones(n, STEPS, dtype=attn.dtype)], 1)
+        slots = [torch.tensor([t + i]) for i in range(STEPS)]
+        positions = [pos[:, -1:] + 1 + i for i in range(STEPS)]
 
-        def af3_decode():
-            af3_cache.length = t  # back to just after the prefill
+        def af3_decode(step=decode_one_token):
             token = torch.zeros(n, 1, dtype=torch.long)
-            for i in range(STEPS):
-                token = ours(token, mask[:, :t + i + 1], cache=af3_cache).logits[:, -1:].argmax(-1)
+            for i in range(STEPS):  # each run writes the same slots again: no reset needed
+                token = step(ours, token, mask, af3_cache, slots[i], positions[i]).argmax(-1, keepdim=True)
 
         rows.append((f"{STEPS} cached decoding steps", best_of(hf_decode, 5), best_of(af3_decode, 5)))
+        compiled = compiled_decode_one_token(ours, torch.device("cpu"))
+        start = time.perf_counter()
+        af3_decode(compiled)  # compiles
+        print(f"compiling the decode step took {time.perf_counter() - start:.1f} s")
+        rows.append((f"{STEPS} steps, compile=True", rows[-1][1], best_of(lambda: af3_decode(compiled), 5)))
 
     for name, t_hf, t_af3 in rows:
         print(f"{name:28s} HF {t_hf * 1000:8.1f} ms   af3 {t_af3 * 1000:8.1f} ms   HF/af3 {t_hf / t_af3:5.2f}x")
+    for name, t_hf, t_af3 in rows[2:]:
+        print(f"{name:28s} per token: HF {t_hf / STEPS * 1000:.2f} ms, af3 {t_af3 / STEPS * 1000:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -84,21 +84,36 @@ def test_chat_think_and_batched_generate(tiny):
 
 def test_chat_session_reuses_the_cache_exactly_and_encodes_audio_once(tiny):
     m, _ = tiny
+    LONGER = dict(GREEDY, max_new_tokens=90)
     calls = []
     hook = m.model.encoder.register_forward_hook(lambda *_: calls.append(1))
     try:
         session = m.start_chat(clip(2.0), max_tokens=300)
         first = session.ask("What do you hear?", **GREEDY)
+        sizes = [session.cache.max_len]
         second = session.ask("Say more.", **GREEDY)
+        sizes.append(session.cache.max_len)
+        before = session.ids[:, :session.ids.shape[1] - len(m.tokenizer.encode(second))]
+        third = session.ask("And then?", **LONGER)
+        sizes.append(session.cache.max_len)
     finally:
         hook.remove()
-    assert len(calls) == 1
-    assert [msg["role"] for msg in session.history] == ["user", "assistant", "user", "assistant"]
-    assert session.history[-1]["content"] == second
+    assert len(calls) == 1  # the audio was encoded once, though the cache grew twice
+    # The first turn's cache fits it exactly; each later turn needs more room, and the cache at
+    # least doubles (amortised O(1) per token), never past the chat's limit.
+    assert sizes[1] == min(2 * sizes[0], 300) and sizes[2] == 300, sizes
+    assert [msg["role"] for msg in session.history] == ["user", "assistant"] * 3
+    assert session.history[3]["content"] == second
     assert first == m.chat(conversation(), **GREEDY)
 
+    # The same chat with a cache big enough from the start gives the same replies.
+    big = m.start_chat(clip(2.0), max_tokens=300)
+    big.cache = m.model.new_cache(1, 300)
+    replies = [big.ask("What do you hear?", **GREEDY), big.ask("Say more.", **GREEDY), big.ask("And then?", **LONGER)]
+    assert replies == [first, second, third]
+    assert big.cache.max_len == 300 and torch.equal(big.ids, session.ids)
+
     # The second reply equals a from-scratch run on the same tokens (cache reuse changes nothing).
-    before = session.ids[:, :session.ids.shape[1] - len(m.tokenizer.encode(second))]
     inputs = m.processor.apply_chat_template(conversation())
     redo = generate(m.model, before, input_features=inputs["input_features"],
                     input_features_mask=inputs["input_features_mask"], generation_config=m.generation_config,
@@ -136,9 +151,9 @@ def test_failed_turn_leaves_the_chat_as_it_was(tiny):
     session = m.start_chat(clip(2.0), max_tokens=300)
     with pytest.raises(ValueError, match="unknown generation argument"):
         session.ask("What do you hear?", max_new_token=4)  # a typo on the first turn
-    assert session.history == [] and session.ids is None and session.cache.length == 0
+    assert session.history == [] and session.ids is None and session.cache is None
     first = session.ask("What do you hear?", **GREEDY)
-    state = (list(session.history), session.ids.clone(), session.cache.length)
+    state = (list(session.history), session.ids.clone())
 
     def explode(piece):
         raise KeyboardInterrupt  # the user stops a streamed reply half-way
@@ -152,7 +167,7 @@ def test_failed_turn_leaves_the_chat_as_it_was(tiny):
     with pytest.raises(ValueError, match="text holds the audio placeholder '<sound>'"):
         session.ask("Play <sound> again.", **GREEDY)  # was taken as a plain token, with no audio behind it
     assert len(session.history) == 2 and all(a is b for a, b in zip(session.history, state[0]))
-    assert session.cache.length == state[2] and torch.equal(session.ids, state[1])
+    assert torch.equal(session.ids, state[1])
 
     # The next turn is exactly what a chat without the failures gives.
     clean = m.start_chat(clip(2.0), max_tokens=300)

@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from af3.generation import GenerationConfig, generate, process_scores
+from af3 import generation
+from af3.generation import GenerationConfig, generate, process_scores, seen_mask
 from af3.streaming import TextStreamer
 
 VOCAB = 40
@@ -22,15 +23,19 @@ PAD = 0
 
 # --------------------------------------------------------------------------------------------
 # A tiny causal LM honouring af3's contract: forward(input_ids, attention_mask, input_features,
-# input_features_mask, position_ids, cache, logits_to_keep) -> .logits; new_cache(B, max_len).
+# input_features_mask, position_ids=, cache=, input_pos=, logits_to_keep=, check=) -> .logits;
+# new_cache(B, max_len). The cache is written at input_pos; the mask (B, S) covers slots [0, S).
 
 class FakeCache:
     def __init__(self, batch: int, max_len: int, dim: int, dtype, device) -> None:
         self.h = torch.zeros(batch, max_len, dim, dtype=dtype, device=device)
-        self.length = 0
 
-    def reset(self) -> None:
-        self.length = 0
+    @property
+    def max_len(self) -> int:
+        return self.h.shape[1]
+
+    def keep_rows(self, rows) -> None:
+        self.h = self.h[rows]
 
 
 class FakeLM(torch.nn.Module):
@@ -52,27 +57,31 @@ class FakeLM(torch.nn.Module):
                          device or self.embed.device)
 
     def forward(self, input_ids, attention_mask=None, input_features=None, input_features_mask=None,
-                labels=None, position_ids=None, cache=None, logits_to_keep=0):
+                labels=None, position_ids=None, cache=None, input_pos=None, logits_to_keep=0, check=True):
         B, T = input_ids.shape
-        self.calls.append({"T": T, "features": input_features is not None,
-                           "cache_len": None if cache is None else cache.length})
+        if input_pos is None:
+            input_pos = torch.arange(T)
+        self.calls.append({"T": T, "features": input_features is not None, "slot": int(input_pos[0]),
+                           "B": B, "S": None if attention_mask is None else attention_mask.shape[1],
+                           "check": check})
         x = self.embed[input_ids]  # (B, T, d)
         if input_features is not None:  # audio shifts every prompt embedding: prefill-only matters
             x = x + input_features.mean() * (x @ self.audio)
-        start = 0 if cache is None else cache.length
+        if cache is None:
+            keys, S = x, T
+        else:
+            cache.h[:, input_pos] = x
+            S = cache.max_len if attention_mask is None else attention_mask.shape[1]
+            keys = cache.h[:, :S]
         if attention_mask is None:
-            attention_mask = torch.ones(B, start + T, dtype=torch.long)
-        assert attention_mask.shape == (B, start + T)  # the contract: full mask over all positions
+            attention_mask = torch.ones(B, S, dtype=torch.long)
+        assert attention_mask.shape == (B, S)
         if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-        if cache is not None:
-            cache.h[:, start:start + T] = x
-            cache.length += T
-            x = cache.h[:, :start + T]
-        m = attention_mask.to(x.dtype)[..., None]  # (B, S, 1)
-        causal_sum = (x * m).cumsum(1)[:, start:]  # (B, T, d)
-        count = m.cumsum(1)[:, start:].clamp(min=1)
-        h = torch.tanh(causal_sum / count + self.pos[position_ids])
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos]
+        q_slot = input_pos if cache is not None else torch.arange(T)
+        visible = (torch.arange(S)[None, :] <= q_slot[:, None])[None] & attention_mask.bool()[:, None, :]
+        w = visible.to(x.dtype)  # (B, T, S)
+        h = torch.tanh((w @ keys) / w.sum(-1, keepdim=True).clamp(min=1) + self.pos[position_ids])
         logits = h @ self.head.T  # (B, T, V)
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
@@ -87,8 +96,10 @@ def naive_greedy(model: FakeLM, ids: list[int], n: int, penalty: float = 1.0, fe
         cache = model.new_cache(1, len(out))
         logits = model(x[:, :len(ids)], input_features=features, cache=cache).logits
         if len(out) > len(ids):
-            logits = model(x[:, len(ids):], attention_mask=torch.ones_like(x), cache=cache).logits
-        scores = process_scores(logits[:, -1].float(), x, GenerationConfig(repetition_penalty=penalty))
+            logits = model(x[:, len(ids):], attention_mask=torch.ones_like(x), cache=cache,
+                           input_pos=torch.arange(len(ids), len(out))).logits
+        seen = seen_mask(x, VOCAB)
+        scores = process_scores(logits[:, -1].float(), seen, GenerationConfig(repetition_penalty=penalty))
         out.append(int(scores.argmax(-1)))
         if out[-1] == EOS:
             break
@@ -139,7 +150,7 @@ def test_processing_matches_transformers(seed, do_sample, penalty, temperature, 
     ignore = torch.arange(seq)[None, :] < pad_lengths[:, None]
     cfg = GenerationConfig(do_sample=do_sample, repetition_penalty=penalty, temperature=temperature,
                            top_k=top_k, top_p=top_p)
-    ours = process_scores(scores.clone(), ids, cfg, ignore)
+    ours = process_scores(scores.clone(), seen_mask(ids, vocab, ignore), cfg)
     theirs = hf_processors(cfg, pad_lengths)(ids, scores.clone())
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
     finite = torch.isfinite(theirs)
@@ -150,7 +161,7 @@ def test_penalty_covers_prompt_and_skips_left_padding():
     scores = torch.tensor([[2.0, -2.0, 2.0, 2.0]])
     ids = torch.tensor([[2, 0, 1]])
     ignore = torch.tensor([[True, False, False]])  # id 2 sits in the padding
-    out = process_scores(scores, ids, GenerationConfig(repetition_penalty=2.0), ignore)
+    out = process_scores(scores, seen_mask(ids, 4, ignore), GenerationConfig(repetition_penalty=2.0))
     assert out.tolist() == [[1.0, -4.0, 2.0, 2.0]]
 
 
@@ -170,9 +181,11 @@ def test_greedy_matches_uncached_reference_and_encodes_audio_once():
     model.calls.clear()
     out = generate(model, torch.tensor([prompt]), input_features=feats, max_new_tokens=6, eos_token_id=[])
     calls = model.calls
-    assert calls[0] == {"T": 5, "features": True, "cache_len": 0}
-    assert all(c["T"] == 1 and not c["features"] for c in calls[1:])
-    assert [c["cache_len"] for c in calls] == [0, 5, 6, 7, 8, 9]
+    assert calls[0] == {"T": 5, "features": True, "slot": 0, "B": 1, "S": 5, "check": True}  # checked once
+    # Every decoding step: one token, no audio, no checks, and the same mask span (a static shape).
+    assert all(c == {"T": 1, "features": False, "slot": c["slot"], "B": 1, "S": 11, "check": False}
+               for c in calls[1:])
+    assert [c["slot"] for c in calls] == [0, 5, 6, 7, 8, 9]
     assert out.shape == (1, 11) and out[0, :5].tolist() == prompt
 
 
@@ -198,6 +211,29 @@ def test_batch_left_padded_rows_equal_runs_alone_and_stop_independently():
     assert saw_early_stop, "choose rows so that at least one stops before the others"
     # The whole batch stops once every row has stopped, or at max_new_tokens.
     assert batched.shape[1] <= width + n
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_finished_rows_are_dropped_and_eos_is_looked_at_every_k_tokens(monkeypatch, check_every):
+    # As on an accelerator, "has every row finished?" is asked every k tokens only (k=3 here); the
+    # result is the same, rows that finished are dropped from the work at each look.
+    monkeypatch.setitem(generation.EOS_CHECK_EVERY, "cpu", check_every)
+    model = FakeLM(seed=3)
+    rows = [[5, 9, 11, 2, 7, 8, 1], [4, 6], [12, 13, 14], [30]]
+    ids, mask = left_pad(rows)
+    eos = int(generate(model, torch.tensor([rows[1]]), max_new_tokens=1)[0, -1])
+    kw = {"max_new_tokens": 15, "repetition_penalty": 1.1, "eos_token_id": [eos], "pad_token_id": PAD}
+    monkeypatch.setitem(generation.EOS_CHECK_EVERY, "cpu", 1)
+    reference = generate(model, ids, mask, **kw)
+    monkeypatch.setitem(generation.EOS_CHECK_EVERY, "cpu", check_every)
+    model.calls.clear()
+    out = generate(model, ids, mask, **kw)
+    assert torch.equal(out, reference)
+    batch_sizes = [c["B"] for c in model.calls]
+    assert batch_sizes[0] == 4 and min(batch_sizes) < 4  # row 1 stops at its first token
+    assert batch_sizes == sorted(batch_sizes, reverse=True)
+    # Row 1 is dropped at the first look after its eos (its first token), not later.
+    assert batch_sizes.index(3) == check_every
 
 
 def test_stops_when_all_rows_hit_eos_and_returns_prompt_plus_new():
@@ -461,3 +497,19 @@ def test_model_generate_method_and_text_only(hf_and_af3):
     theirs = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                          pad_token_id=PAD, eos_token_id=None)
     assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=8, eos_token_id=[]), theirs)
+
+
+def test_compiled_decode_gives_the_same_tokens(hf_and_af3, capsys):
+    # torch.compile of the decode step (inductor on the CPU, CUDA graphs on CUDA): same tokens as eager.
+    _, ours = hf_and_af3
+    ids, mask, feats, fmask = audio_batch([400, 160], [[5, 6, 9], [11]])
+    kw = {"max_new_tokens": 10, "do_sample": False, "repetition_penalty": 1.3, "pad_token_id": PAD,
+          "eos_token_id": []}
+    eager = generate(ours, ids, mask, feats, fmask, **kw)
+    compiled = generate(ours, ids, mask, feats, fmask, compile=True, **kw)
+    assert torch.equal(compiled, eager)
+    assert "compiling the decode step" in capsys.readouterr().err
+    again = generate(ours, ids, mask, feats, fmask, compile=True, **kw)  # compiled once, said once
+    assert torch.equal(again, eager) and "compiling" not in capsys.readouterr().err
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        generate(ours, ids, compile="yes")

@@ -155,17 +155,21 @@ def test_cached_decoding_equals_full_forward(pair) -> None:
             cache = ours.new_cache(ids.shape[0], t + 4)
             k_ptr = cache.k.data_ptr()
             out = ours(ids[:, :prefill], attn[:, :prefill], batch["input_features"],
-                       batch["input_features_mask"], cache=cache)
-            assert cache.length == prefill
+                       batch["input_features_mask"], cache=cache, input_pos=torch.arange(prefill))
             steps = [out.logits]
             for i in range(prefill, t):
-                steps.append(ours(ids[:, i:i + 1], attn[:, :i + 1], cache=cache).logits)
+                steps.append(ours(ids[:, i:i + 1], attn[:, :i + 1], cache=cache,
+                                  input_pos=torch.tensor([i])).logits)
             cached = torch.cat(steps, dim=1)
+            # A decoding step as generate runs it: static shapes, a mask over every slot, no checks.
+            static = torch.ones(ids.shape[0], t + 4, dtype=attn.dtype)
+            static[:, :t] = attn
+            last = ours(ids[:, -1:], static, cache=cache, input_pos=torch.tensor([t - 1]),
+                        position_ids=hf_positions(attn)[:, -1:], check=False).logits
         real = attn.bool()
         assert (cached[real] - full[real]).abs().max().item() <= 1e-5
-        assert cache.length == t and cache.k.data_ptr() == k_ptr  # written in place, never regrown
-        cache.reset()
-        assert cache.length == 0
+        assert (last - full[:, -1:]).abs().max().item() <= 1e-5
+        assert cache.k.data_ptr() == k_ptr  # written in place, never regrown
     ours.set_attention("sdpa")
 
 

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from af3.config import AF3Config, AudioConfig, TextConfig
-from af3.encoder import pooled_lengths
 from af3.model import AudioFlamingo3
-from af3.windows import window_token_count
+from af3.windows import pooled_length, window_token_count
 
 AUDIO_ID = 63
 
@@ -50,7 +49,7 @@ def test_encoder_frame_counts_agree_with_the_token_counts() -> None:
     # Every mel length a window can have: the model keeps exactly as many frames as the
     # processor writes <sound> tokens.
     lengths = torch.arange(0, 3001)
-    assert pooled_lengths(lengths).tolist() == [window_token_count(int(L)) for L in lengths]
+    assert pooled_length(lengths).tolist() == [window_token_count(int(L)) for L in lengths]
 
 
 def test_int32_ids_bool_mask_and_int32_labels_work(model) -> None:
@@ -119,19 +118,28 @@ def test_cache_lifecycle_and_errors(model) -> None:
     x = ids(2, 4)
     with torch.no_grad():
         model(x, cache=cache)
-        assert cache.length == 4
-        with pytest.raises(ValueError, match=r"cache is full: 4 positions filled \+ 3 new > max_len 6"):
-            model(ids(2, 3), cache=cache)
+        with pytest.raises(ValueError, match=r"cache is full: the new tokens reach slot 6 but max_len is 6"):
+            model(ids(2, 3), cache=cache, input_pos=torch.arange(4, 7))
         with pytest.raises(ValueError, match="cache was made for batch size 2 but the input has batch size 1"):
-            model(ids(1, 1), cache=cache)
-        with pytest.raises(ValueError, match=r"cache.length \+ new tokens"):
-            model(ids(2, 1), torch.ones(2, 1), cache=cache)
+            model(ids(1, 1), cache=cache, input_pos=torch.tensor([4]))
+        with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, S\) with 4 < S <= 6"):
+            model(ids(2, 1), torch.ones(2, 1), cache=cache, input_pos=torch.tensor([4]))
+        with pytest.raises(ValueError, match=r"input_pos must be an int64 tensor of shape \(1,\)"):
+            model(ids(2, 1), cache=cache, input_pos=torch.tensor([4, 5]))
+        with pytest.raises(TypeError, match="input_pos must be a torch.Tensor, got int"):
+            model(ids(2, 1), cache=cache, input_pos=4)
+        with pytest.raises(ValueError, match="input_pos holds -1"):
+            model(ids(2, 1), cache=cache, input_pos=torch.tensor([-1]))
+        with pytest.raises(ValueError, match="input_pos names cache slots: it needs a cache"):
+            model(ids(2, 1), input_pos=torch.tensor([4]))
         with pytest.raises(TypeError, match="KVCache"):
             model(x, cache={})
-        assert cache.length == 4  # failed calls leave the cache as it was
-        cache.reset()
-        again = model(x, cache=cache).logits
+        again = model(x, cache=cache).logits  # slots 0..3 written again: the cache has no length to reset
         assert torch.allclose(again, model(x).logits, atol=1e-6)
+        y = torch.cat([x, ids(2, 1)], dim=1)
+        cache.grow(9)  # more room, the written slots kept
+        nxt = model(y[:, 4:], cache=cache, input_pos=torch.tensor([4])).logits
+        assert cache.max_len == 9 and torch.allclose(nxt, model(y).logits[:, 4:], atol=1e-5)
 
 
 def test_cache_in_another_dtype_or_device(model) -> None:
@@ -140,7 +148,7 @@ def test_cache_in_another_dtype_or_device(model) -> None:
         full = model(x).logits
         cache = model.new_cache(1, 5, dtype=torch.float64)
         model(x[:, :3], cache=cache)
-        steps = [model(x[:, i:i + 1], cache=cache).logits for i in (3, 4)]
+        steps = [model(x[:, i:i + 1], cache=cache, input_pos=torch.tensor([i])).logits for i in (3, 4)]
     assert cache.k.dtype == torch.float64
     assert torch.allclose(torch.cat(steps, 1), full[:, 3:], atol=1e-5)
     with pytest.raises(ValueError, match="cache is on meta but input_ids is on cpu"):
@@ -168,5 +176,5 @@ def test_sound_tokens_after_prefill_are_text(model) -> None:
     cache = model.new_cache(1, 8)
     with torch.no_grad():
         model(ids(1, 3), cache=cache)
-        out = model(torch.tensor([[AUDIO_ID]]), cache=cache)
+        out = model(torch.tensor([[AUDIO_ID]]), cache=cache, input_pos=torch.tensor([3]))
     assert torch.isfinite(out.logits).all()

@@ -21,8 +21,14 @@ from pathlib import Path
 import torch
 
 from af3 import quant
-from af3.checkpoint import check_state, quant_config
-from af3.config import AF3Config, ConfigError, QuantConfig, is_af3_config
+from af3.checkpoint import DTYPES, check_state, quant_config
+from af3.config import (
+    DTYPE_SHORT_NAMES,
+    AF3Config,
+    ConfigError,
+    QuantConfig,
+    is_af3_config,
+)
 from af3.generation import GenerationConfig
 from af3.progress import format_size
 from weights_convert import hf_files
@@ -39,7 +45,7 @@ from weights_convert.safetensors_io import (
     shard_file_names,
 )
 
-DTYPE_CHOICES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_CHOICES = {"keep": None, **{short: DTYPES[short] for short in DTYPE_SHORT_NAMES}}  # bf16, fp16, fp32
 INDEX_NAME = "model.safetensors.index.json"
 LM_HEAD = "decoder.lm_head.weight"
 EMBED = "decoder.embed_tokens.weight"

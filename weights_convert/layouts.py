@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from af3.checkpoint import shard_path
-from af3.config import is_af3_config
+from af3.config import is_af3_config, is_int
 from weights_convert.safetensors_io import TensorInfo, read_header
 
 NVIDIA_PARTS = ("llm", "sound_tower", "sound_mm_projector")
@@ -190,7 +190,7 @@ def _optional_json(path: Path) -> dict | None:
 def _added_token_id(tokenizer: Path, content: str) -> int:
     for token in read_json(tokenizer).get("added_tokens") or []:
         if isinstance(token, dict) and token.get("content") == content:
-            if not isinstance(token.get("id"), int) or isinstance(token.get("id"), bool):
+            if not is_int(token.get("id")):
                 raise ValueError(f"{tokenizer}: added token {content!r} has no integer id "
                                  f"(got {token.get('id')!r})")
             return token["id"]

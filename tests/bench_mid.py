@@ -1,0 +1,140 @@
+"""Decode speed against the memory-bandwidth floor, at a "mid" size, af3 vs transformers (same run).
+
+    .venv/bin/python tests/bench_mid.py [--steps 16] [--dtypes float32,bfloat16]
+
+The model: Qwen2.5-0.5B's decoder dimensions (hidden 896, 24 layers, 14 query / 2 key-value
+heads, MLP 4864, vocabulary 151 936, untied head as in AF3) and a 4-layer encoder of
+Whisper-large-v3's width, random weights, shared by both implementations (af3's parameters are
+the HF model's tensors). A decode step at this size is bound by reading the weights: the floor
+is (bytes of weights read per token) / (read bandwidth measured here by summing a 1 GiB tensor),
+and the bench prints each implementation's ms/token as a percentage of that floor (100% = as
+fast as reading the weights once). Batch 1, a 64-token text prompt, greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from af3.generation import decode_one_token
+from af3.model import AudioFlamingo3
+from tests.model_helpers import af3_config_of, tiny_hf_config
+from weights_convert.names import hf_to_af3
+
+MID_TEXT = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+            "rope_theta": 1e6, "tie_word_embeddings": False}
+MID_AUDIO = {"d_model": 1280, "encoder_layers": 4, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120}
+PROMPT = 64
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second this machine reads, summing a 1 GiB fp32 tensor (best of `repeats`)."""
+    x = torch.ones(2**28)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * x.element_size() / best
+
+
+def bytes_per_token(model: AudioFlamingo3) -> int:
+    """Weights a decode step reads: every decoder tensor but the embedding (one row of it)."""
+    return sum(p.numel() * p.element_size() for name, p in model.decoder.named_parameters()
+               if not name.startswith("embed_tokens"))
+
+
+def build():
+    from transformers import AudioFlamingo3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    hf = AudioFlamingo3ForConditionalGeneration(tiny_hf_config(audio=MID_AUDIO, **MID_TEXT)).float().eval()
+    state = {hf_to_af3(name): t for name, t in hf.state_dict().items()}
+    with torch.device("meta"):
+        ours = AudioFlamingo3(af3_config_of(hf))
+    ours.load_state_dict(state, strict=True, assign=True)  # the same tensors: no second copy
+    return hf, ours.eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    args = p.parse_args()
+    hf, ours = build()
+    ids = torch.randint(10, 150000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    print(f"mid model: {sum(p.numel() for p in ours.decoder.parameters()) / 1e6:.0f} M decoder parameters; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} decode steps, batch 1")
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        hf.to(dtype)
+        ours.to(dtype)
+        floor_bytes = bytes_per_token(ours)
+        t_hf, t_af3, bw = measure(hf, ours, ids, args.steps)
+        kernel_bw = linear_bandwidth(ours.decoder.layers[0].mlp.up)
+        floor = floor_bytes / bw
+        print(f"{dtype_name:9s} weights read/token {floor_bytes / 1e9:.2f} GB, read bandwidth {bw / 1e9:.1f} GB/s "
+              f"-> floor {floor * 1e3:.0f} ms/token | af3 {t_af3 * 1e3:.0f} ms/token ({100 * floor / t_af3:.0f}% "
+              f"of floor)  HF {t_hf * 1e3:.0f} ms/token ({100 * floor / t_hf:.0f}%)  HF/af3 {t_hf / t_af3:.2f}x")
+        print(f"{'':9s} where the time goes: torch's own F.linear on one token (an MLP matrix) reads its weights "
+              f"at {kernel_bw / 1e9:.1f} GB/s, {100 * kernel_bw / bw:.0f}% of the read bandwidth; a step made only "
+              f"of such calls would reach {100 * kernel_bw / bw:.0f}% of the floor")
+
+
+@torch.inference_mode()
+def linear_bandwidth(layer: torch.nn.Linear, repeats: int = 20) -> float:
+    """Bytes per second one decode-shaped call (a single token) of `layer` reads its weight at."""
+    x = torch.randn(1, 1, layer.in_features, dtype=layer.weight.dtype)
+    layer(x)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        layer(x)
+        best = min(best, time.perf_counter() - start)
+    return layer.weight.numel() * layer.weight.element_size() / best
+
+
+@torch.inference_mode()
+def measure(hf, ours: AudioFlamingo3, ids: torch.Tensor, steps: int) -> tuple[float, float, float]:
+    """Seconds per decode step of HF and af3 (best of 3, interleaved) and the read bandwidth."""
+    prompt = ids.shape[1]
+    hf_prefilled = hf(input_ids=ids, use_cache=True).cache
+    cache = ours.new_cache(1, prompt + steps)
+    ours(ids, cache=cache)
+    mask = torch.ones(1, prompt + steps, dtype=torch.long)
+    slots = [torch.tensor([prompt + i]) for i in range(steps)]
+
+    def hf_decode():
+        kv, token = copy.deepcopy(hf_prefilled), torch.zeros(1, 1, dtype=torch.long)
+        for i in range(steps):
+            out = hf(input_ids=token, attention_mask=mask[:, :prompt + i + 1], cache=kv, use_cache=True)
+            kv, token = out.cache, out.logits[:, -1:].argmax(-1)
+
+    def af3_decode():
+        token = torch.zeros(1, 1, dtype=torch.long)
+        for i in range(steps):  # each run writes the same slots again
+            token = decode_one_token(ours, token, mask, cache, slots[i], slots[i][None]).argmax(-1, keepdim=True)
+
+    hf_decode(), af3_decode()  # warm-up
+    t_hf, t_af3, bw = float("inf"), float("inf"), 0.0
+    for _ in range(3):  # interleaved, so both see the same machine load
+        bw = max(bw, read_bandwidth(2))
+        start = time.perf_counter()
+        hf_decode()
+        t_hf = min(t_hf, (time.perf_counter() - start) / steps)
+        start = time.perf_counter()
+        af3_decode()
+        t_af3 = min(t_af3, (time.perf_counter() - start) / steps)
+    return t_hf, t_af3, bw
+
+
+if __name__ == "__main__":
+    main()
