@@ -21,28 +21,48 @@ def tiny(tmp_path_factory):
     from tests.tiny_checkpoint import tiny_hf_model, write_tiny_hf_checkpoint
 
     root = tmp_path_factory.mktemp("bundle")
-    write_tiny_hf_checkpoint(root / "hf", style="new", seed=0)  # every file by save_pretrained
+    # Every file by save_pretrained; context for a 45 s clip (1125 audio tokens), prompt and reply.
+    write_tiny_hf_checkpoint(root / "hf", style="new", seed=0, max_position_embeddings=CONTEXT)
     convert(root / "hf", root / "af3")
-    return af3.load(root / "af3"), tiny_hf_model(seed=0)
+    return af3.load(root / "af3"), tiny_hf_model(seed=0, max_position_embeddings=CONTEXT), root / "hf"
+
+
+CONTEXT = 2048
+
+
+@pytest.fixture(scope="module")
+def hf_processor(tiny):
+    """transformers' own AudioFlamingo3Processor, loaded from the files its save_pretrained wrote
+    (tokenizer, feature extractor, chat template), padding on the left as for generation."""
+    import transformers
+
+    processor = transformers.AudioFlamingo3Processor.from_pretrained(tiny[2])
+    processor.tokenizer.padding_side = "left"
+    return processor
 
 
 def clip(seconds: float, seed: int = 0) -> np.ndarray:
     return (0.1 * np.random.default_rng(seed).standard_normal(int(16000 * seconds))).astype(np.float32)
 
 
-def test_transcribe_equals_transformers_generate(tiny):
-    m, hf = tiny
-    inputs = m.processor.apply_transcription_request(clip(3.0))
+def test_transcribe_equals_transformers_processor_generate_and_decode(tiny, hf_processor):
+    """The expected side is all transformers: its processor makes the inputs (a 45 s clip, two
+    windows, beside a 3 s one), its generate decodes, its tokenizer turns ids into text."""
+    m, hf, _ = tiny
+    clips = [clip(45.0, 4), clip(3.0)]
+    inputs = hf_processor.apply_transcription_request(clips)
+    assert inputs["input_features"].shape[0] == 3  # 2 + 1 windows
     theirs = hf.generate(**inputs, max_new_tokens=8, do_sample=False, repetition_penalty=1.05,
                          eos_token_id=m.generation_config.eos_token_id,
                          pad_token_id=m.generation_config.pad_token_id)
-    expected = m.processor.decode(theirs[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
-                                  strip_prefix=True)
-    assert m.transcribe(clip(3.0), **GREEDY) == expected
+    expected = hf_processor.batch_decode(theirs[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
+                                         strip_prefix=True)
+    assert all(expected), "the replies should hold some text"
+    assert m.transcribe(clips, **GREEDY) == expected
 
 
 def test_transcribe_list_batches_like_singles(tiny):
-    m, _ = tiny
+    m, _, _ = tiny
     clips = [clip(3.0), clip(1.0, 1), clip(2.0, 2)]
     singles = [m.transcribe(c, **GREEDY) for c in clips]
     assert m.transcribe(clips, **GREEDY) == singles
@@ -52,7 +72,7 @@ def test_transcribe_list_batches_like_singles(tiny):
 
 
 def test_stream_pieces_join_to_the_reply(tiny):
-    m, _ = tiny
+    m, _, _ = tiny
     pieces: list[str] = []
     reply = m.chat(conversation("Describe it."), stream=pieces.append, seed=3, max_new_tokens=12)
     assert "".join(pieces) == reply and len(pieces) > 1
@@ -66,7 +86,7 @@ def conversation(text: str = "What do you hear?", seconds: float = 2.0) -> list[
 
 
 def test_chat_think_and_batched_generate(tiny):
-    m, _ = tiny
+    m, _, _ = tiny
     conv = conversation()
     thought = add_think_prompt(conv)
     assert thought[-1]["content"][-1]["text"] == f"What do you hear? {THINK_PROMPT}"
@@ -83,7 +103,7 @@ def test_chat_think_and_batched_generate(tiny):
 
 
 def test_chat_session_reuses_the_cache_exactly_and_encodes_audio_once(tiny):
-    m, _ = tiny
+    m, _, _ = tiny
     LONGER = dict(GREEDY, max_new_tokens=90)
     calls = []
     hook = m.model.encoder.register_forward_hook(lambda *_: calls.append(1))
@@ -125,7 +145,7 @@ def test_chat_session_reuses_the_cache_exactly_and_encodes_audio_once(tiny):
 
 
 def test_bad_arguments(tiny):
-    m, _ = tiny
+    m, _, _ = tiny
     with pytest.raises(ValueError, match="empty"):
         m.transcribe([])
     with pytest.raises(ValueError, match="prompt"):
@@ -140,14 +160,14 @@ def test_bad_arguments(tiny):
         m.chat(conversation(), do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="unknown generation argument"):
         m.chat(conversation(), num_beams=2)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="conversations must be a non-empty list of conversations"):
         m.generate(conversation())  # one conversation, not a list of them
     with pytest.raises(ValueError, match="user message"):
         add_think_prompt([{"role": "system", "content": "x"}])
 
 
 def test_failed_turn_leaves_the_chat_as_it_was(tiny):
-    m, _ = tiny
+    m, _, _ = tiny
     session = m.start_chat(clip(2.0), max_tokens=300)
     with pytest.raises(ValueError, match="unknown generation argument"):
         session.ask("What do you hear?", max_new_token=4)  # a typo on the first turn
@@ -156,9 +176,9 @@ def test_failed_turn_leaves_the_chat_as_it_was(tiny):
     state = (list(session.history), session.ids.clone())
 
     def explode(piece):
-        raise KeyboardInterrupt  # the user stops a streamed reply half-way
+        raise KeyboardInterrupt("stopped by the user")  # the user stops a streamed reply half-way
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="stopped by the user"):
         session.ask("Say more.", stream=explode, **GREEDY)
     with pytest.raises(ValueError, match="start a new chat"):
         session.ask("Say more.", max_new_tokens=300)
@@ -177,7 +197,7 @@ def test_failed_turn_leaves_the_chat_as_it_was(tiny):
 
 
 def test_bundle_argument_types(tiny):
-    m, _ = tiny
+    m, _, _ = tiny
     conv = conversation()
     with pytest.raises(TypeError, match="chat takes one conversation"):
         m.chat([conv, conv], **GREEDY)  # would silently answer only the first
@@ -196,19 +216,23 @@ def test_bundle_argument_types(tiny):
 
 
 def test_parts_are_exposed(tiny):
-    m, _ = tiny
+    m, _, _ = tiny
     assert m.model.generation_config is m.generation_config
     assert m.device == torch.device("cpu") and m.dtype == torch.float32
     assert "AF3(" in repr(m)
 
 
 def test_start_chat_decodes_its_audio_at_once(tiny, tmp_path):
-    m, _ = tiny
+    m, _, _ = tiny
     with pytest.raises(FileNotFoundError, match="missing.wav"):
         m.start_chat(str(tmp_path / "missing.wav"))  # now, not at the first ask()
     path = tmp_path / "speech.wav"
     soundfile.write(str(path), clip(1.0).astype(np.float32), 16000)
+    samples, _ = soundfile.read(str(path), dtype="float32")  # as stored (16-bit PCM)
     session = m.start_chat(str(path), max_tokens=300)
     path.unlink()  # decoded already: the chat no longer needs the file
-    assert session.ask("What do you hear?", max_new_tokens=3, do_sample=False) is not None
+    reply = session.ask("What do you hear?", max_new_tokens=3, do_sample=False)
+    same = [{"role": "user", "content": [{"type": "audio", "audio": samples},
+                                         {"type": "text", "text": "What do you hear?"}]}]
+    assert reply == m.chat(same, max_new_tokens=3, do_sample=False)
     assert session.history[0]["content"][0] == {"type": "audio", "audio": str(path)}  # as given

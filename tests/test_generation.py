@@ -139,7 +139,7 @@ def hf_processors(cfg: GenerationConfig, pad_lengths: torch.Tensor | None):
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), do_sample=st.booleans(),
-       penalty=st.sampled_from([1.0, 1.05, 1.3, 0.8]), temperature=st.sampled_from([1.0, 0.7, 1.6]),
+       penalty=st.sampled_from([1.0, 1.05, 1.3, 0.8]), temperature=st.sampled_from([1.0, 0.7, 1.6, 2.0]),
        top_k=st.sampled_from([0, 1, 5, 20, 100]), top_p=st.sampled_from([1.0, 0.8, 0.3, 0.01]))
 def test_processing_matches_transformers(seed, do_sample, penalty, temperature, top_k, top_p):
     g = torch.Generator().manual_seed(seed)
@@ -280,29 +280,32 @@ def test_defaults_come_from_model_generation_config():
     assert generate(model, torch.tensor([[5, 9]]), generation_config=explicit).shape == (1, 4)
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    ({"max_new_tokens": 0}, ValueError),
-    ({"max_new_tokens": 2.0}, TypeError),
-    ({"do_sample": True, "temperature": 0.0}, ValueError),
-    ({"do_sample": True, "temperature": -1.0}, ValueError),
-    ({"top_p": 0.0}, ValueError),
-    ({"top_p": 1.5}, ValueError),
-    ({"top_k": -1}, ValueError),
-    ({"repetition_penalty": 0.0}, ValueError),
-    ({"eos_token_id": -3}, ValueError),
-    ({"num_beams": 4}, ValueError),
-    ({"seed": 1, "generator": torch.Generator()}, ValueError),
-    ({"generator": 3}, TypeError),
-    ({"max_new_tokens": 100}, ValueError),  # beyond the fake model's 64-token context
-    ({"do_sample": True, "temperature": float("nan")}, ValueError),  # was multinomial's RuntimeError
-    ({"repetition_penalty": float("nan")}, ValueError),
-    ({"temperature": float("inf")}, ValueError),
-    ({"do_sample": True, "seed": 2**70}, ValueError),  # was torch's "Overflow when unpacking long long"
-    ({"seed": 1.5}, TypeError),
-    ({"vocab_limit": 0}, ValueError),
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1, got 0"),
+    ({"max_new_tokens": 2.0}, TypeError, "max_new_tokens must be an int, got float 2.0"),
+    ({"do_sample": True, "temperature": 0.0}, ValueError, "temperature must be > 0 when sampling, got 0.0"),
+    ({"do_sample": True, "temperature": -1.0}, ValueError, "temperature must be > 0 when sampling, got -1.0"),
+    ({"top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\], got 0.0"),
+    ({"top_p": 1.5}, ValueError, r"top_p must be in \(0, 1\], got 1.5"),
+    ({"top_k": -1}, ValueError, r"top_k must be >= 0 \(0 disables it\), got -1"),
+    ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be > 0"),
+    ({"eos_token_id": -3}, ValueError, "eos_token_id must be a non-negative token id, got -3"),
+    ({"num_beams": 4}, ValueError, r"unknown generation argument\(s\) \['num_beams'\]"),
+    ({"seed": 1, "generator": torch.Generator()}, ValueError, "pass either seed or generator, not both"),
+    ({"generator": 3}, TypeError, "generator must be a torch.Generator, got int"),
+    # beyond the fake model's 64-token context
+    ({"max_new_tokens": 100}, ValueError, r"prompt \(2 tokens\) \+ max_new_tokens \(100\) = 102 exceeds"),
+    # was multinomial's RuntimeError
+    ({"do_sample": True, "temperature": float("nan")}, ValueError, "temperature must be a finite number, got nan"),
+    ({"repetition_penalty": float("nan")}, ValueError, "repetition_penalty must be a finite number, got nan"),
+    ({"temperature": float("inf")}, ValueError, "temperature must be a finite number, got inf"),
+    # was torch's "Overflow when unpacking long long"
+    ({"do_sample": True, "seed": 2**70}, ValueError, r"seed must be in \[-2\*\*63, 2\*\*64\)"),
+    ({"seed": 1.5}, TypeError, "seed must be an int, got float 1.5"),
+    ({"vocab_limit": 0}, ValueError, "vocab_limit must be a positive int or None, got 0"),
 ])
-def test_bad_arguments(kwargs, error):
-    with pytest.raises(error):
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
         generate(FakeLM(), torch.tensor([[5, 9]]), **kwargs)
 
 
@@ -354,14 +357,14 @@ def test_generation_config_hf_and_json(tmp_path):
     assert GenerationConfig.from_hf({"eos_token_id": 7}).eos_token_id == [7]
     cfg.save(tmp_path / "g.json")
     assert GenerationConfig.load(tmp_path / "g.json") == cfg
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
         GenerationConfig.load(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         GenerationConfig.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="unknown key"):
         GenerationConfig.from_dict({**dataclasses.asdict(cfg), "num_beams": 2})
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="generation config must be a dict, got list"):
         GenerationConfig.from_hf([1])
 
 

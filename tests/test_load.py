@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import af3
 from af3.generation import GenerationConfig
+from tests.devices import CUDA
 from tests.tiny_checkpoint import write_tiny_hf_checkpoint, write_tiny_nvidia_checkpoint
 from weights_convert.convert import convert
 
@@ -39,7 +40,8 @@ def test_bundle_parts(tiny):
     assert isinstance(bundle.generation_config, GenerationConfig)
     assert bundle.generation_config.top_k == 20 and bundle.model.generation_config is bundle.generation_config
     assert bundle.tokenizer.convert_ids_to_tokens(bundle.config.audio_token_id) == "<sound>"
-    assert bundle.processor is not None
+    assert bundle.processor.tokenizer is bundle.tokenizer
+    assert bundle.processor.audio_token_id == bundle.config.audio_token_id
     ref = load_file(str(tiny["hf"] / "model.safetensors"))
     assert torch.equal(bundle.model.state_dict()["decoder.layers.1.mlp.down.weight"],
                        ref["language_model.model.layers.1.mlp.down_proj.weight"])
@@ -61,11 +63,10 @@ def test_dtype_cast_on_load(tiny, dtype):
     assert {p.dtype for p in model.parameters()} == {want}
 
 
-def test_device_argument(tiny):
-    devices = ["cpu", torch.device("cpu")] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        model = af3.load(tiny["af3"], device=device).model
-        assert {p.device.type for p in model.parameters()} == {torch.device(device).type}
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), CUDA], ids=["cpu", "torch.device", "cuda"])
+def test_device_argument(tiny, device):
+    model = af3.load(tiny["af3"], device=device).model
+    assert {p.device.type for p in model.parameters()} == {torch.device(device).type}
 
 
 def test_hf_and_nvidia_layouts_get_the_convert_command(tiny):
@@ -84,7 +85,7 @@ def test_missing_unexpected_and_misshaped_are_named(tiny, tmp_path):
     state["decoder.extra.weight"] = torch.zeros(3)
     state["projector.linear1.weight"] = torch.zeros(5, 5)
     save_file(state, str(d / "model.safetensors"))
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError, match="1 missing: encoder.layers.0.fc1.bias") as e:
         af3.load(d)
     msg = str(e.value)
     assert "1 missing: encoder.layers.0.fc1.bias" in msg

@@ -14,6 +14,7 @@ import transformers
 from af3.config import FrontendConfig
 from af3.mel import MASK_DTYPE, extract_features, log_mel_spectrogram, mel_filters
 from af3.windows import audio_token_count
+from tests.devices import DEVICES
 
 SR = 16_000
 LENGTHS = [1, 159, 160, 161, 16_000, 123_457, 479_999, 480_000]
@@ -157,9 +158,6 @@ def test_no_warning_at_the_limit() -> None:
         warnings.simplefilter("error")
         out = extract_features([torch.zeros(32_000) + 0.1], frontend)
     assert out.windows_per_clip == [2]
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -104,14 +104,33 @@ def test_full_window_gives_750() -> None:
     assert window_token_count(mel_length(WINDOW_SAMPLES)) == 750
 
 
-def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="n_samples"):
-        num_windows(-1)
-    with pytest.raises(TypeError, match="n_samples"):
-        num_windows(1.5)
-    with pytest.raises(ValueError, match="max_windows"):
-        window_ranges(10, max_windows=0)
-    with pytest.raises(ValueError, match="hop_length"):
-        mel_length(10, hop_length=0)
-    with pytest.raises(ValueError, match="mel_len"):
-        window_token_count(-3)
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: num_windows(-1), ValueError, "n_samples must be >= 0, got -1"),
+    (lambda: num_windows(1.5), TypeError, "n_samples must be an int, got float"),
+    (lambda: num_windows(10, window_samples=0), ValueError, "window_samples must be >= 1, got 0"),
+    (lambda: window_ranges(10, max_windows=0), ValueError, "max_windows must be >= 1, got 0"),
+    (lambda: mel_length(-1), ValueError, "n_samples_in_window must be >= 0, got -1"),
+    (lambda: mel_length(10, hop_length=0), ValueError, "hop_length must be >= 1, got 0"),
+    (lambda: window_token_count(-3), ValueError, "mel_len must be >= 0, got -3"),
+    (lambda: window_token_count(True), TypeError, "mel_len must be an int, got bool"),
+])
+def test_bad_arguments_are_named_with_the_value(call, error, message) -> None:
+    with pytest.raises(error, match=f"^{message}$"):
+        call()
+
+
+def test_smallest_allowed_settings_and_non_default_ones() -> None:
+    assert mel_length(7, hop_length=1) == 7
+    assert num_windows(5, window_samples=1) == 5
+    assert window_ranges(5, window_samples=2, max_windows=2) == [(0, 2), (2, 4)]
+    # Every setting reaches the count: windows of 1 s, at most 3, hop 320 (50 frames a second).
+    assert audio_token_count(16_000 * 5, window_samples=16_000, max_windows=3, hop_length=320) == 3 * 12
+    assert audio_token_count(16_000 * 5, window_samples=16_000, max_windows=3) == 3 * 25
+    assert audio_token_count(16_000 * 5, window_samples=16_000) == 5 * 25
+    assert audio_token_count(16_000 * 5, hop_length=320) == 62
+
+
+@given(n=st.integers(0, 10_000))
+def test_counts_are_ints(n: int) -> None:
+    assert type(window_token_count(n)) is int and type(mel_length(n)) is int
+    assert type(audio_token_count(n)) is int
