@@ -232,7 +232,7 @@ def _resample_context(rate: int, name: str) -> int:
 
 
 def resampled_blocks(read: Callable[[int], np.ndarray], rate: int, channels: int,
-                     name: str = "audio") -> Iterator[torch.Tensor]:
+                     name: str = "audio", block_frames: int | None = None) -> Iterator[torch.Tensor]:
     """Decode audio block by block: yields 1-D float32 tensors of mono 16 kHz samples.
 
     `read(n)` returns the next at most n frames as a (frames, channels) float32 array, and an
@@ -240,13 +240,15 @@ def resampled_blocks(read: Callable[[int], np.ndarray], rate: int, channels: int
     is downmixed and resampled with the resampler's context on both sides taken from its
     neighbours, so the blocks joined are what resampling the whole recording at once gives (to
     float32 rounding), while memory holds about BLOCK_BYTES of input, whatever the length, rate
-    or channel count. NaN or infinite samples are an AudioError naming `name`.
+    or channel count (or `block_frames` input frames per block, when given). NaN or infinite
+    samples are an AudioError naming `name`.
     """
     rate = _check_rate(rate)
     context = _resample_context(rate, name)
     gcd = math.gcd(rate, SAMPLING_RATE)
     period, new = rate // gcd, SAMPLING_RATE // gcd  # `period` input samples make `new` output samples
-    step = max(period, BLOCK_BYTES // (4 * channels) // period * period)  # input frames per block
+    frames = BLOCK_BYTES // (4 * channels) if block_frames is None else block_frames
+    step = max(period, frames // period * period)  # input frames per block, whole periods
     resampler = torchaudio.transforms.Resample(rate, SAMPLING_RATE, dtype=torch.float32) if rate != SAMPLING_RATE else None
     pending = torch.empty(0)  # mono input from `left` samples (the left context) before the next block
     left, seen, at_end = 0, 0, False
@@ -427,3 +429,126 @@ class _Deadline:
     def error(self, url: str) -> AudioError:
         return AudioError(f"{url}: the download took longer than {self.seconds:g} s (download_deadline) and "
                           "was stopped; download it yourself and pass the path, or raise download_deadline")
+
+
+# ---- recordings of any length: streamed in blocks ------------------------------------------------
+# load_audio stops at 10 minutes because AF3 does; long-form transcription (af3/longform.py) walks a
+# whole recording instead, a block at a time, so memory holds one block however long the file is.
+
+BLOCK_SECONDS = 60.0  # decoded per read: 3.8 MB of float32 at 16 kHz
+
+
+def iter_audio(source: AudioSource, block_seconds: float = BLOCK_SECONDS, *,
+               sampling_rate: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield all of `source` as consecutive 1-D float32 blocks of mono 16 kHz samples.
+
+    Takes what `load_audio` takes, with no length limit. Encoded audio is decoded `block_seconds`
+    at a time and resampled with context across block edges, so the joined blocks equal the
+    whole file resampled at once (to float rounding). The source is opened here, so a missing
+    or undecodable file fails at the call; a file corrupt further in fails at that block.
+    """
+    if isinstance(block_seconds, bool) or not isinstance(block_seconds, (int, float)) or not block_seconds > 0:
+        raise ValueError(f"block_seconds must be a positive number, got {block_seconds!r}")
+    if sampling_rate is not None:
+        sampling_rate = _check_rate(sampling_rate)
+    if isinstance(source, (torch.Tensor, np.ndarray)):  # already in memory: slice it
+        samples = load_audio(source, sampling_rate, max_seconds=None)
+        step = max(1, round(block_seconds * SAMPLING_RATE))
+        return (samples[i:i + step] for i in range(0, samples.shape[0], step))
+    file, name = _encoded_file(source)
+    try:
+        f = soundfile.SoundFile(file)
+    except soundfile.SoundFileError as e:
+        raise _decode_error(name, e) from None
+    if sampling_rate is not None and sampling_rate != f.samplerate:
+        f.close()
+        raise AudioError(f"{name}: sampling_rate={sampling_rate} was given but the file is at {f.samplerate} Hz; "
+                         "leave sampling_rate unset for encoded audio")
+    try:
+        _resample_context(f.samplerate, name)  # a rate whose filter cannot be built fails at the call
+    except AudioError:
+        f.close()
+        raise
+    return _stream_file(f, name, max(1, round(block_seconds * f.samplerate)))
+
+def audio_seconds(source: AudioSource, sampling_rate: int | None = None) -> float | None:
+    """The length of `source` in seconds, from the file header where it is encoded (nothing is decoded).
+
+    None for URLs (finding out would mean downloading). Errors as `load_audio`'s for a missing or
+    undecodable file.
+    """
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        n = source.shape[-1] if source.ndim == 1 or source.shape[0] <= source.shape[-1] else source.shape[0]
+        return n / (sampling_rate or SAMPLING_RATE)
+    if isinstance(source, (str, os.PathLike)) and _URL_SCHEME.match(os.fspath(source)):
+        return None
+    file, name = _encoded_file(source)
+    position = file.tell() if hasattr(file, "tell") else None
+    try:
+        with soundfile.SoundFile(file) as f:
+            return f.frames / f.samplerate
+    except soundfile.SoundFileError as e:
+        raise _decode_error(name, e) from None
+    finally:
+        if position is not None:
+            file.seek(position)  # a caller's file object is read again later
+
+
+def _encoded_file(source: Any) -> tuple[str | BinaryIO, str]:
+    """(what soundfile opens, the name errors use) for a path, URL, bytes or binary file object."""
+    # The same checks as load_audio's, which decodes through the same resampled_blocks.
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if isinstance(text, bytes):
+            raise TypeError(f"path must be str, not bytes: {text!r}")
+        match = _URL_SCHEME.match(text)
+        if match:
+            if match.group(1).lower() not in ("http", "https"):
+                raise AudioError(f"{text}: URL scheme {match.group(1).lower()!r} is not supported; use an "
+                                 "http(s) URL or a local path")
+            return io.BytesIO(_download(text)), text
+        if not os.path.exists(text):
+            raise FileNotFoundError(f"audio file not found: {text}")
+        if os.path.isdir(text):
+            raise AudioError(f"{text}: is a directory, not an audio file")
+        return text, text
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        return io.BytesIO(data), f"audio bytes ({len(data)} bytes)"
+    if isinstance(source, io.TextIOBase):
+        raise TypeError(f"file object {getattr(source, 'name', source)!r} is open in text mode; open it with 'rb'")
+    if hasattr(source, "read"):
+        name = f"file object {getattr(source, 'name', type(source).__name__)!r}"
+        if getattr(source, "closed", False):
+            raise ValueError(f"{name} is closed; pass an open binary file")
+        if not (hasattr(source, "seekable") and source.seekable()):
+            source = io.BytesIO(_read_capped(source, name))
+        return source, name
+    raise TypeError(f"unsupported audio source of type {type(source).__name__}: pass a path, an http(s) "
+                    "URL, bytes, a binary file object, a numpy array or a torch tensor")
+
+
+def _decode_error(name: str, e: soundfile.SoundFileError) -> AudioError:
+    reason = getattr(e, "error_string", None) or str(e)
+    return AudioError(f"{name}: could not decode audio ({reason.rstrip('.')}); soundfile reads wav, "
+                      "flac, ogg and mp3, among others")
+
+
+def _stream_file(f: soundfile.SoundFile, name: str, frames: int) -> Iterator[torch.Tensor]:
+    """`f` decoded `frames` at a time through `resampled_blocks`; a file corrupt further in fails
+    at that block, naming how far decoding got."""
+    done = 0
+
+    def read(n: int) -> np.ndarray:
+        nonlocal done
+        try:
+            data = f.read(n, dtype="float32", always_2d=True)  # (frames, channels)
+        except (soundfile.SoundFileError, RuntimeError) as e:
+            raise AudioError(f"{name}: could not decode audio after {done / f.samplerate:.1f} s ({e})") from None
+        done += len(data)
+        return data
+
+    with f:
+        yield from resampled_blocks(read, f.samplerate, f.channels, name, block_frames=frames)
+    if done == 0:
+        raise AudioError(f"{name}: the audio is empty (0 samples)")

@@ -1,7 +1,8 @@
 """The af3 bundle: model + processor + tokenizer behind a few calls.
 
     m = af3.load("af3-checkpoint")
-    m.transcribe("speech.wav")                       # -> "the words spoken"
+    m.transcribe("speech.wav")                       # -> "the words spoken" (any length)
+    m.transcribe_segments("meeting.flac")            # -> [Segment(start, end, text), ...]
     m.chat([{"role": "user", "content": [...]}])     # -> the assistant's reply
     m.generate([conversation, conversation])         # -> one reply each, batched
     session = m.start_chat("speech.wav")             # multi-turn, the audio encoded once
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,7 +33,18 @@ from af3.checkpoint import (
 )
 from af3.config import AF3Config, is_int
 from af3.generation import GenerationConfig, generate
+from af3.longform import (
+    CHUNK_SECONDS,
+    MARGIN_SECONDS,
+    Recording,
+    Segment,
+    chunk_sizes,
+    join_text,
+    known_seconds,
+    transcribe_recordings,
+)
 from af3.processor import Processor
+from af3.progress import ChunkProgress
 from af3.qwen2 import KVCache
 from af3.streaming import TextStreamer
 from af3.tokenizer import Tokenizer
@@ -122,14 +136,34 @@ class AF3:
     # ---- the three calls ---------------------------------------------------------------------
 
     def transcribe(self, audio: Any, prompt: str | Sequence[str | None] | None = None, *,
-                   batch_size: int = 8, stream: Callable[[str], Any] | None = None,
-                   **gen: Any) -> str | list[str]:
-        """Transcribe one clip (-> str) or a list of clips (-> list[str]), framing stripped.
+                   batch_size: int = 8, chunk_seconds: float = CHUNK_SECONDS,
+                   margin_seconds: float = MARGIN_SECONDS, stream: Callable[[str], Any] | None = None,
+                   progress: bool | None = None, **gen: Any) -> str | list[str]:
+        """Transcribe one recording (-> str) or a list of them (-> list[str]), of any length.
 
-        A clip is a path, URL, bytes, or an array of 16 kHz samples. `prompt` defaults to
-        "Transcribe the input speech."; a list gives one per clip. Lists run `batch_size` clips
-        at a time. `stream(piece)` receives text as it is generated (one clip only).
+        A recording is a path, URL, bytes, or an array of 16 kHz samples. It is read a block at a
+        time and cut into chunks of at most `chunk_seconds` (at most 600; each cut moved back by up
+        to `margin_seconds` to the quietest point), which are transcribed `batch_size` at a time
+        and joined with spaces (see af3/longform.py). `prompt` defaults to "Transcribe the input
+        speech."; a list gives one per recording. `stream(piece)` receives text as it is generated
+        (one recording only; its chunks then run one at a time). `progress`: True draws chunks done
+        and audio seconds per second on stderr, False never, None (default) when stderr is a
+        terminal and there is more than one chunk.
         """
+        single = not isinstance(audio, (list, tuple))
+        segments = self.transcribe_segments(audio, prompt, batch_size=batch_size, chunk_seconds=chunk_seconds,
+                                            margin_seconds=margin_seconds, stream=stream, progress=progress,
+                                            **gen)
+        texts = [join_text(s) for s in ([segments] if single else segments)]
+        return texts[0] if single else texts
+
+    def transcribe_segments(self, audio: Any, prompt: str | Sequence[str | None] | None = None, *,
+                            batch_size: int = 8, chunk_seconds: float = CHUNK_SECONDS,
+                            margin_seconds: float = MARGIN_SECONDS, stream: Callable[[str], Any] | None = None,
+                            progress: bool | None = None,
+                            **gen: Any) -> list[Segment] | list[list[Segment]]:
+        """As `transcribe`, but each recording gives its chunks as `Segment(start, end, text)`,
+        times in seconds (AF3 gives no word timings: a segment's times are its chunk's)."""
         _check_gen(gen, base=self.generation_config)
         single = not isinstance(audio, (list, tuple))
         clips = [audio] if single else list(audio)
@@ -139,16 +173,48 @@ class AF3:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if stream is not None and len(clips) != 1:
             raise ValueError(f"stream needs a single clip, got {len(clips)}")
+        if not (progress is None or isinstance(progress, bool)):
+            raise TypeError(f"progress must be True, False or None, got {type(progress).__name__}")
         prompts = prompt if isinstance(prompt, (list, tuple)) else [prompt] * len(clips)
         if len(prompts) != len(clips):
             raise ValueError(f"got {len(prompts)} prompt(s) for {len(clips)} audio clip(s); give one prompt, "
                              "or one per clip")
-        texts: list[str] = []
-        for start in range(0, len(clips), batch_size):
-            inputs = self.processor.apply_transcription_request(clips[start:start + batch_size],
-                                                                list(prompts[start:start + batch_size]))
-            texts += self._run(inputs, stream, gen, strip_prefix=True)
-        return texts[0] if single else texts
+        chunk_sizes(chunk_seconds, margin_seconds)  # bad values fail before any file is read
+        recordings = [Recording(i, clip, p, known_seconds(clip)) for i, (clip, p) in enumerate(zip(clips, prompts))]
+        expected = sum(max(1, math.ceil((r.seconds or 0) / chunk_seconds)) for r in recordings)
+        reporter = ChunkProgress() if progress or (progress is None and expected > 1 and sys.stderr.isatty()) \
+            else None
+        started = False
+
+        def run_batch(batch: list[torch.Tensor], batch_prompts: list[str | None]) -> list[str]:
+            nonlocal started
+            if stream is not None and started:
+                stream(" ")  # between the chunks of a streamed recording, as join_text joins them
+            started = True
+            return self.transcribe_chunks(batch, batch_prompts, stream=stream, **gen)
+
+        out: list[list[Segment]] = []
+        try:
+            for _, result in transcribe_recordings(run_batch, recordings, chunk_seconds=chunk_seconds,
+                                                   margin_seconds=margin_seconds,
+                                                   batch_size=1 if stream is not None else batch_size,
+                                                   pool=1 if stream is not None else 4,
+                                                   progress=reporter):
+                if isinstance(result, BaseException):
+                    raise result
+                out.append(result)
+        finally:
+            if reporter is not None:
+                reporter.end_line()
+        return out[0] if single else out
+
+    def transcribe_chunks(self, clips: list[Any], prompts: str | Sequence[str | None] | None = None, *,
+                          stream: Callable[[str], Any] | None = None, **gen: Any) -> list[str]:
+        """One generation batch: a text per clip, each clip at most 10 minutes (AF3's limit, with
+        the processor's warning beyond it). The building block of `transcribe`."""
+        _check_gen(gen, base=self.generation_config)
+        inputs = self.processor.apply_transcription_request(list(clips), prompts)
+        return self._run(inputs, stream, gen, strip_prefix=True)
 
     def chat(self, conversation: list[dict], *, think: bool = False,
              stream: Callable[[str], Any] | None = None, **gen: Any) -> str:
@@ -187,6 +253,10 @@ class AF3:
         the model's context).
         """
         return ChatSession(self, audio, system=system, max_tokens=max_tokens)
+
+    def check_generation(self, **gen: Any) -> GenerationConfig:
+        """The generation settings a call with `**gen` would use; unknown or bad ones raise ValueError."""
+        return _check_gen(gen, base=self.generation_config)
 
     # ---- helpers ----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Progress of long work over tensors (loading, converting): tensors and bytes done.
+"""Progress of long work: tensors and bytes loaded or converted, chunks of audio transcribed.
 
 On a terminal it is one line that rewrites itself (at most 5 times a second); elsewhere (a log
 file, CI) it writes a line per 10% so the log stays short.
@@ -54,3 +54,48 @@ class TensorProgress:
 def format_size(n: int) -> str:
     """Bytes as '1.23 GB' (from 0.1 GB up) or '45.6 MB'."""
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+class ChunkProgress:
+    """Call with (chunks done, chunks expected, audio seconds done) after each batch of long-form work.
+
+    Draws `chunk 12/240, 360 s of audio, 45.1 s/s` on a terminal (at most 5 times a second);
+    elsewhere a line per 10% of the expected chunks.
+    """
+
+    def __init__(self, stream: TextIO | None = None, label: str = ""):
+        self.stream = sys.stderr if stream is None else stream
+        self.label = label
+        self.tty = self.stream.isatty()
+        self.started = time.monotonic()
+        self.last = 0.0
+        self.next_tenth = 1
+        self.open_line = False
+
+    def __call__(self, done: int, expected: int, audio_seconds: float) -> None:
+        finished = done >= expected
+        now = time.monotonic()
+        if self.tty:
+            if not finished and now - self.last < 0.2:
+                return
+            self.last = now
+        else:
+            tenth = 10 * done // max(expected, 1)
+            if not finished and tenth < self.next_tenth:
+                return
+            self.next_tenth = tenth + 1
+        speed = audio_seconds / max(now - self.started, 1e-9)
+        line = f"{self.label}chunk {done}/{expected}, {audio_seconds:.0f} s of audio, {speed:.1f} s/s"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if finished else ""))
+            self.open_line = not finished
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def end_line(self) -> None:
+        """End an unfinished progress line, so that what is printed next starts on its own line."""
+        if self.open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open_line = False

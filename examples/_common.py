@@ -15,7 +15,8 @@ DEVICE_HELP = "cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)"
 
 # A library error names the keyword of a Python call; a script's user changes a flag instead.
 FLAGS = {"max_new_tokens": "--max-new-tokens", "max_tokens": "--max-tokens", "batch_size": "--batch-size",
-         "dtype": "--dtype", "device": "--device", "seed": "--seed"}
+         "dtype": "--dtype", "device": "--device", "seed": "--seed", "chunk_seconds": "--chunk-seconds",
+         "margin_seconds": "--margin-seconds"}
 
 
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -68,11 +69,21 @@ def test_transcribe_one_line_per_file_and_errors_on_stderr(files, capsys):
 
 
 def test_transcribe_bad_checkpoint_and_arguments(files, capsys):
-    assert example("transcribe").main([str(files / "a.wav"), "--checkpoint", str(files / "nope")]) == 2
+    assert example("transcribe").main([str(files / "a.wav"), "--checkpoint", str(files / "nope")]) == 101
     assert "cannot load checkpoint" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
-        example("transcribe").main([str(files / "a.wav"), "--checkpoint", str(files / "ckpt"), "--batch-size", "0"])
-    assert "--batch-size" in capsys.readouterr().err
+    a, ckpt = str(files / "a.wav"), ["--checkpoint", str(files / "ckpt")]
+    for args, message in (([a, *ckpt, "--batch-size", "0"], "--batch-size must be >= 1"),
+                          ([a, a, *ckpt, "--format", "srt"], "--format srt takes one audio file, got 2"),
+                          ([a, *ckpt, "--chunk-seconds", "601"], r"--chunk-seconds must be in \(0, 600\]"),
+                          ([a, *ckpt, "--chunk-seconds", "5", "--margin-seconds", "5"],
+                           "--margin-seconds must be >= 0 and below --chunk-seconds"),
+                          ([*ckpt, "--manifest", a], "--manifest needs --output"),
+                          ([a, *ckpt, "--manifest", a, "--output", "x"], "give audio files or --manifest, not both"),
+                          ([a, *ckpt, "--output", "x"], "--output goes with --manifest"),
+                          ([*ckpt], "give audio files, or --manifest FILE --output FILE")):
+        with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
+            example("transcribe").main(args)
+        assert re.search(message, capsys.readouterr().err), message
 
 
 def test_chat_multi_turn_from_piped_questions(files, capsys, monkeypatch):
@@ -104,7 +115,10 @@ def test_error_lines_name_the_file_once(files, capsys):
     missing, bad = str(files / "missing.wav"), str(files / "broken.wav")
     rc = example("transcribe").main([missing, bad, "--checkpoint", str(files / "ckpt")])
     err = capsys.readouterr().err
-    assert rc == 1 and [line.count(p) for line, p in zip(err.splitlines(), (missing, bad))] == [1, 1], err
+    assert rc == 2 and [line.count(p) for line, p in zip(err.splitlines(), (missing, bad))] == [1, 1], err
+    # The exit status counts failures, capped below the statuses a shell reads as signals.
+    assert example("transcribe").main([missing] * 101 + ["--checkpoint", str(files / "ckpt")]) == 100
+    assert capsys.readouterr().err.count("audio file not found") == 101
 
 
 def test_transcribe_ctrl_c_is_not_a_traceback(files, capsys, monkeypatch):
@@ -113,7 +127,7 @@ def test_transcribe_ctrl_c_is_not_a_traceback(files, capsys, monkeypatch):
     def interrupted(*_, **__):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(transcribe, "load_audio", interrupted)
+    monkeypatch.setattr("af3.longform.iter_audio", interrupted)
     assert transcribe.main([str(files / "a.wav"), "--checkpoint", str(files / "ckpt")]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
 
@@ -151,26 +165,59 @@ def test_train_step_errors_are_one_line(files, capsys):
 
 
 def test_transcribe_decodes_a_batch_at_a_time_and_keeps_repeats(files, capsys, monkeypatch):
+    import af3.bundle
+    import af3.longform
+
     a, b = str(files / "a.wav"), str(files / "b.flac")
-    module = example("transcribe")
-    real_load, real_batch, events = module.load_audio, module.transcribe_batch, []
+    real_iter, real_chunks, events = af3.longform.iter_audio, af3.bundle.AF3.transcribe_chunks, []
 
-    def load(path):
+    def decode(path, *rest):
         events.append(("decode", path))
-        return real_load(path)
+        return real_iter(path, *rest)
 
-    def batch(model, paths, clips, *rest):
-        events.append(("transcribe", *paths))
-        yield from real_batch(model, paths, clips, *rest)
+    def transcribe_chunks(self, clips, *rest, **kw):
+        events.append(("transcribe", len(clips)))
+        return real_chunks(self, clips, *rest, **kw)
 
-    monkeypatch.setattr(module, "load_audio", load)
-    monkeypatch.setattr(module, "transcribe_batch", batch)
-    rc = module.main([a, b, a, *("--checkpoint", str(files / "ckpt"), "--greedy", "--batch-size", "2")])
+    monkeypatch.setattr(af3.longform, "iter_audio", decode)
+    monkeypatch.setattr(af3.bundle.AF3, "transcribe_chunks", transcribe_chunks)
+    rc = example("transcribe").main([a, b, a, *("--checkpoint", str(files / "ckpt"), "--greedy", "--batch-size", "2")])
     out = capsys.readouterr().out
     assert rc == 0
     assert [line.split("\t")[0] for line in out.splitlines()] == [a, b, a]  # a file named twice: two lines
     # Memory holds one batch of audio: the third file is decoded after the first batch is done.
-    assert events == [("decode", a), ("decode", b), ("transcribe", a, b), ("decode", a), ("transcribe", a)]
+    assert events == [("decode", a), ("decode", b), ("transcribe", 2), ("decode", a), ("transcribe", 1)]
+
+
+def test_transcribe_long_file_as_subtitles_and_a_manifest(files, capsys, tmp_path):
+    import af3
+    from af3.longform import MAX_CHUNK_SECONDS, parse_srt, parse_vtt
+
+    assert example("transcribe").MAX_CHUNK_SECONDS == MAX_CHUNK_SECONDS  # restated there to spare --help torch
+
+    long = tmp_path / "long.wav"
+    soundfile.write(str(long), (0.1 * np.random.default_rng(5).standard_normal(16000 * 13)).astype(np.float32), 16000)
+    ckpt = ["--checkpoint", str(files / "ckpt"), "--greedy", "--chunk-seconds", "6", "--margin-seconds", "1"]
+    segments = af3.load(files / "ckpt").transcribe_segments(str(long), chunk_seconds=6, margin_seconds=1,
+                                                            do_sample=False)
+    assert len(segments) == 3
+    for fmt, parse in (("srt", parse_srt), ("vtt", parse_vtt)):
+        assert example("transcribe").main([str(long), *ckpt, "--format", fmt]) == 0
+        assert parse(capsys.readouterr().out) == segments
+    assert example("transcribe").main([str(long), str(files / "a.wav"), *ckpt, "--format", "jsonl"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[0]["segments"] == [s.to_dict() for s in segments] and rows[1]["path"] == str(files / "a.wav")
+
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(f"{long}\n{files / 'broken.wav'}\n{files / 'missing.wav'}\n{files / 'a.wav'}\n")
+    out = tmp_path / "out.jsonl"
+    assert example("transcribe").main(["--manifest", str(manifest), "--output", str(out), *ckpt]) == 2
+    assert "2 recording(s) failed" in capsys.readouterr().err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [("error" in r) for r in records] == [False, True, True, False]
+    assert records[0]["segments"] == rows[0]["segments"]
+    assert example("transcribe").main(["--manifest", str(tmp_path / "nope"), "--output", str(out), *ckpt]) == 101
+    assert "manifest not found" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["transcribe", "chat", "train_step", "demo", "finetune"])
@@ -220,7 +267,7 @@ def test_errors_name_the_flag_to_change(files, capsys, monkeypatch):
     assert "--max-tokens" in err and "--max-new-tokens" in err and "start_chat(" not in err, err
     assert "max_new_tokens" not in err.replace("--max-new-tokens", "")
     assert example("transcribe").main([str(files / "a.wav"), str(files / "b.flac"), "--checkpoint", str(files / "ckpt"),
-                                       "--max-new-tokens", "100000"]) == 1
+                                       "--max-new-tokens", "100000"]) == 2  # the exit status counts the failures
     err = capsys.readouterr().err
     assert err.count("lower --max-new-tokens") == 2, err
 

@@ -1,0 +1,200 @@
+"""Corpora: manifests, shares balanced by duration, resumable output with failure records, and a
+two-process torchrun run (gloo on CPU) that must equal a single-process run."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import af3
+from af3.corpus import Item, part_path, read_manifest, shares, transcribe_corpus
+from af3.generation import GenerationConfig
+from tests.tiny_tokenizer import TINY_TOKEN_IDS
+from weights_convert.convert import convert
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = {"chunk_seconds": 8.0, "margin_seconds": 1.0, "batch_size": 3, "do_sample": False}
+CLI = ["--chunk-seconds", "8", "--margin-seconds", "1", "--batch-size", "3", "--greedy"]
+LENGTHS = (1.0, 9.5, 0.6, 2.5, 1.2)  # one longer than an 8 s chunk
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from tests.tiny_checkpoint import write_tiny_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("corpus")
+    write_tiny_hf_checkpoint(root / "hf", vocab_size=max(TINY_TOKEN_IDS.values()) + 1)
+    convert(root / "hf", root / "ckpt")
+    config = root / "ckpt" / "generation_config.json"
+    GenerationConfig.load(config).replace(max_new_tokens=3).save(config)
+    rng = np.random.default_rng(0)
+    names = []
+    for i, seconds in enumerate(LENGTHS):
+        name = f"clip{i}.{'flac' if i % 2 else 'wav'}"
+        soundfile.write(str(root / name), (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32),
+                        16000)
+        names.append(str(root / name))
+    (root / "broken.wav").write_bytes(b"RIFF not really a wav file")
+    lines = [*names[:3], str(root / "missing.wav"), *names[3:],
+             json.dumps({"audio": names[0], "id": "again", "prompt": "What is said?"}), str(root / "broken.wav")]
+    (root / "manifest.txt").write_text("\n".join(lines[:4]) + "\n\n" + "\n".join(lines[4:]) + "\n")
+    return root, af3.load(root / "ckpt")
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_read_manifest_paths_and_json_lines(tmp_path):
+    m = tmp_path / "m.txt"
+    m.write_text('a.wav\n\n{"audio": "b.flac", "prompt": "Say it.", "id": 7}\n  c.mp3  \n')
+    assert read_manifest(m) == [Item(0, "a.wav"), Item(1, "b.flac", "Say it.", "7"), Item(2, "c.mp3")]
+    for text, message in (('{"audio": "a.wav"', "line 1: not valid JSON"),
+                          ('{"path": "a.wav"}', 'line 1: a JSON line needs "audio"'),
+                          ('a.wav\n{"audio": "a.wav", "prompt": 3}', 'line 2: "prompt" must be a string'),
+                          ("\n\n", "the manifest lists no audio")):
+        m.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_manifest(m)
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        read_manifest(tmp_path / "nope.txt")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 3600), max_size=40), st.integers(1, 6))
+def test_shares_split_every_item_once_balanced_by_duration(seconds, n):
+    split = shares(seconds, n)
+    assert sorted(i for share in split for i in share) == list(range(len(seconds)))
+    totals = [sum(seconds[i] for i in share) for share in split]
+    assert max(totals) - min(totals) <= max(seconds, default=0) + 1e-6
+
+
+def test_corpus_output_in_manifest_order_with_failure_records(corpus, tmp_path):
+    root, m = corpus
+    out = tmp_path / "results.jsonl"
+    log = io.StringIO()
+    assert transcribe_corpus(m, root / "manifest.txt", out, log=log, **RUN) == 2  # missing + broken
+    items = read_manifest(root / "manifest.txt")
+    rows = records(out)
+    assert [r["index"] for r in rows] == list(range(len(items)))
+    assert [r["audio"] for r in rows] == [it.audio for it in items]
+    assert not list(tmp_path.glob("results.jsonl.part*"))  # merged, parts removed
+    for row, item in zip(rows, items):
+        if "missing" in item.audio:
+            assert row["error"].startswith("FileNotFoundError: audio file not found")
+        elif "broken" in item.audio:
+            assert row["error"].startswith("AudioError: ") and "could not decode audio" in row["error"]
+        else:  # the same text as transcribing the file on its own
+            assert row["text"] == m.transcribe(item.audio, item.prompt, chunk_seconds=8, margin_seconds=1,
+                                               do_sample=False)
+            assert row["segments"][-1]["end"] == pytest.approx(soundfile.info(item.audio).duration, abs=1e-3)
+    assert rows[-2]["id"] == "again" and rows[-2]["prompt"] == "What is said?" and rows[0]["id"] == items[0].audio
+    assert len(rows[1]["segments"]) == 2  # 9.5 s in chunks of at most 8 s
+    # Manifest-order batches give the same results.
+    out2 = tmp_path / "unsorted.jsonl"
+    assert transcribe_corpus(m, root / "manifest.txt", out2, sort=False, log=log, **RUN) == 2
+    assert out2.read_text() == out.read_text()
+
+
+def test_corpus_resumes_where_a_killed_run_stopped(corpus, tmp_path):
+    root, m = corpus
+    manifest = tmp_path / "m.txt"
+    manifest.write_text((root / "manifest.txt").read_text().replace(str(root / "missing.wav"),
+                                                                      str(tmp_path / "late.wav")))
+    full = tmp_path / "full.jsonl"
+    transcribe_corpus(m, manifest, full, log=io.StringIO(), **RUN)
+    out = tmp_path / "out.jsonl"
+
+    def killed(record):
+        if len(records(part_path(out, 0))) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt, match="^$"):  # raised bare by the hook
+        transcribe_corpus(m, manifest, out, log=io.StringIO(), after_record=killed, **RUN)
+    assert not out.exists() and len(records(part_path(out, 0))) == 3  # flushed as they finished
+    with open(part_path(out, 0), "a") as f:
+        f.write('{"index": 4, "audio": "half a li')  # a line cut off by the kill
+    log = io.StringIO()
+    assert transcribe_corpus(m, manifest, out, log=log, **RUN) == 2
+    assert "rank 0/1: 5 to do" in log.getvalue() and "(3 of 8 done before)" in log.getvalue()
+    assert out.read_text() == full.read_text()
+    # Failures are retried: once the missing file exists, a rerun transcribes only it (and the broken one).
+    soundfile.write(str(tmp_path / "late.wav"), np.zeros(8000, np.float32), 16000)
+    log = io.StringIO()
+    assert transcribe_corpus(m, manifest, out, log=log, **RUN) == 1
+    assert "2 to do" in log.getvalue()
+    rows = records(out)
+    assert "text" in rows[3] and [r for r in rows if "error" in r] == [records(full)[-1]]
+    assert [r for i, r in enumerate(rows) if i != 3] == [r for i, r in enumerate(records(full)) if i != 3]
+
+
+def test_corpus_refuses_outputs_it_would_clobber(corpus, tmp_path):
+    root, m = corpus
+    other = tmp_path / "notes.jsonl"
+    other.write_text("my own notes\n")
+    with pytest.raises(ValueError, match="not a JSON record; --output names an existing file"):
+        transcribe_corpus(m, root / "manifest.txt", other, log=io.StringIO(), **RUN)
+    assert other.read_text() == "my own notes\n"
+    with pytest.raises(ValueError, match="is the manifest itself"):
+        transcribe_corpus(m, root / "manifest.txt", root / "manifest.txt", log=io.StringIO(), **RUN)
+    with pytest.raises(ValueError, match="unknown generation argument"):
+        transcribe_corpus(m, root / "manifest.txt", tmp_path / "x.jsonl", log=io.StringIO(), temprature=0.5)
+
+
+CRASHING = """
+import os, runpy, sys
+import af3.corpus
+
+real = af3.corpus.transcribe_corpus
+
+def crash_on_rank_0(*args, **kwargs):
+    def after(record):
+        if os.environ["RANK"] == "0":
+            os._exit(3)  # killed after its first record is flushed
+    return real(*args, after_record=after, **kwargs)
+
+af3.corpus.transcribe_corpus = crash_on_rank_0
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *args], check=False, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes_equal_one_and_resume_after_a_killed_rank(corpus, tmp_path):
+    root, m = corpus
+    single = tmp_path / "single.jsonl"
+    transcribe_corpus(m, root / "manifest.txt", single, log=io.StringIO(), **RUN)
+    out = tmp_path / "out.jsonl"
+    wrapper = tmp_path / "crash.py"
+    wrapper.write_text(CRASHING)
+    cli = [str(REPO / "examples" / "transcribe.py"), "--manifest", str(root / "manifest.txt"), "--output", str(out),
+           "--checkpoint", str(root / "ckpt"), *CLI]
+    crashed = torchrun(str(wrapper), *cli)
+    assert crashed.returncode != 0 and not out.exists(), crashed.stderr[-3000:]
+    done_before = [r for p in tmp_path.glob("out.jsonl.part*") for r in records(p) if "error" not in r]
+    # Rank 0's share is the longest clip and the short good ones (it writes one record, a success, and
+    # dies); rank 1's the two bad files, each weighed as one chunk since their length is unknown.
+    assert len(records(Path(f"{out}.part0"))) == 1 and done_before, crashed.stderr[-3000:]
+    rerun = torchrun(*cli)
+    # Exit statuses: rank 0 exits with the failure count (2), which torchrun reports as a failure.
+    assert rerun.returncode != 0 and "2 recording(s) failed" in rerun.stderr, rerun.stderr[-3000:]
+    to_do = [int(line.split(": ")[1].split()[0]) for line in rerun.stderr.splitlines() if line.startswith("rank ")]
+    assert len(to_do) == 2 and sum(to_do) == 8 - len(done_before)  # only what was missing
+    assert f"({len(done_before)} of 8 done before)" in rerun.stderr
+    assert out.read_text() == single.read_text()
+    assert not list(tmp_path.glob("out.jsonl.part*"))
