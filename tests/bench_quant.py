@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from af3.config import AF3Config, AudioConfig, QuantConfig, TextConfig
-from af3.encoder import pooled_lengths
 from af3.model import AudioFlamingo3
 from af3.quant import quantize_model, weight_bytes
+from af3.windows import pooled_length
 
 GB = 10**9
 TINY = (AudioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
@@ -59,7 +59,7 @@ def prompt(model: AudioFlamingo3, seconds: float, seed: int) -> dict:
     n_mel = int(seconds * 100)
     mask = torch.zeros(1, 3000, dtype=torch.long)
     mask[:, :n_mel] = 1
-    frames = int(pooled_lengths(torch.tensor([n_mel])))
+    frames = int(pooled_length(torch.tensor([n_mel])))
     vocab = model.config.text.vocab_size - 1  # the last id is <sound>
     ids = torch.cat([torch.randint(0, vocab, (8,), generator=g),
                      torch.full((frames,), model.config.audio_token_id),
