@@ -89,41 +89,8 @@ def load_audio(source: AudioSource, sampling_rate: int | None = None, *,
         if 0 in source.shape:  # before _mono, whose mean over an empty axis would be NaN
             raise AudioError(f"{name}: the audio is empty (0 samples)")
         return _load_array(source, sampling_rate or SAMPLING_RATE, name, max_seconds)
-    if isinstance(source, (str, os.PathLike)):
-        text = os.fspath(source)
-        if isinstance(text, bytes):
-            raise TypeError(f"path must be str, not bytes: {text!r}")
-        match = _URL_SCHEME.match(text)
-        if match:
-            scheme = match.group(1).lower()
-            if scheme not in ("http", "https"):
-                raise AudioError(f"{text}: URL scheme {scheme!r} is not supported; use an http(s) URL "
-                                 "or a local path")
-            return _decode(io.BytesIO(_download(text, download_deadline)), text, sampling_rate, max_seconds)
-        if not os.path.exists(text):
-            raise FileNotFoundError(f"audio file not found: {text}")
-        if os.path.isdir(text):
-            raise AudioError(f"{text}: is a directory, not an audio file")
-        return _decode(text, text, sampling_rate, max_seconds)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        name = f"audio bytes ({len(data)} bytes)"
-        if len(data) < 4096 and b"\0" not in data and os.path.isfile(data):  # os.fsencode(path), most likely
-            raise TypeError(f"{name} hold the path {os.fsdecode(data)!r}, not audio; pass paths as str, "
-                            "bytes as encoded audio")
-        return _decode(io.BytesIO(data), name, sampling_rate, max_seconds)
-    if isinstance(source, io.TextIOBase):
-        raise TypeError(f"file object {getattr(source, 'name', source)!r} is open in text mode; "
-                        "open it with 'rb'")
-    if hasattr(source, "read"):
-        name = f"file object {getattr(source, 'name', type(source).__name__)!r}"
-        if getattr(source, "closed", False):
-            raise ValueError(f"{name} is closed; pass an open binary file")
-        if not (hasattr(source, "seekable") and source.seekable()):
-            source = io.BytesIO(_read_capped(source, name))  # soundfile needs to seek
-        return _decode(source, name, sampling_rate, max_seconds)
-    raise TypeError(f"unsupported audio source of type {type(source).__name__}: pass a path, an http(s) "
-                    "URL, bytes, a binary file object, a numpy array or a torch tensor")
+    file, name = _encoded_file(source, download_deadline)
+    return _decode(file, name, sampling_rate, max_seconds)
 
 
 def _check_rate(rate: Any) -> int:
@@ -300,9 +267,7 @@ def _decode(file: str | BinaryIO, name: str, sampling_rate: int | None,
     except soundfile.SoundFileError as e:
         if _is_empty(file):
             raise AudioError(f"{name}: empty file (0 bytes); there is no audio in it") from None
-        reason = getattr(e, "error_string", None) or str(e)  # without soundfile's "Error opening <obj>"
-        raise AudioError(f"{name}: could not decode audio ({reason.rstrip('.')}); soundfile reads wav, "
-                         "flac, ogg and mp3, among others") from None
+        raise _decode_error(name, e) from None
     if not blocks:
         raise AudioError(f"{name}: the audio is empty (0 samples)")
     samples = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
@@ -494,19 +459,20 @@ def audio_seconds(source: AudioSource, sampling_rate: int | None = None) -> floa
             file.seek(position)  # a caller's file object is read again later
 
 
-def _encoded_file(source: Any) -> tuple[str | BinaryIO, str]:
-    """(what soundfile opens, the name errors use) for a path, URL, bytes or binary file object."""
-    # The same checks as load_audio's, which decodes through the same resampled_blocks.
+def _encoded_file(source: Any, download_deadline: float = DOWNLOAD_DEADLINE_S) -> tuple[str | BinaryIO, str]:
+    """(what soundfile opens, the name errors use) for a path, URL, bytes or binary file object;
+    load_audio and iter_audio both take their encoded sources through here."""
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if isinstance(text, bytes):
             raise TypeError(f"path must be str, not bytes: {text!r}")
         match = _URL_SCHEME.match(text)
         if match:
-            if match.group(1).lower() not in ("http", "https"):
-                raise AudioError(f"{text}: URL scheme {match.group(1).lower()!r} is not supported; use an "
-                                 "http(s) URL or a local path")
-            return io.BytesIO(_download(text)), text
+            scheme = match.group(1).lower()
+            if scheme not in ("http", "https"):
+                raise AudioError(f"{text}: URL scheme {scheme!r} is not supported; use an http(s) URL "
+                                 "or a local path")
+            return io.BytesIO(_download(text, download_deadline)), text
         if not os.path.exists(text):
             raise FileNotFoundError(f"audio file not found: {text}")
         if os.path.isdir(text):
@@ -514,22 +480,27 @@ def _encoded_file(source: Any) -> tuple[str | BinaryIO, str]:
         return text, text
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        return io.BytesIO(data), f"audio bytes ({len(data)} bytes)"
+        name = f"audio bytes ({len(data)} bytes)"
+        if len(data) < 4096 and b"\0" not in data and os.path.isfile(data):  # os.fsencode(path), most likely
+            raise TypeError(f"{name} hold the path {os.fsdecode(data)!r}, not audio; pass paths as str, "
+                            "bytes as encoded audio")
+        return io.BytesIO(data), name
     if isinstance(source, io.TextIOBase):
-        raise TypeError(f"file object {getattr(source, 'name', source)!r} is open in text mode; open it with 'rb'")
+        raise TypeError(f"file object {getattr(source, 'name', source)!r} is open in text mode; "
+                        "open it with 'rb'")
     if hasattr(source, "read"):
         name = f"file object {getattr(source, 'name', type(source).__name__)!r}"
         if getattr(source, "closed", False):
             raise ValueError(f"{name} is closed; pass an open binary file")
         if not (hasattr(source, "seekable") and source.seekable()):
-            source = io.BytesIO(_read_capped(source, name))
+            source = io.BytesIO(_read_capped(source, name))  # soundfile needs to seek
         return source, name
     raise TypeError(f"unsupported audio source of type {type(source).__name__}: pass a path, an http(s) "
                     "URL, bytes, a binary file object, a numpy array or a torch tensor")
 
 
 def _decode_error(name: str, e: soundfile.SoundFileError) -> AudioError:
-    reason = getattr(e, "error_string", None) or str(e)
+    reason = getattr(e, "error_string", None) or str(e)  # without soundfile's "Error opening <obj>"
     return AudioError(f"{name}: could not decode audio ({reason.rstrip('.')}); soundfile reads wav, "
                       "flac, ogg and mp3, among others")
 
