@@ -27,18 +27,8 @@ from tests.tiny_tokenizer import (
     TINY_VOCAB_SIZE,
     write_tiny_tokenizer,
 )
-
-# The chat template nvidia/audio-flamingo-3-hf ships (its chat_template.jinja), as test data: the
-# processor that transformers saves needs one. tests/test_convert.py checks it against ../shared.
-AF3_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}{% for m in messages if m['content'] is not none %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% set audio = namespace(found=False) %}"
-    "{% set text_buf = namespace(v='') %}{% for c in m['content'] %}"
-    "{% if c.get('type') == 'audio' or 'audio' in c %}{% set audio.found = True %}"
-    "{% elif c.get('type') == 'text' or 'text' in c %}{% set text_buf.v = text_buf.v + c['text'] %}"
-    "{% endif %}{% endfor %}{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from weights_convert.hf_files import (
+    AF3_CHAT_TEMPLATE,  # what nvidia/audio-flamingo-3-hf ships
 )
 
 TINY_AUDIO = {"num_mel_bins": 128, "d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 4,
