@@ -34,16 +34,10 @@ GREEDY = {"do_sample": False, "max_new_tokens": NEW_TOKENS}
 
 
 def build(root: Path) -> None:
-    from af3.generation import GenerationConfig
-    from tests.tiny_checkpoint import write_tiny_hf_checkpoint
-    from tests.tiny_tokenizer import TINY_TOKEN_IDS
-    from weights_convert.convert import convert
+    from tests.tiny_checkpoint import write_tiny_af3_checkpoint
 
     # 4096 positions: a 60 s clip is 1500 audio tokens in HF's single prompt.
-    write_tiny_hf_checkpoint(root / "hf", vocab_size=max(TINY_TOKEN_IDS.values()) + 1, max_position_embeddings=4096)
-    convert(root / "hf", root / "ckpt")
-    config = root / "ckpt" / "generation_config.json"
-    GenerationConfig.load(config).replace(max_new_tokens=NEW_TOKENS).save(config)
+    write_tiny_af3_checkpoint(root, max_new_tokens=NEW_TOKENS, max_position_embeddings=4096)
 
 
 def bench_corpus(root: Path) -> None:

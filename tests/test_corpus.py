@@ -18,9 +18,6 @@ from hypothesis import strategies as st
 
 import af3
 from af3.corpus import Item, part_path, read_manifest, shares, transcribe_corpus
-from af3.generation import GenerationConfig
-from tests.tiny_tokenizer import TINY_TOKEN_IDS
-from weights_convert.convert import convert
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = {"chunk_seconds": 8.0, "margin_seconds": 1.0, "batch_size": 3, "do_sample": False}
@@ -30,13 +27,10 @@ LENGTHS = (1.0, 9.5, 0.6, 2.5, 1.2)  # one longer than an 8 s chunk
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from tests.tiny_checkpoint import write_tiny_hf_checkpoint
+    from tests.tiny_checkpoint import write_tiny_af3_checkpoint
 
     root = tmp_path_factory.mktemp("corpus")
-    write_tiny_hf_checkpoint(root / "hf", vocab_size=max(TINY_TOKEN_IDS.values()) + 1)
-    convert(root / "hf", root / "ckpt")
-    config = root / "ckpt" / "generation_config.json"
-    GenerationConfig.load(config).replace(max_new_tokens=3).save(config)
+    write_tiny_af3_checkpoint(root, max_new_tokens=3)
     rng = np.random.default_rng(0)
     names = []
     for i, seconds in enumerate(LENGTHS):

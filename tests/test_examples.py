@@ -13,10 +13,6 @@ import numpy as np
 import pytest
 import soundfile
 
-from af3.generation import GenerationConfig
-from tests.tiny_tokenizer import TINY_TOKEN_IDS
-from weights_convert.convert import convert
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -29,13 +25,10 @@ def example(name: str):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from tests.tiny_checkpoint import write_tiny_hf_checkpoint
+    from tests.tiny_checkpoint import write_tiny_af3_checkpoint
 
     root = tmp_path_factory.mktemp("examples")
-    write_tiny_hf_checkpoint(root / "hf", vocab_size=max(TINY_TOKEN_IDS.values()) + 1)
-    convert(root / "hf", root / "ckpt")
-    config = root / "ckpt" / "generation_config.json"
-    GenerationConfig.load(config).replace(max_new_tokens=6).save(config)
+    write_tiny_af3_checkpoint(root, max_new_tokens=6)
     rng = np.random.default_rng(0)
     for name, seconds in (("a.wav", 1.5), ("b.flac", 0.7)):
         soundfile.write(str(root / name), (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32),

@@ -24,6 +24,7 @@ from tests.tiny_tokenizer import (
     TINY_AUDIO_TOKEN_ID,
     TINY_EOS_TOKEN_ID,
     TINY_PAD_TOKEN_ID,
+    TINY_TOKEN_IDS,
     TINY_VOCAB_SIZE,
     write_tiny_tokenizer,
 )
@@ -188,3 +189,18 @@ def write_tiny_nvidia_checkpoint(directory: str | Path, hf_checkpoint: str | Pat
     # NVIDIA's top-level config.json is a VILA one; weights_convert reads the part folders only.
     (directory / "config.json").write_text(json.dumps({"model_type": "llava_llama"}))
     return directory
+
+
+def write_tiny_af3_checkpoint(root: str | Path, *, max_new_tokens: int, **hf_kwargs) -> Path:
+    """A tiny HF checkpoint at root/hf, converted to root/ckpt with weights_convert, its default
+    `max_new_tokens` capped (random weights rarely say eos); embedding rows = tokenizer ids, so
+    every generated id decodes. Returns root/ckpt."""
+    from af3.generation import GenerationConfig
+    from weights_convert.convert import convert
+
+    root = Path(root)
+    write_tiny_hf_checkpoint(root / "hf", vocab_size=max(TINY_TOKEN_IDS.values()) + 1, **hf_kwargs)
+    convert(root / "hf", root / "ckpt")
+    config = root / "ckpt" / "generation_config.json"
+    GenerationConfig.load(config).replace(max_new_tokens=max_new_tokens).save(config)
+    return root / "ckpt"
