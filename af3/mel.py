@@ -5,6 +5,8 @@ zero-pad to 30 s; centred STFT (reflect padding, periodic Hann, n_fft 400, hop 1
 dropped -> 3000 frames; power spectrum through a slaney mel filterbank (0-8 kHz, float64-built);
 log10(max(mel, 1e-10)); floor at (window max - 8); (x + 4) / 4.
 The mask marks the first ceil(n_samples_in_window / 160) frames of each window as real audio.
+Frames that see only the zero padding of a short window are not computed but filled in with the
+value they would get (a 5 s window costs about a sixth of a full one).
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class _Workspace:
     frames: torch.Tensor  # (k, n_frames, n_fft) float32, Hann-windowed
     spectrum: torch.Tensor  # (k, n_frames, n_freqs) complex64
     power: torch.Tensor  # (k, n_frames, n_freqs) float32
+    mel: torch.Tensor  # (k * n_mels * n_frames,) float32, viewed as (k, n_mels, live frames)
 
     @classmethod
     def create(cls, k: int, frontend: FrontendConfig, device: torch.device) -> _Workspace:
@@ -117,7 +120,20 @@ class _Workspace:
         return cls(torch.empty(k, frontend.n_samples + n_fft, dtype=torch.float32, device=device),
                    torch.empty(k, n_frames, n_fft, dtype=torch.float32, device=device),
                    torch.empty(k, n_frames, n_freqs, dtype=torch.complex64, device=device),
-                   torch.empty(k, n_frames, n_freqs, dtype=torch.float32, device=device))
+                   torch.empty(k, n_frames, n_freqs, dtype=torch.float32, device=device),
+                   torch.empty(k * frontend.num_mel_bins * n_frames, dtype=torch.float32, device=device))
+
+
+def _live_frames(n: int, frontend: FrontendConfig) -> int:
+    """How many leading frames of a window holding `n` samples see one of them; every later frame
+    sees zero padding only.
+
+    Frame t covers padded samples [t * hop, t * hop + n_fft), the real ones sit at [pad, pad + n):
+    frames t < ceil((pad + n) / hop) see one. When the right reflect padding mirrors real samples
+    (n >= n_samples - pad), that is already every frame.
+    """
+    pad, hop = frontend.n_fft // 2, frontend.hop_length
+    return min(frontend.n_frames, -(-(pad + n) // hop))
 
 
 def _log_mel(windows: list[torch.Tensor], frontend: FrontendConfig, work: _Workspace,
@@ -134,22 +150,29 @@ def _log_mel(windows: list[torch.Tensor], frontend: FrontendConfig, work: _Works
     padded[:, :pad] = padded[:, pad + 1: 2 * pad + 1].flip(-1)
     padded[:, pad + n_samples:] = padded[:, n_samples - 1: n_samples + pad - 1].flip(-1)
     # Frame t starts at sample t * hop; only the first n_frames: Whisper drops the STFT's last frame.
-    frames = padded.unfold(-1, n_fft, frontend.hop_length)[:, : frontend.n_frames]  # (k, n_frames, n_fft)
-    torch.mul(frames, _hann(n_fft, device), out=work.frames[:k])
-    spectrum = torch.fft.rfft(work.frames[:k], out=work.spectrum[:k])  # (k, n_frames, n_freqs)
-    parts = torch.view_as_real(spectrum)  # (k, n_frames, n_freqs, 2)
-    power = torch.mul(parts[..., 0], parts[..., 0], out=work.power[:k])
+    # Frames from `live` on hold only zero padding: no power, so they skip the STFT and the filterbank.
+    live = _live_frames(max(w.shape[0] for w in windows), frontend)
+    frames = padded.unfold(-1, n_fft, frontend.hop_length)[:, :live]  # (k, live, n_fft)
+    torch.mul(frames, _hann(n_fft, device), out=work.frames[:k, :live])
+    spectrum = torch.fft.rfft(work.frames[:k, :live], out=work.spectrum[:k, :live])  # (k, live, n_freqs)
+    parts = torch.view_as_real(spectrum)  # (k, live, n_freqs, 2)
+    power = torch.mul(parts[..., 0], parts[..., 0], out=work.power[:k, :live])
     power.addcmul_(parts[..., 1], parts[..., 1])  # |X|^2 without the sqrt of .abs()
 
-    power_t = power.transpose(1, 2)  # (k, n_freqs, n_frames)
-    for band in _mel_bands(n_fft, frontend.num_mel_bins, frontend.sampling_rate, device):
-        # (bands, rows) @ (k, rows, n_frames) -> (k, bands, n_frames)
-        torch.matmul(band.weights, power_t[:, band.lo: band.hi], out=out[:, band.first: band.last])
+    power_t = power.transpose(1, 2)  # (k, n_freqs, live)
+    n_mels = frontend.num_mel_bins
+    mel = work.mel[: k * n_mels * live].view(k, n_mels, live)  # contiguous, whatever `live` is
+    for band in _mel_bands(n_fft, n_mels, frontend.sampling_rate, device):
+        # (bands, rows) @ (k, rows, live) -> (k, bands, live)
+        torch.matmul(band.weights, power_t[:, band.lo: band.hi], out=mel[:, band.first: band.last])
 
-    log_spec = out.clamp_(min=1e-10).log10_()
+    log_spec = mel.clamp_(min=1e-10).log10_()  # (k, n_mels, live)
     # Dynamic range: 80 dB below each window's own maximum.
     peak = log_spec.amax(dim=(1, 2), keepdim=True)  # (k, 1, 1)
-    torch.maximum(log_spec, peak - 8.0, out=log_spec).add_(4.0).div_(4.0)
+    if live < frontend.n_frames:
+        # The zero frames are log10(1e-10) = -10 (the floor), at or below every peak; raised as the rest.
+        out[:, :, live:] = torch.clamp(peak - 8.0, min=-10.0).add_(4.0).div_(4.0)
+    torch.maximum(log_spec, peak - 8.0, out=out[:, :, :live]).add_(4.0).div_(4.0)
 
 
 def log_mel_spectrogram(windows: list[torch.Tensor],

@@ -11,6 +11,7 @@ import torch
 import torchaudio
 import transformers
 
+import af3.mel
 from af3.config import FrontendConfig
 from af3.mel import MASK_DTYPE, extract_features, log_mel_spectrogram, mel_filters
 from af3.windows import audio_token_count
@@ -86,6 +87,30 @@ def test_silence_and_float64(hf_extractor) -> None:
     feat, _ = log_mel_spectrogram([torch.from_numpy(w).double() for w in windows], FrontendConfig())
     assert torch.all(feat[0] == -1.5)  # log10(1e-10) = -10 everywhere, (-10 + 4) / 4
     assert (feat - ref_feat).abs().max().item() <= 1e-4
+
+
+# Around the frame boundaries (every 160 samples, shifted by the 200 samples of reflect padding),
+# and around the length from which the right reflect padding mirrors real samples (479 800).
+SKIPPED_FRAME_LENGTHS = [1, 2, 159, 160, 161, 199, 200, 201, 239, 240, 241, 359, 360, 361, 16_000, 16_039,
+                         16_040, 16_041, 123_457, 479_598, 479_599, 479_600, 479_601, 479_799, 479_800]
+
+
+@pytest.mark.parametrize("make", [speech_like, tone])
+def test_frames_of_padding_only_are_exact(make, monkeypatch) -> None:
+    # A window of n samples is computed only over the frames that see one of them, the rest filled
+    # in; the same samples zero-padded to a full window (every frame computed) must give the same.
+    frontend = FrontendConfig()
+    for seed, n in enumerate(SKIPPED_FRAME_LENGTHS):
+        w = torch.from_numpy(make(n, seed))
+        full = torch.cat([w, w.new_zeros(frontend.n_samples - n)])
+        (short, full), _ = log_mel_spectrogram([w, full], frontend)
+        assert (short - full).abs().max().item() <= 1e-6, n
+    # Windows of different lengths in one pass (how a GPU runs them): each keeps its own maximum.
+    monkeypatch.setattr(af3.mel, "_CPU_WINDOWS_PER_PASS", 2)
+    windows = [torch.from_numpy(make(n, seed) * gain) for seed, (n, gain) in enumerate([(200, 1.0), (16_041, 0.001)])]
+    batched, _ = log_mel_spectrogram(windows, frontend)
+    alone = torch.cat([log_mel_spectrogram([w], frontend)[0] for w in windows])
+    assert (batched - alone).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("n_fft, n_mels, sr", [(400, 128, 16_000), (400, 80, 16_000), (512, 64, 22_050)])
