@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import af3.encoder
 from af3.model import AudioFlamingo3
 from tests.model_helpers import TINY_AUDIO_ID, hf_to_af3_model, tiny_hf_model
 
@@ -99,6 +100,21 @@ def test_parity_with_transformers(pair, batch) -> None:
     assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * max(1.0, ref.loss.item())
 
 
+def test_encoder_masked_batch_equals_windows_alone(pair, batch, monkeypatch) -> None:
+    # The CPU runs windows of different lengths one at a time; other devices run them as one batch
+    # with padded keys masked. Both must give transformers' valid frames (here both on the CPU).
+    hf, ours = pair
+    features, mask = batch["input_features"], batch["input_features_mask"]
+    with torch.no_grad():
+        ref = hf.get_audio_features(features, mask).pooler_output
+        alone = ours.get_audio_features(features, mask)
+        monkeypatch.setattr(af3.encoder, "_CPU_WINDOWS_ALONE", False)
+        masked = ours.get_audio_features(features, mask)
+    assert_close_scaled(alone, ref)
+    assert_close_scaled(masked, ref)
+    assert_close_scaled(masked, alone, 1e-5)
+
+
 def test_math_attention_matches_sdpa(batch) -> None:
     ours = hf_to_af3_model(tiny_hf_model(num_key_value_heads=1))
     with torch.no_grad():
@@ -117,9 +133,10 @@ def test_right_padding_short_or_full_windows_and_text_only_parity(pair) -> None:
     hf, ours = pair
     ids = torch.randint(0, 150, (2, 7))
     with torch.no_grad():
-        # Short windows only: the encoder works on the longest valid length, not all 1500 positions.
+        # Short windows only: the encoder works on the longest valid length, not all 1500 positions
+        # (999 frames: 500 positions, the last of which sees mel frame 1000, a padding frame).
         # Full windows only: no key mask at all.
-        for windows in ([[1201, 40], [64]], [[3000]]):
+        for windows in ([[1201, 40], [64]], [[999, 40]], [[3000]]):
             b = make_batch(windows, padding_side="right", seed=3)
             real = b["attention_mask"].bool()
             assert_close_scaled(ours(**b).logits[real], hf(**b).logits[real])
