@@ -67,7 +67,7 @@ class EncoderLayer(nn.Module):
 
 # On the CPU, windows of different lengths run one at a time, each over its own valid positions:
 # no attention over padding and no mask. On a corpus's length-sorted batches of 8 (1-60 s clips,
-# tiny model) that measured 18% less encoder time than one masked batch. Elsewhere the windows
+# tiny model) that measured 15-18% less encoder time than one masked batch. Elsewhere the windows
 # run as one batch (padded keys masked), which keeps an accelerator busy with fewer launches.
 _CPU_WINDOWS_ALONE = True
 
