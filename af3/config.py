@@ -1,6 +1,8 @@
-"""Model dimensions: one flat dataclass per part, read from an HF `config.json`, saved as ours.
+"""Model dimensions: one flat dataclass per part, checked, saved beside the weights as af3's own
+versioned config.json and read back from it.
 
-Field names follow the HF `config.json` names so that a reader can map one onto the other.
+Field names follow the HF `config.json` names so that a reader can map one onto the other;
+reading an HF config.json is the converter's job (weights_convert/hf_config.py).
 """
 
 from __future__ import annotations
@@ -32,26 +34,21 @@ class ConfigError(ValueError):
     """A config value is missing, malformed or inconsistent."""
 
 
-def _require(d: dict, key: str, where: str, aliases: tuple[str, ...] = ()) -> Any:
+def require(d: dict, key: str, where: str, aliases: tuple[str, ...] = ()) -> Any:
+    """d[key] (or the first of `aliases` present), not None; else a ConfigError naming them."""
     for k in (key, *aliases):
-        if k in d and d[k] is not None:
+        if d.get(k) is not None:
             return d[k]
     names = " / ".join(repr(k) for k in (key, *aliases))
     raise ConfigError(f"{where}: required key {names} is missing")
 
 
-def _require_dict(d: dict, key: str, where: str) -> dict:
-    sub = _require(d, key, where)
+def require_dict(d: dict, key: str, where: str) -> dict:
+    """d[key], which must be a JSON object."""
+    sub = require(d, key, where)
     if not isinstance(sub, dict):
         raise ConfigError(f"{where}: {key!r} must be an object, got {type(sub).__name__} {sub!r}")
     return sub
-
-
-def _optional(d: dict, key: str, default: Any, aliases: tuple[str, ...] = ()) -> Any:
-    for k in (key, *aliases):
-        if k in d and d[k] is not None:
-            return d[k]
-    return default
 
 
 @dataclass
@@ -81,21 +78,6 @@ class AudioConfig:
         if self.activation_function != "gelu":
             raise ConfigError(f"audio: activation_function {self.activation_function!r} is not "
                               "supported (AF3 uses 'gelu')")
-
-    @classmethod
-    def from_hf(cls, d: dict) -> AudioConfig:
-        w = "audio_config"
-        return cls(
-            num_mel_bins=_require(d, "num_mel_bins", w),
-            hidden_size=_require(d, "hidden_size", w, ("d_model",)),
-            num_hidden_layers=_require(d, "num_hidden_layers", w, ("encoder_layers",)),
-            num_attention_heads=_require(d, "num_attention_heads", w, ("encoder_attention_heads",)),
-            intermediate_size=_require(d, "intermediate_size", w, ("encoder_ffn_dim",)),
-            max_source_positions=_optional(d, "max_source_positions", 1500),
-            activation_function=_optional(d, "activation_function", "gelu"),
-            scale_embedding=bool(_optional(d, "scale_embedding", False)),
-        )
-
 
 @dataclass
 class TextConfig:
@@ -134,38 +116,6 @@ class TextConfig:
             raise ConfigError(f"text: hidden_act {self.hidden_act!r} is not supported (Qwen2 uses 'silu')")
         self.n_rep = self.num_attention_heads // self.num_key_value_heads
 
-    @classmethod
-    def from_hf(cls, d: dict) -> TextConfig:
-        w = "text_config"
-        if d.get("use_sliding_window"):
-            raise ConfigError(f"{w}: use_sliding_window=true is not supported (AF3 does not use it)")
-        # Older files put rope_theta at the top level, newer ones inside rope_parameters.
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise ConfigError(f"{w}: rope_parameters / rope_scaling must be an object, got {rope!r}")
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ConfigError(f"{w}: rope type {rope.get('rope_type', rope.get('type'))!r} is not "
-                              "supported (AF3 uses plain RoPE)")
-        theta = rope.get("rope_theta", d.get("rope_theta"))
-        if theta is None:
-            raise ConfigError(f"{w}: required key 'rope_theta' (or rope_parameters.rope_theta) is missing")
-        n_heads = _require(d, "num_attention_heads", w)
-        return cls(
-            vocab_size=_require(d, "vocab_size", w),
-            hidden_size=_require(d, "hidden_size", w),
-            intermediate_size=_require(d, "intermediate_size", w),
-            num_hidden_layers=_require(d, "num_hidden_layers", w),
-            num_attention_heads=n_heads,
-            num_key_value_heads=_optional(d, "num_key_value_heads", n_heads),
-            max_position_embeddings=_require(d, "max_position_embeddings", w),
-            rms_norm_eps=_require(d, "rms_norm_eps", w),
-            rope_theta=theta,
-            tie_word_embeddings=bool(_optional(d, "tie_word_embeddings", False)),
-            hidden_act=_optional(d, "hidden_act", "silu"),
-            head_dim=_optional(d, "head_dim", 0),
-        )
-
-
 @dataclass
 class FrontendConfig:
     """The log-mel frontend and the windowing of long audio."""
@@ -193,32 +143,6 @@ class FrontendConfig:
     @property
     def max_samples(self) -> int:
         return self.max_windows * self.n_samples
-
-    @classmethod
-    def from_hf(cls, d: dict, max_audio_len: float | None = None) -> FrontendConfig:
-        """From a `preprocessor_config.json` (or the `feature_extractor` part of a processor config)."""
-        w = "feature extractor"
-        if not isinstance(d, dict):
-            raise ConfigError(f"{w}: settings must be an object, got {type(d).__name__} {d!r}")
-        chunk = _optional(d, "chunk_length", 30)
-        if not is_int(chunk) or chunk <= 0:
-            raise ConfigError(f"{w}: chunk_length must be a positive integer (seconds), got {chunk!r}")
-        if max_audio_len is None:
-            max_windows = 20
-        elif not _is_number(max_audio_len) or max_audio_len < chunk:
-            raise ConfigError(f"{w}: max_audio_len must be a number of seconds of at least one "
-                              f"{chunk} s window, got {max_audio_len!r}")
-        else:
-            max_windows = int(max_audio_len // chunk)
-        return cls(
-            sampling_rate=_optional(d, "sampling_rate", 16000),
-            n_fft=_optional(d, "n_fft", 400),
-            hop_length=_optional(d, "hop_length", 160),
-            num_mel_bins=_optional(d, "feature_size", 128, ("num_mel_bins",)),
-            chunk_length=chunk,
-            max_windows=max_windows,
-        )
-
 
 # Per 30 s window, the frontend allocates the window's samples, its STFT and the mel filter bank
 # (AF3: 1.9 MB, 3.9 MB, 0.1 MB); a config asking for more than this is refused, not allocated.
@@ -303,37 +227,6 @@ class AF3Config:
                               f"{math.ceil(self.frontend.n_frames / 2)} encoder positions but "
                               f"max_source_positions is {self.audio.max_source_positions}")
 
-    # ---- HF config.json ---------------------------------------------------------------------
-
-    @classmethod
-    def from_hf(cls, config: dict, preprocessor: dict | None = None) -> AF3Config:
-        """From an HF `config.json` dict and, when present, the feature-extractor settings."""
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict, got {type(config).__name__}")
-        audio = _require_dict(config, "audio_config", "config.json")
-        text = _require_dict(config, "text_config", "config.json")
-        pre = preprocessor or {}
-        if not isinstance(pre, dict):
-            raise TypeError(f"preprocessor must be a dict, got {type(pre).__name__}")
-        if "feature_extractor" in pre:  # processor_config.json nests it
-            max_len = pre.get("max_audio_len")
-            pre = pre["feature_extractor"]
-        else:
-            max_len = pre.get("max_audio_len")
-        dtype = _optional(config, "dtype", None, ("torch_dtype",))
-        dtype = _optional(text, "dtype", "bfloat16", ("torch_dtype",)) if dtype is None else dtype
-        return cls(
-            audio=AudioConfig.from_hf(audio),
-            text=TextConfig.from_hf(text),
-            frontend=FrontendConfig.from_hf(pre, max_len),
-            audio_token_id=_optional(config, "audio_token_id", 151669, ("audio_token_index",)),
-            projector_hidden_act=_optional(config, "projector_hidden_act", "gelu"),
-            projector_bias=bool(_optional(config, "projector_bias", True)),
-            dtype=str(dtype).replace("torch.", ""),
-        )
-
-    # ---- our own JSON -----------------------------------------------------------------------
-
     def to_dict(self) -> dict:
         def part(obj: Any) -> dict:
             return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
@@ -368,7 +261,7 @@ class AF3Config:
                               f"(expects {FORMAT_VERSION}){hint}")
 
         def part(klass: type, key: str) -> Any:
-            sub = _require_dict(d, key, "config")
+            sub = require_dict(d, key, "config")
             known = {f.name for f in dataclasses.fields(klass) if f.init}
             unknown = sorted(set(sub) - known)
             if unknown:
@@ -384,10 +277,10 @@ class AF3Config:
             audio=part(AudioConfig, "audio"),
             text=part(TextConfig, "text"),
             frontend=part(FrontendConfig, "frontend"),
-            audio_token_id=_require(d, "audio_token_id", "config"),
-            projector_hidden_act=_require(d, "projector_hidden_act", "config"),
-            projector_bias=_require(d, "projector_bias", "config"),
-            dtype=_require(d, "dtype", "config"),
+            audio_token_id=require(d, "audio_token_id", "config"),
+            projector_hidden_act=require(d, "projector_hidden_act", "config"),
+            projector_bias=require(d, "projector_bias", "config"),
+            dtype=require(d, "dtype", "config"),
             quantization=_quantization(d.get("quantization")),
         )
 
@@ -429,11 +322,12 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A finite int or float, and not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-_KINDS = {"int": (is_int, "an integer"), "float": (_is_number, "a finite number"),
+_KINDS = {"int": (is_int, "an integer"), "float": (is_number, "a finite number"),
           "bool": (lambda v: isinstance(v, bool), "true or false"),
           "str": (lambda v: isinstance(v, str), "a string")}
 

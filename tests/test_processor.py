@@ -28,6 +28,7 @@ from af3.processor import (
 from af3.tokenizer import Tokenizer
 from af3.windows import audio_token_count
 from tests.tiny_tokenizer import write_tiny_tokenizer
+from weights_convert.hf_config import frontend_config
 
 SR = 16_000
 FRONTEND = FrontendConfig()
@@ -468,7 +469,7 @@ def hf(hf_dir):
 @pytest.fixture(scope="module")
 def ours(hf_dir):
     config = json.loads((hf_dir / "preprocessor_config.json").read_text())
-    return Processor(Tokenizer.from_file(hf_dir / "tokenizer.json"), FrontendConfig.from_hf(config))
+    return Processor(Tokenizer.from_file(hf_dir / "tokenizer.json"), frontend_config(config))
 
 
 def assert_same(ours_out, hf_out):

@@ -36,6 +36,7 @@ from af3.jsonfile import read_json_file
 from af3.limits import check_layer_counts
 from af3.progress import format_size
 from weights_convert import hf_files
+from weights_convert.hf_config import config_from_hf
 from weights_convert.layouts import Source, open_source, read_json
 from weights_convert.lora import LoraAdapter
 from weights_convert.names import hf_to_af3
@@ -96,7 +97,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
         if source.kind == "af3":
             config = AF3Config.from_dict(source.config)
         else:
-            config = AF3Config.from_hf(source.config, source.preprocessor)
+            config = config_from_hf(source.config, source.preprocessor)
     except ConfigError as e:
         raise ConfigError(f"{src} ({source.kind} layout), its config: {e}") from None
     if config.quantization is not None:

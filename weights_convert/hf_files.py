@@ -3,7 +3,7 @@
 `save_pretrained` of `AudioFlamingo3ForConditionalGeneration` and `AudioFlamingo3Processor`
 writes config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
 processor_config.json (the WhisperFeatureExtractor's settings nested in it) and
-chat_template.jinja. Every field there is either read (config.py, generation.py, tokenizer.py),
+chat_template.jinja. Every field there is either read (hf_config.py, af3/generation.py, af3/tokenizer.py),
 known not to change af3's numbers (bookkeeping such as `transformers_version`, dropout that
 only acts in training), or refused here by name when it holds a value af3 would not honour.
 """
