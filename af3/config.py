@@ -15,6 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from af3.frontend import (
+    CHUNK_LENGTH,
+    HOP_LENGTH,
+    MAX_WINDOWS,
+    N_FFT,
+    N_FRAMES,
+    N_MELS,
+    SAMPLING_RATE,
+)
 from af3.jsonfile import parse_json
 
 # The dtypes a checkpoint is saved and run in, by torch's names; short forms af3.load also takes.
@@ -22,7 +31,15 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPE_SHORT_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 FORMAT = "af3"  # the "format" key of our config.json: what tells it apart from an HF one
-FORMAT_VERSION = 1  # bump when the JSON we write changes incompatibly
+FORMAT_VERSION = 2  # bump when the JSON we write changes incompatibly
+# Version 1 also stored the audio frontend's settings ("frontend"), which never could vary: version 1
+# files are read, their "frontend" checked to be af3.frontend's constants (FRONTEND_V1).
+READ_VERSIONS = (1, 2)
+FRONTEND_V1 = {"sampling_rate": SAMPLING_RATE, "n_fft": N_FFT, "hop_length": HOP_LENGTH,
+               "chunk_length": CHUNK_LENGTH, "max_windows": MAX_WINDOWS}  # and num_mel_bins = audio's
+# The mel filter bank, (N_FFT // 2 + 1, num_mel_bins) float64, is built before any audio is seen
+# (AF3's: 0.2 MB): a num_mel_bins asking for more than this is refused, not allocated.
+MAX_MEL_FILTER_BYTES = 2**30
 
 
 def is_af3_config(d: Any) -> bool:
@@ -55,12 +72,12 @@ def require_dict(d: dict, key: str, where: str) -> dict:
 class AudioConfig:
     """The Whisper-style audio encoder."""
 
-    num_mel_bins: int = 128
+    num_mel_bins: int = N_MELS
     hidden_size: int = 1280  # HF: d_model
     num_hidden_layers: int = 32  # HF: encoder_layers
     num_attention_heads: int = 20  # HF: encoder_attention_heads
     intermediate_size: int = 5120  # HF: encoder_ffn_dim
-    max_source_positions: int = 1500  # positions after conv2 (stride 2): 3000 mel frames / 2
+    max_source_positions: int = N_FRAMES // 2  # positions after conv2 (stride 2): 1500, fixed by the frontend
     activation_function: str = "gelu"
     scale_embedding: bool = False
     layer_norm_eps: float = 1e-5
@@ -75,6 +92,13 @@ class AudioConfig:
             raise ConfigError(f"audio: hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
         self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.max_source_positions != N_FRAMES // 2:
+            raise ConfigError(f"audio: a {CHUNK_LENGTH} s window gives {N_FRAMES // 2} encoder positions but "
+                              f"max_source_positions is {self.max_source_positions}")
+        filter_bytes = (N_FFT // 2 + 1) * self.num_mel_bins * 8
+        if filter_bytes > MAX_MEL_FILTER_BYTES:
+            raise ConfigError(f"audio: num_mel_bins {self.num_mel_bins:,} (the mel filter bank) would take "
+                              f"{filter_bytes:,} bytes (at most {MAX_MEL_FILTER_BYTES:,} are accepted)")
         if self.activation_function != "gelu":
             raise ConfigError(f"audio: activation_function {self.activation_function!r} is not "
                               "supported (AF3 uses 'gelu')")
@@ -116,53 +140,6 @@ class TextConfig:
             raise ConfigError(f"text: hidden_act {self.hidden_act!r} is not supported (Qwen2 uses 'silu')")
         self.n_rep = self.num_attention_heads // self.num_key_value_heads
 
-@dataclass
-class FrontendConfig:
-    """The log-mel frontend and the windowing of long audio."""
-
-    sampling_rate: int = 16000
-    n_fft: int = 400
-    hop_length: int = 160
-    num_mel_bins: int = 128  # HF: feature_size
-    chunk_length: int = 30  # seconds per window
-    max_windows: int = 20  # 20 x 30 s = 10 minutes
-    n_samples: int = field(init=False)  # samples per window: 480 000
-    n_frames: int = field(init=False)  # mel frames per window: 3000
-
-    def __post_init__(self) -> None:
-        _check_types(self)
-        _positive(self, "sampling_rate", "n_fft", "hop_length", "num_mel_bins", "chunk_length",
-                  "max_windows")
-        self.n_samples = self.chunk_length * self.sampling_rate
-        if self.n_samples % self.hop_length:
-            raise ConfigError(f"frontend: window of {self.n_samples} samples is not a multiple of "
-                              f"hop_length {self.hop_length}")
-        self.n_frames = self.n_samples // self.hop_length
-        _check_frontend_sizes(self)
-
-    @property
-    def max_samples(self) -> int:
-        return self.max_windows * self.n_samples
-
-# Per 30 s window, the frontend allocates the window's samples, its STFT and the mel filter bank
-# (AF3: 1.9 MB, 3.9 MB, 0.1 MB); a config asking for more than this is refused, not allocated.
-MAX_FRONTEND_BYTES = 2**30
-
-
-def _check_frontend_sizes(f: FrontendConfig) -> None:
-    """n_fft 10^9 allocated 4.7 GB before anything failed: refuse sizes no real frontend has."""
-    if f.n_fft > f.n_samples:
-        raise ConfigError(f"frontend: n_fft {f.n_fft:,} is longer than a {f.chunk_length} s window "
-                          f"({f.n_samples:,} samples)")
-    n_freqs = f.n_fft // 2 + 1
-    for setting, nbytes in (("sampling_rate x chunk_length (one window of samples)", f.n_samples * 4),
-                            ("n_fft and hop_length (the STFT of one window)", (f.n_frames + 1) * n_freqs * 8),
-                            ("n_fft and num_mel_bins (the mel filter bank)", n_freqs * f.num_mel_bins * 8)):
-        if nbytes > MAX_FRONTEND_BYTES:
-            raise ConfigError(f"frontend: {setting} would take {nbytes:,} bytes (at most {MAX_FRONTEND_BYTES:,} "
-                              "are accepted)")
-
-
 QUANT_SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)  # sizes the int4 kernels take, within the 32-128 we support
 DEFAULT_INT4_GROUP_SIZE = 128  # the size that keeps the whole real decoder under 0.33x bf16 (README)
@@ -195,11 +172,10 @@ class QuantConfig:
 
 @dataclass
 class AF3Config:
-    """The whole model: encoder + projector + decoder, and the frontend that feeds it."""
+    """The whole model: encoder + projector + decoder (the frontend that feeds it: af3.frontend)."""
 
     audio: AudioConfig = field(default_factory=AudioConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    frontend: FrontendConfig = field(default_factory=FrontendConfig)
     audio_token_id: int = 151669
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
@@ -210,9 +186,6 @@ class AF3Config:
         _check_types(self)
         if self.quantization is not None and not isinstance(self.quantization, QuantConfig):
             raise ConfigError(f"quantization must be a QuantConfig or None, got {self.quantization!r}")
-        if self.frontend.num_mel_bins != self.audio.num_mel_bins:
-            raise ConfigError(f"frontend makes {self.frontend.num_mel_bins} mel bins but the encoder "
-                              f"expects {self.audio.num_mel_bins}")
         if not 0 <= self.audio_token_id < self.text.vocab_size:
             raise ConfigError(f"audio_token_id {self.audio_token_id} is outside the vocabulary "
                               f"(vocab_size {self.text.vocab_size})")
@@ -221,12 +194,6 @@ class AF3Config:
                               "(AF3 uses 'gelu')")
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
-        # Frames per window after conv2 (stride 2) must fit the encoder's position table.
-        if math.ceil(self.frontend.n_frames / 2) > self.audio.max_source_positions:
-            raise ConfigError(f"a {self.frontend.chunk_length} s window gives "
-                              f"{math.ceil(self.frontend.n_frames / 2)} encoder positions but "
-                              f"max_source_positions is {self.audio.max_source_positions}")
-
     def to_dict(self) -> dict:
         def part(obj: Any) -> dict:
             return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
@@ -236,7 +203,6 @@ class AF3Config:
             "format_version": FORMAT_VERSION,
             "audio": part(self.audio),
             "text": part(self.text),
-            "frontend": part(self.frontend),
             "audio_token_id": self.audio_token_id,
             "projector_hidden_act": self.projector_hidden_act,
             "projector_bias": self.projector_bias,
@@ -253,7 +219,7 @@ class AF3Config:
             raise ConfigError("not an af3 config (no \"format\": \"af3\"); an HF config.json must be "
                               "converted with `python -m weights_convert SRC DST`")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             newer = is_int(version) and version > FORMAT_VERSION
             hint = ("; it was written by a newer af3: upgrade af3, or convert the original checkpoint "
                     "again with this af3's weights_convert" if newer else "")
@@ -268,15 +234,17 @@ class AF3Config:
                 raise ConfigError(f"config.{key}: unknown keys {unknown}")
             return klass(**sub)
 
-        top = {"format", "format_version", "audio", "text", "frontend", "audio_token_id",
+        top = {"format", "format_version", "audio", "text", "audio_token_id",
                "projector_hidden_act", "projector_bias", "dtype", "quantization"}
-        unknown = sorted(set(d) - top)
+        unknown = sorted(set(d) - top - ({"frontend"} if version == 1 else set()))
         if unknown:
             raise ConfigError(f"config: unknown keys {unknown}")
+        audio = part(AudioConfig, "audio")
+        if version == 1:
+            _check_frontend_v1(require_dict(d, "frontend", "config"), audio.num_mel_bins)
         return cls(
-            audio=part(AudioConfig, "audio"),
+            audio=audio,
             text=part(TextConfig, "text"),
-            frontend=part(FrontendConfig, "frontend"),
             audio_token_id=require(d, "audio_token_id", "config"),
             projector_hidden_act=require(d, "projector_hidden_act", "config"),
             projector_bias=require(d, "projector_bias", "config"),
@@ -302,6 +270,18 @@ class AF3Config:
             return cls.from_dict(d)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+
+
+def _check_frontend_v1(frontend: dict, num_mel_bins: int) -> None:
+    """A version 1 config's "frontend": af3 only ever wrote Whisper's constants there."""
+    want = {**FRONTEND_V1, "num_mel_bins": num_mel_bins}
+    unknown = sorted(set(frontend) - set(want))
+    if unknown:
+        raise ConfigError(f"config.frontend: unknown keys {unknown}")
+    for key, value in frontend.items():
+        if not is_int(value) or value != want[key]:
+            raise ConfigError(f"config.frontend: {key} is {value!r}, but af3's frontend is Whisper's, fixed "
+                              f"at {want[key]} (af3.frontend)")
 
 
 def _quantization(d: Any) -> QuantConfig | None:

@@ -33,8 +33,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from af3 import lora
-from af3.audio import MAX_SECONDS, SAMPLING_RATE, load_audio
+from af3.audio import load_audio
 from af3.chat import AUDIO_KEYS, check_conversation
+from af3.frontend import MAX_SECONDS, SAMPLING_RATE
 from af3.jsonfile import parse_json
 from af3.processor import IGNORE_INDEX
 

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from af3.audio import MAX_SECONDS, SAMPLING_RATE, AudioSource, audio_seconds, iter_audio
+from af3.audio import AudioSource, audio_seconds, iter_audio
+from af3.frontend import CHUNK_LENGTH, MAX_SECONDS, SAMPLING_RATE
 
-CHUNK_SECONDS = 30.0  # one encoder window
+CHUNK_SECONDS = float(CHUNK_LENGTH)  # one encoder window
 MAX_CHUNK_SECONDS = MAX_SECONDS  # all AF3 hears at once
 MARGIN_SECONDS = 2.0  # how far before the nominal boundary a cut may move to find a pause
 FRAME_SAMPLES = 320  # 20 ms: the energy window a cut is centred on

@@ -13,7 +13,6 @@ from af3.config import (
     AF3Config,
     AudioConfig,
     ConfigError,
-    FrontendConfig,
     TextConfig,
 )
 
@@ -23,9 +22,6 @@ def test_derived_values() -> None:
     assert cfg.audio.head_dim == 1280 // 20 == 64
     assert cfg.text.head_dim == 3584 // 28 == 128
     assert cfg.text.n_rep == 28 // 4 == 7
-    assert cfg.frontend.n_samples == 480_000
-    assert cfg.frontend.n_frames == 3000
-    assert cfg.frontend.max_samples == 9_600_000
     assert TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=32).head_dim == 32  # an explicit head_dim wins
 
@@ -40,10 +36,11 @@ def test_derived_values() -> None:
          "num_attention_heads 28 is not divisible by num_key_value_heads 5"),
         (lambda: TextConfig(hidden_size=60, num_attention_heads=4, num_key_value_heads=4), "head_dim 15 must be even"),
         (lambda: AudioConfig(num_hidden_layers=0), "num_hidden_layers must be a positive integer"),
-        (lambda: FrontendConfig(chunk_length=1, hop_length=300), "not a multiple of hop_length 300"),
-        (lambda: AF3Config(frontend=FrontendConfig(num_mel_bins=80)), "80 mel bins but the encoder expects 128"),
+        (lambda: AudioConfig(num_mel_bins=10**7), r"num_mel_bins 10,000,000 \(the mel filter bank\) would take 16,"),
         (lambda: AF3Config(audio_token_id=200_000), "outside the vocabulary"),
-        (lambda: AF3Config(audio=AudioConfig(max_source_positions=1000)), "max_source_positions is 1000"),
+        (lambda: AF3Config(audio=AudioConfig(max_source_positions=1000)),
+         "a 30 s window gives 1500 encoder positions but max_source_positions is 1000"),
+        (lambda: AudioConfig(max_source_positions=2000), "max_source_positions is 2000"),  # was accepted
     ],
 )
 def test_checks(build, match: str) -> None:
@@ -109,7 +106,6 @@ def test_newer_format_version_says_what_to_do() -> None:
     ("text", "rms_norm_eps", "x", r"TextConfig\.rms_norm_eps must be a finite number"),  # was accepted
     ("text", "rms_norm_eps", -1.0, r"TextConfig\.rms_norm_eps must be positive"),
     ("audio", "scale_embedding", "no", r"AudioConfig\.scale_embedding must be true or false"),
-    ("frontend", "hop_length", 160.5, r"FrontendConfig\.hop_length must be an integer"),
     (None, "audio_token_id", "5", r"AF3Config\.audio_token_id must be an integer, got '5'"),
     (None, "projector_bias", "yes", r"AF3Config\.projector_bias must be true or false"),
     (None, "text", [1], r"'text' must be an object, got list"),
@@ -124,6 +120,41 @@ def test_wrong_types_in_our_json_are_named(tmp_path, part, key, value, match) ->
     path.write_text(json.dumps(d))
     with pytest.raises(ConfigError, match=f"config.json: .*{match}"):  # load names the file
         AF3Config.load(path)
+
+
+def version_1(cfg: AF3Config) -> dict:
+    """`cfg` as af3 wrote it before the frontend's fixed values left the config (format_version 1)."""
+    d = cfg.to_dict()
+    d["format_version"] = 1
+    d["frontend"] = {"sampling_rate": 16000, "n_fft": 400, "hop_length": 160,
+                     "num_mel_bins": cfg.audio.num_mel_bins, "chunk_length": 30, "max_windows": 20}
+    return d
+
+
+@pytest.mark.parametrize("make", [AF3Config, tiny])
+def test_version_1_configs_are_read_and_their_frontend_checked(tmp_path, make) -> None:
+    cfg = make()
+    assert "frontend" not in cfg.to_dict() and FORMAT_VERSION == 2
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(version_1(cfg)))
+    assert AF3Config.load(path) == cfg
+    for key, value, match in (("n_fft", 10**9, "n_fft is 1000000000, but af3's frontend is Whisper's, fixed at 400"),
+                              ("hop_length", 160.5, "hop_length is 160.5, .* fixed at 160"),
+                              ("max_windows", 10, "max_windows is 10, .* fixed at 20"),
+                              ("num_mel_bins", 80, f"num_mel_bins is 80, .* fixed at {cfg.audio.num_mel_bins}"),
+                              ("window", 1, r"unknown keys \['window'\]")):
+        d = version_1(cfg)
+        d["frontend"][key] = value
+        with pytest.raises(ConfigError, match=rf"config\.frontend: {match}"):
+            AF3Config.from_dict(d)
+    d = version_1(cfg)
+    del d["frontend"]
+    with pytest.raises(ConfigError, match="config: required key 'frontend' is missing"):
+        AF3Config.from_dict(d)
+    d = version_1(cfg)
+    d["format_version"] = 2  # version 2 never has a frontend
+    with pytest.raises(ConfigError, match=r"config: unknown keys \['frontend'\]"):
+        AF3Config.from_dict(d)
 
 
 def test_int_values_for_float_fields_become_floats() -> None:

@@ -7,7 +7,7 @@ import copy
 import pytest
 from transformers import AudioFlamingo3Config, Qwen2Config, WhisperFeatureExtractor
 
-from af3.config import AF3Config, AudioConfig, ConfigError, FrontendConfig
+from af3.config import AF3Config, AudioConfig, ConfigError
 from weights_convert.hf_config import config_from_hf
 
 # Qwen2.5-7B as AF3 uses it (what nvidia/audio-flamingo-3-hf's text_config says).
@@ -99,12 +99,20 @@ def test_unsupported_variants_are_refused(hf_config: dict) -> None:
 
 def test_feature_extractor_settings(hf_config: dict) -> None:
     pre = WhisperFeatureExtractor(feature_size=128).to_dict()
-    assert config_from_hf(hf_config, pre).frontend == FrontendConfig()
+    assert config_from_hf(hf_config, pre) == config_from_hf(hf_config) == AF3Config()
     # processor_config.json nests the feature extractor and carries max_audio_len.
-    nested = config_from_hf(hf_config, {"feature_extractor": pre, "max_audio_len": 300})
-    assert nested.frontend.max_windows == 10
-    with pytest.raises(ConfigError, match="80 mel bins"):
+    assert config_from_hf(hf_config, {"feature_extractor": pre, "max_audio_len": 600}) == AF3Config()
+    with pytest.raises(ConfigError, match=r"max_audio_len is 300; AF3 hears 600 s"):
+        config_from_hf(hf_config, {"feature_extractor": pre, "max_audio_len": 300})
+    with pytest.raises(ConfigError, match=r"feature_size is 80; .* with 128 \(the encoder's num_mel_bins\)"):
         config_from_hf(hf_config, WhisperFeatureExtractor(feature_size=80).to_dict())
+    # Every size of Whisper's frontend is fixed in af3: another value is refused by name.
+    for key, value in (("sampling_rate", 8000), ("n_fft", 10**9), ("hop_length", 320), ("chunk_length", 10),
+                       ("n_samples", 1), ("nb_max_frames", 1500)):
+        with pytest.raises(ConfigError, match=rf"feature extractor: {key} is {value}; af3's frontend is Whisper's"):
+            config_from_hf(hf_config, {**pre, key: value})
+        with pytest.raises(ConfigError, match=rf"feature extractor: {key} is {value}; af3's frontend is Whisper's"):
+            config_from_hf(hf_config, {"feature_extractor": {**pre, key: value}, "max_audio_len": 600})
 
 
 def test_wrong_types_in_hf_configs_are_named(hf_config: dict) -> None:
@@ -119,9 +127,9 @@ def test_wrong_types_in_hf_configs_are_named(hf_config: dict) -> None:
     bad["text_config"]["rms_norm_eps"] = "x"
     with pytest.raises(ConfigError, match="rms_norm_eps must be a finite number"):
         config_from_hf(bad)
-    for pre, match in (({"sampling_rate": "x"}, "sampling_rate must be an integer"),
-                       ({"chunk_length": [1]}, "chunk_length must be a positive integer"),
+    for pre, match in (({"sampling_rate": "x"}, "sampling_rate is 'x'"),
+                       ({"chunk_length": [1]}, r"chunk_length is \[1\]"),
                        ({"feature_extractor": [1]}, "settings must be an object"),  # was silently ignored
-                       ({"feature_extractor": {}, "max_audio_len": 10}, "max_audio_len .* at least one 30 s")):
+                       ({"feature_extractor": {}, "max_audio_len": "600"}, "max_audio_len is '600'")):
         with pytest.raises(ConfigError, match=match):
             config_from_hf(hf_config, pre)

@@ -7,6 +7,8 @@ facts several ways over its versions, and this module knows each: RoPE's theta a
 (on the whole config or on `text_config`), Whisper's `d_model` / `encoder_layers` /
 `encoder_attention_heads` / `encoder_ffn_dim`, and `audio_token_index`. A field missing or of
 the wrong type is a ConfigError naming it; the dataclasses of af3/config.py then check the values.
+The feature extractor's settings are not settings for af3 (af3/frontend.py): they are checked to
+be Whisper's, and refused by name otherwise.
 """
 
 from __future__ import annotations
@@ -17,12 +19,20 @@ from af3.config import (
     AF3Config,
     AudioConfig,
     ConfigError,
-    FrontendConfig,
     TextConfig,
     is_int,
     is_number,
     require,
     require_dict,
+)
+from af3.frontend import (
+    CHUNK_LENGTH,
+    HOP_LENGTH,
+    MAX_SECONDS,
+    N_FFT,
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLING_RATE,
 )
 
 
@@ -40,7 +50,7 @@ def audio_config(d: dict) -> AudioConfig:
         num_hidden_layers=require(d, "num_hidden_layers", w, ("encoder_layers",)),
         num_attention_heads=require(d, "num_attention_heads", w, ("encoder_attention_heads",)),
         intermediate_size=require(d, "intermediate_size", w, ("encoder_ffn_dim",)),
-        max_source_positions=_optional(d, "max_source_positions", 1500),
+        max_source_positions=_optional(d, "max_source_positions", N_FRAMES // 2),
         activation_function=_optional(d, "activation_function", "gelu"),
         scale_embedding=bool(_optional(d, "scale_embedding", False)),
     )
@@ -78,51 +88,47 @@ def text_config(d: dict) -> TextConfig:
     )
 
 
-def frontend_config(d: dict, max_audio_len: float | None = None) -> FrontendConfig:
-    """From a `preprocessor_config.json` (or the `feature_extractor` part of a processor config)."""
+# What WhisperFeatureExtractor and AudioFlamingo3Processor store, and the value af3's fixed frontend
+# has (af3.frontend): a file with any other value would be heard differently, so it is refused.
+FRONTEND_SETTINGS = {"sampling_rate": SAMPLING_RATE, "n_fft": N_FFT, "hop_length": HOP_LENGTH,
+                     "chunk_length": CHUNK_LENGTH, "n_samples": N_SAMPLES, "nb_max_frames": N_FRAMES}
+
+
+def check_frontend(preprocessor: dict | None, num_mel_bins: int) -> None:
+    """A `preprocessor_config.json` (or `processor_config.json`, which nests the feature extractor
+    and adds `max_audio_len`) must describe af3's frontend and the encoder's mel bins."""
     w = "feature extractor"
-    if not isinstance(d, dict):
-        raise ConfigError(f"{w}: settings must be an object, got {type(d).__name__} {d!r}")
-    chunk = _optional(d, "chunk_length", 30)
-    if not is_int(chunk) or chunk <= 0:
-        raise ConfigError(f"{w}: chunk_length must be a positive integer (seconds), got {chunk!r}")
-    if max_audio_len is None:
-        max_windows = 20
-    elif not is_number(max_audio_len) or max_audio_len < chunk:
-        raise ConfigError(f"{w}: max_audio_len must be a number of seconds of at least one "
-                          f"{chunk} s window, got {max_audio_len!r}")
-    else:
-        max_windows = int(max_audio_len // chunk)
-    return FrontendConfig(
-        sampling_rate=_optional(d, "sampling_rate", 16000),
-        n_fft=_optional(d, "n_fft", 400),
-        hop_length=_optional(d, "hop_length", 160),
-        num_mel_bins=_optional(d, "feature_size", 128, ("num_mel_bins",)),
-        chunk_length=chunk,
-        max_windows=max_windows,
-    )
+    pre = preprocessor or {}
+    if not isinstance(pre, dict):
+        raise TypeError(f"preprocessor must be a dict, got {type(pre).__name__}")
+    max_len = pre.get("max_audio_len", MAX_SECONDS)
+    if not is_number(max_len) or max_len != MAX_SECONDS:
+        raise ConfigError(f"{w}: max_audio_len is {max_len!r}; AF3 hears {MAX_SECONDS} s (af3.frontend)")
+    fe = pre.get("feature_extractor", pre)
+    if not isinstance(fe, dict):
+        raise ConfigError(f"{w}: settings must be an object, got {type(fe).__name__} {fe!r}")
+    for key, want in {**FRONTEND_SETTINGS, "feature_size": num_mel_bins}.items():
+        value = fe.get(key, want)
+        if not is_int(value) or value != want:
+            also = " (the encoder's num_mel_bins)" if key == "feature_size" else " (af3.frontend)"
+            raise ConfigError(f"{w}: {key} is {value!r}; af3's frontend is Whisper's, with {want}{also}")
 
 
 def config_from_hf(config: dict, preprocessor: dict | None = None) -> AF3Config:
-    """An HF `config.json` dict and, when present, the feature-extractor settings -> AF3Config."""
+    """An HF `config.json` dict -> AF3Config; the feature-extractor settings, when present, are checked."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
     audio = require_dict(config, "audio_config", "config.json")
     text = require_dict(config, "text_config", "config.json")
-    pre = preprocessor or {}
-    if not isinstance(pre, dict):
-        raise TypeError(f"preprocessor must be a dict, got {type(pre).__name__}")
-    max_len = pre.get("max_audio_len")
-    if "feature_extractor" in pre:  # processor_config.json nests it
-        pre = pre["feature_extractor"]
     dtype = _optional(config, "dtype", None, ("torch_dtype",))
     dtype = _optional(text, "dtype", "bfloat16", ("torch_dtype",)) if dtype is None else dtype
-    return AF3Config(
+    cfg = AF3Config(
         audio=audio_config(audio),
         text=text_config(text),
-        frontend=frontend_config(pre, max_len),
         audio_token_id=_optional(config, "audio_token_id", 151669, ("audio_token_index",)),
         projector_hidden_act=_optional(config, "projector_hidden_act", "gelu"),
         projector_bias=bool(_optional(config, "projector_bias", True)),
         dtype=str(dtype).replace("torch.", ""),
     )
+    check_frontend(preprocessor, cfg.audio.num_mel_bins)
+    return cfg

@@ -144,13 +144,7 @@ def check_processor_config(d: dict, where: str) -> None:
     for key, want in (("dither", 0.0), ("padding_value", 0.0)):
         if fe.get(key, want) != want:
             raise HFFileError(f"{where}: {key} is {fe[key]!r}; af3's log-mel uses {want}")
-    # Derived sizes must agree with the ones af3 derives from chunk_length, sampling_rate and hop_length.
-    rate, chunk, hop = fe.get("sampling_rate", 16000), fe.get("chunk_length", 30), fe.get("hop_length", 160)
-    if all(isinstance(v, int) and v > 0 for v in (rate, chunk, hop)):
-        for key, want in (("n_samples", chunk * rate), ("nb_max_frames", chunk * rate // hop)):
-            if key in fe and fe[key] != want:
-                raise HFFileError(f"{where}: {key} is {fe[key]!r} but chunk_length {chunk}, sampling_rate "
-                                  f"{rate} and hop_length {hop} give {want}")
+    # Its sizes (sampling_rate, n_fft, hop_length, ...) are checked by hf_config.check_frontend.
 
 
 def check_tokenizer(path: Path) -> Tokenizer:
