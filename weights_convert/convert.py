@@ -23,7 +23,15 @@ from pathlib import Path
 import torch
 
 from af3 import quant
-from af3.checkpoint import DTYPES, check_state, quant_config
+from af3.checkpoint import (
+    DTYPES,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    check_shard,
+    check_state,
+    quant_config,
+    weight_files,
+)
 from af3.config import (
     DTYPE_SHORT_NAMES,
     AF3Config,
@@ -51,9 +59,8 @@ from weights_convert.safetensors_io import (
 )
 
 DTYPE_CHOICES = {"keep": None, **{short: DTYPES[short] for short in DTYPE_SHORT_NAMES}}  # bf16, fp16, fp32
-INDEX_NAME = "model.safetensors.index.json"
 # Every file a conversion writes: --force replaces a folder holding only these, nothing else.
-WRITTEN_FILES = ("config.json", "tokenizer.json", "generation_config.json", INDEX_NAME, "model.safetensors")
+WRITTEN_FILES = ("config.json", "tokenizer.json", "generation_config.json", INDEX_NAME, WEIGHTS_NAME)
 _WRITTEN_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 LM_HEAD = "decoder.lm_head.weight"
 EMBED = "decoder.embed_tokens.weight"
@@ -433,24 +440,17 @@ def verify_written(folder: Path, plan: list[PlannedTensor], expected: dict[str, 
     from safetensors import safe_open
 
     want = {t.name: t for t in plan}
-    index = folder / INDEX_NAME
-    if index.is_file():
-        weight_map = read_json(index)["weight_map"]
-        files = sorted(set(weight_map.values()))
-    else:
-        weight_map, files = None, ["model.safetensors"]
     found: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        with safe_open(str(folder / file), framework="pt") as f:
+    for file, listed in weight_files(folder).items():
+        with safe_open(str(file), framework="pt") as f:
+            check_shard(file, f.keys(), listed)
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 sl = f.get_slice(name)
                 shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
                 t = want.get(name)
                 if t is None or shape != t.shape or dtype != DTYPE_NAMES[t.dtype]:
-                    raise ValueError(f"{folder / file}: wrote {name} {dtype} {list(shape)}, which "
+                    raise ValueError(f"{file}: wrote {name} {dtype} {list(shape)}, which "
                                      "is not what was planned")
-                if weight_map is not None and weight_map.get(name) != file:
-                    raise ValueError(f"{index}: {name} is not listed for {file}")
                 found[name] = shape
     check_state(found, expected, f"converted checkpoint {folder}")
 

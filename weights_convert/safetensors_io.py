@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from af3.checkpoint import WEIGHTS_NAME
 from af3.jsonfile import parse_json
 
 DTYPES: dict[str, torch.dtype] = {
@@ -153,7 +154,7 @@ def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list
 
 def shard_file_names(n_shards: int) -> list[str]:
     if n_shards == 1:
-        return ["model.safetensors"]
+        return [WEIGHTS_NAME]
     return [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
 
 
