@@ -25,6 +25,7 @@ from af3.config import (
     AF3Config,
     QuantConfig,
     is_af3_config,
+    is_int,
 )
 from af3.jsonfile import parse_json
 from af3.limits import check_layer_counts
@@ -267,8 +268,7 @@ def _quote(path: Path) -> str:
 def resolve_device(device: str | torch.device) -> torch.device:
     """A device that exists here; torch's own errors (no driver, bad string) become ValueErrors."""
     if not isinstance(device, (str, torch.device)):
-        hint = f" (for GPU {device} write 'cuda:{device}')" if isinstance(device, int) and not isinstance(
-            device, bool) else ""
+        hint = f" (for GPU {device} write 'cuda:{device}')" if is_int(device) else ""
         raise TypeError(f"device must be a str or torch.device such as 'cpu' or 'cuda', got "
                         f"{type(device).__name__} {device!r}{hint}")
     try:

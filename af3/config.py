@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,6 +301,12 @@ def _quantization(d: Any) -> QuantConfig | None:
 def is_int(v: Any) -> bool:
     """An int and not a bool (True is an int to Python, never a count or an id here)."""
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_integer(v: Any) -> bool:
+    """`is_int`, numpy's integer scalars included (an id taken from an array): for values that are
+    converted with int() where they enter, never for values stored in a config."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def is_number(v: Any) -> bool:

@@ -16,8 +16,14 @@ import numpy as np
 import torch
 
 from af3.audio import load_audio
-from af3.chat import conversation_audio, is_conversation, render_conversation
-from af3.config import is_int
+from af3.chat import (
+    IM_END,
+    IM_START,
+    conversation_audio,
+    is_conversation,
+    render_conversation,
+)
+from af3.config import is_int, is_integer
 from af3.frontend import HOP_LENGTH, N_MELS, SAMPLING_RATE
 from af3.mel import extract_features
 from af3.windows import mel_length, window_ranges, window_token_count
@@ -229,7 +235,7 @@ class Processor:
 
     def _assistant_positions(self, ids: list[int]) -> list[int]:
         """1 where a token belongs to an assistant turn's content or its closing <|im_end|>, else 0."""
-        im_start, im_end = self._chat_token_id("<|im_start|>"), self._chat_token_id("<|im_end|>")
+        im_start, im_end = self._chat_token_id(IM_START), self._chat_token_id(IM_END)
         keep = [0] * len(ids)
         p = 0
         while p < len(ids):
@@ -342,7 +348,7 @@ class Processor:
 
         `strip_prefix` removes AF3's transcription framing (see `strip_transcription_prefix`).
         """
-        if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool) or \
+        if is_integer(ids) or \
                 isinstance(ids, (torch.Tensor, np.ndarray)) and ids.ndim == 0:
             ids = [int(ids)]  # one token id, as HF's decode takes it
         rows = _as_id_rows(ids)
@@ -415,7 +421,7 @@ def _as_id_list(ids: Any) -> list[int]:
     if not isinstance(ids, (list, tuple)):
         raise TypeError(f"token ids must be a list of ints or a tensor, got {type(ids).__name__}")
     for i, t in enumerate(ids):
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+        if not is_integer(t):
             raise TypeError(f"token id {i} must be an int, got {type(t).__name__}")
     return [int(t) for t in ids]
 

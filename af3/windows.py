@@ -12,11 +12,12 @@ full window, 25 per second.
 
 from __future__ import annotations
 
+from af3.config import is_int
 from af3.frontend import HOP_LENGTH, MAX_WINDOWS, N_SAMPLES
 
 
 def _check_count(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")

@@ -531,3 +531,9 @@ def test_malformed_index_and_sound_token(tmp_path, capsys):
             del added["id"]
     tok.write_text(json.dumps(t))
     expect_error(capsys, nvidia, tmp_path / "af3", contains=("tokenizer.json", "'<sound>' has no integer id"))  # was a KeyError
+
+
+def test_max_shard_size_true_is_not_one_byte(tmp_path, hf_src):
+    with pytest.raises(ValueError, match="max_shard_size must be a positive number of bytes, got True"):
+        convert(hf_src, tmp_path / "af3", max_shard_size=True)  # was one shard per tensor
+    assert not (tmp_path / "af3").exists()

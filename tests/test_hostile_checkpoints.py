@@ -153,6 +153,16 @@ def test_overlaps_and_gaps_are_refused_as_safetensors_does(tmp_path, tensors, si
         read_header(path)
 
 
+@pytest.mark.parametrize(("entry", "match"), [
+    ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, r"bad shape \[True\]"),  # was read as [1]
+    ({"dtype": "F32", "shape": [1], "data_offsets": [False, 4]}, r"bad data_offsets \[False, 4\]"),
+])
+def test_a_bool_in_a_header_is_not_a_number(tmp_path, entry, match) -> None:
+    path = write_raw_safetensors(tmp_path / "x.safetensors", {"a": entry}, bytes(4))
+    with pytest.raises(ValueError, match=match):
+        read_header(path)
+
+
 def test_a_shared_block_cannot_grow_a_conversion(tiny, tmp_path) -> None:
     # Every tensor of the source pointed at the same bytes: the converter wrote each one out in full.
     src = copy_of(tiny["hf"], tmp_path / "src")

@@ -32,12 +32,14 @@ from af3.checkpoint import (
     quant_config,
     weight_files,
 )
+from af3.config import DTYPE_NAMES as CONFIG_DTYPES
 from af3.config import (
     DTYPE_SHORT_NAMES,
     AF3Config,
     ConfigError,
     QuantConfig,
     is_af3_config,
+    is_int,
 )
 from af3.generation import GenerationConfig
 from af3.jsonfile import read_json_file
@@ -93,7 +95,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     t0 = time.monotonic()
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_CHOICES)}")
-    if not isinstance(max_shard_size, int) or max_shard_size <= 0:
+    if not is_int(max_shard_size) or max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
     qc = quant_config(quantize, group_size)
     src, dst = Path(src), Path(dst)
@@ -357,7 +359,7 @@ def _config_dtype(plan: list[PlannedTensor]) -> str:
     if not weights:
         raise ValueError("checkpoint has no floating-point tensors")
     dtype = str(weights.most_common(1)[0][0]).removeprefix("torch.")
-    if dtype not in ("float32", "bfloat16", "float16"):
+    if dtype not in CONFIG_DTYPES:  # what an af3 config.json may record
         raise ValueError(f"checkpoint is stored in {dtype}; convert with --dtype bf16, fp16 or fp32")
     return dtype
 

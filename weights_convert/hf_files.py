@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from af3.processor import DEFAULT_TRANSCRIPTION_PROMPT
-from af3.tokenizer import Tokenizer
+from af3.tokenizer import EOS_TOKEN, PAD_TOKEN, Tokenizer
 
 # The chat template nvidia/audio-flamingo-3-hf ships; af3/chat.py writes the same strings by hand.
 AF3_CHAT_TEMPLATE = (
@@ -29,7 +29,6 @@ AF3_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # The tokens af3's Tokenizer pads and stops with (its defaults).
-PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
 
 # generation_config.json: keys that would change what `generate` returns, with the value that
 # leaves it unchanged. Those af3 reads (sampling, eos, pad, max_new_tokens) are not listed.
