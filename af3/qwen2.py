@@ -45,7 +45,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // k
     few = rows <= SPLIT_ROWS and weight.numel() >= SPLIT_MIN_WEIGHT
     if torch.compiler.is_compiling():
-        if not few:
+        if not few or x.device.type != "cpu":
             return F.linear(x, weight, bias)
         # Written as a product and a sum, torch.compile makes one fused kernel that reads the
         # weight once, on every thread (its own matrix product calls the one-thread kernel).
