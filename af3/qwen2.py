@@ -26,34 +26,33 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)  # cast back before the gain, as Qwen2 does
 
 
-# `linear` splits float32 products on the CPU of at most SPLIT_ROWS rows by weights of at least
-# SPLIT_MIN_WEIGHT elements (smaller ones sit in cache, where the split's extra calls cost more
-# than they save; more rows, and MKL's own product is as fast). Measured on 2 threads.
+# `linear` takes products of at most SPLIT_ROWS rows on the CPU (a decode step's) its own way.
+# Eager, only float32 weights of at least SPLIT_MIN_WEIGHT elements: smaller ones sit in cache,
+# where the split's extra calls cost more than they save. Measured on 2 threads.
 SPLIT_ROWS, SPLIT_MIN_WEIGHT = 4, 1 << 18
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), faster for the few rows of a decode step in float32 on the CPU.
+    """F.linear(x, weight, bias), faster for the few rows of a decode step on the CPU.
 
     A decode step multiplies one row per sequence by every weight matrix, so its speed is how
-    fast the weights are read. MKL runs such a product on one thread; split into one slice of
-    output rows per thread, as a batched product, it reads the weight at the memory's speed
-    (about 2-3x faster on 2 threads, `tests/bench_mid.py`). Each output is the same dot product,
-    summed in another order: not bit-identical to F.linear, equal to float precision.
+    fast the weights are read. MKL runs such a float32 product on one thread; split into one
+    slice of output rows per thread, as a batched product, it reads the weight at the memory's
+    speed (2-3x faster on 2 threads, `tests/bench_mid.py`). Under torch.compile the product is
+    written as a multiply and a sum, which inductor fuses into one kernel that reads the weight
+    once on every thread, in any dtype (sums in fp32, as F.linear's). Each output is the same
+    dot product summed in another order: equal to F.linear to float precision, not bit for bit.
     """
     n, k = weight.shape
     rows = x.numel() // k
-    few = rows <= SPLIT_ROWS and weight.numel() >= SPLIT_MIN_WEIGHT
+    if rows > SPLIT_ROWS or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
-        if not few or x.device.type != "cpu":
-            return F.linear(x, weight, bias)
-        # Written as a product and a sum, torch.compile makes one fused kernel that reads the
-        # weight once, on every thread (its own matrix product calls the one-thread kernel).
-        y = (x.float()[..., None, :] * weight.float()).sum(-1)  # (..., N), fp32 sums as F.linear's
+        y = (x.float()[..., None, :] * weight.float()).sum(-1)  # (..., N)
         return (y if bias is None else y + bias.float()).to(x.dtype)
     threads = torch.get_num_threads()
-    if (threads == 1 or not few or n % threads or x.device.type != "cpu"
-            or weight.dtype != torch.float32 or x.dtype != torch.float32 or torch.is_grad_enabled()):
+    if (threads == 1 or weight.numel() < SPLIT_MIN_WEIGHT or n % threads or weight.dtype != torch.float32
+            or x.dtype != torch.float32 or torch.is_grad_enabled()):
         return F.linear(x, weight, bias)
     xt = x.reshape(rows, k).t().expand(threads, k, rows)  # (threads, K, M), no copy
     y = torch.bmm(weight.view(threads, n // threads, k), xt)  # (threads, N / threads, M)
