@@ -505,8 +505,9 @@ def test_model_generate_method_and_text_only(hf_and_af3):
 @pytest.mark.parametrize("split_min_weight", [qwen2.SPLIT_MIN_WEIGHT, 0], ids=["big-weights-split", "all-split"])
 def test_compiled_decode_gives_the_same_tokens(hf_and_af3, capsys, monkeypatch, split_min_weight):
     # torch.compile of the decode step (inductor on the CPU, CUDA graphs on CUDA): same tokens as
-    # eager and as transformers. With every weight counted as big, eager decoding takes
-    # qwen2.linear's split product (2 threads) and the compiled step its product-and-sum form.
+    # eager and as transformers. The compiled step takes qwen2.linear's multiply-and-sum form;
+    # eager, the tiny weights go through F.linear, or (every weight counted as big) through the
+    # split product on 2 threads.
     hf, ours = hf_and_af3
     monkeypatch.setattr(qwen2, "SPLIT_MIN_WEIGHT", split_min_weight)
     threads = torch.get_num_threads()
