@@ -51,8 +51,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = (x.float()[..., None, :] * weight.float()).sum(-1)  # (..., N)
         return (y if bias is None else y + bias.float()).to(x.dtype)
     threads = torch.get_num_threads()
-    if (threads == 1 or weight.numel() < SPLIT_MIN_WEIGHT or n % threads or weight.dtype != torch.float32
-            or x.dtype != torch.float32 or torch.is_grad_enabled()):
+    if (threads == 1 or weight.numel() < SPLIT_MIN_WEIGHT or n % threads or not weight.is_contiguous()
+            or weight.dtype != torch.float32 or x.dtype != torch.float32 or torch.is_grad_enabled()):
         return F.linear(x, weight, bias)
     xt = x.reshape(rows, k).t().expand(threads, k, rows)  # (threads, K, M), no copy
     y = torch.bmm(weight.view(threads, n // threads, k), xt)  # (threads, N / threads, M)
