@@ -270,7 +270,7 @@ def _match(model: nn.Module, targets: Sequence[str]) -> list[str]:
 def _check_linear(name: str, module: nn.Module) -> None:
     if isinstance(module, LoRALinear):
         raise ValueError(f"{name} already has a LoRA adapter")  # noqa: TRY004 (a state, not a type)
-    if type(module) is not nn.Linear:
+    if not isinstance(module, nn.Linear):  # nn.Linear or qwen2.Linear; the quantized ones are not
         raise TypeError(f"LoRA needs a float nn.Linear, but {name} is a {type(module).__name__}: quantized or "
                         "other modules cannot take an adapter (load the checkpoint without quantization "
                         "to fine-tune it)")

@@ -160,8 +160,8 @@ class AudioFlamingo3(nn.Module):
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a KVCache from model.new_cache, got {type(cache).__name__}")
-            if cache.k.device != device:
-                raise ValueError(f"cache is on {cache.k.device} but input_ids is on {device}")
+            if cache.device != device:
+                raise ValueError(f"cache is on {cache.device} but input_ids is on {device}")
             if cache.batch_size != b:
                 raise ValueError(f"cache was made for batch size {cache.batch_size} but the input has "
                                  f"batch size {b}")
