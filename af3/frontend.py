@@ -2,9 +2,10 @@
 
 AF3's encoder is Whisper-large-v3's: it was trained on log-mels of 30 s windows of 16 kHz audio,
 and AF3 hears at most 20 windows. None of this can vary between checkpoints, so these are
-constants, not config settings; audio, windows, mel, the encoder, the processor and the config
-import them. The number of mel bins is a dimension of the encoder's first layer: a checkpoint
-states its own in `AudioConfig.num_mel_bins`; N_MELS is AF3's, the default.
+constants, not config settings: audio, windows, mel, the processor, longform, the model's input
+check, the config (the encoder's 1500 positions are N_FRAMES // 2) and the converter import them.
+The number of mel bins is a dimension of the encoder's first layer: a checkpoint states its own
+in `AudioConfig.num_mel_bins`; N_MELS is AF3's, the default.
 """
 
 SAMPLING_RATE = 16_000  # Hz: what the model consumes
