@@ -349,6 +349,7 @@ def main() -> None:
     prompts = [(3.0, 0), (10.0, 1), (30.0, 2)] if quick else [(3.0, 0), (7.5, 1), (10.0, 2), (20.0, 3), (30.0, 4)]
     mid_prompts = [(3.0, 0), (7.5, 1), (10.0, 2)]
     if "--accuracy" in sys.argv:
+        accuracy("tiny (hidden 64, 2 layers)", TINY, prompts, SCHEMES)
         accuracy("mid (Qwen2.5-0.5B decoder dims)", MID, mid_prompts, SCHEMES)
         bound("mid", MID, mid_prompts, SCHEMES)
         return
