@@ -11,7 +11,7 @@ import torch
 import torchaudio
 import transformers
 
-from af3.config import FrontendConfig
+from af3.frontend import MAX_SAMPLES
 from af3.mel import MASK_DTYPE, extract_features, log_mel_spectrogram, mel_filters
 from af3.windows import audio_token_count
 from tests.devices import DEVICES
@@ -65,7 +65,7 @@ def test_matches_whisper_feature_extractor(hf_extractor, make) -> None:
     windows = [make(n, seed) * gain for seed, (n, gain) in
                enumerate(zip(LENGTHS, [1.0, 30.0, 0.01, 1.0, 3.0, 1.0, 0.001, 1.0]))]
     ref_feat, ref_mask = hf_features(hf_extractor, windows)
-    feat, mask = log_mel_spectrogram([torch.from_numpy(w) for w in windows], FrontendConfig())
+    feat, mask = log_mel_spectrogram([torch.from_numpy(w) for w in windows])
     assert feat.shape == (len(LENGTHS), 128, 3000) and feat.dtype == torch.float32
     assert (feat - ref_feat).abs().max().item() <= 1e-4
     assert mask.dtype == ref_mask.dtype == MASK_DTYPE
@@ -76,14 +76,14 @@ def test_matches_whisper_feature_extractor(hf_extractor, make) -> None:
 def test_tones_across_the_band(hf_extractor) -> None:
     windows = [tone(48_000, seed) for seed in range(24)]
     ref_feat, _ = hf_features(hf_extractor, windows)
-    feat, _ = log_mel_spectrogram([torch.from_numpy(w) for w in windows], FrontendConfig())
+    feat, _ = log_mel_spectrogram([torch.from_numpy(w) for w in windows])
     assert (feat - ref_feat).abs().max().item() <= 1e-4
 
 
 def test_silence_and_float64(hf_extractor) -> None:
     windows = [np.zeros(1000, np.float32), speech_like(20_000, 1)]
     ref_feat, _ = hf_features(hf_extractor, windows)
-    feat, _ = log_mel_spectrogram([torch.from_numpy(w).double() for w in windows], FrontendConfig())
+    feat, _ = log_mel_spectrogram([torch.from_numpy(w).double() for w in windows])
     assert torch.all(feat[0] == -1.5)  # log10(1e-10) = -10 everywhere, (-10 + 4) / 4
     assert (feat - ref_feat).abs().max().item() <= 1e-4
 
@@ -117,7 +117,7 @@ def test_extract_features_matches_hf_processor() -> None:
     lengths = [1_000, 480_001, 1_000_000, 350]
     clips = [speech_like(n, seed) if seed % 2 else noise(n, seed) for seed, n in enumerate(lengths)]
     ref = processor(text=["hi <sound>"] * len(clips), audio=clips)
-    ours = extract_features([torch.from_numpy(c) for c in clips], FrontendConfig())
+    ours = extract_features([torch.from_numpy(c) for c in clips])
 
     assert ours.windows_per_clip == [1, 2, 3, 1]
     assert ours.input_features.shape == ref["input_features"].shape == (7, 128, 3000)
@@ -130,41 +130,28 @@ def test_extract_features_matches_hf_processor() -> None:
 
 def test_truncation_matches_hf_processor() -> None:
     processor = tiny_hf_processor()
-    clip = noise(FrontendConfig().max_samples + SR, 7)  # 601 s
+    clip = noise(MAX_SAMPLES + SR, 7)  # 601 s
     ref = processor(text=["<sound>"], audio=[clip])
-    with pytest.warns(UserWarning, match=r"clip 0 is 601\.0 s long; only the first 600 s"):
-        ours = extract_features([torch.from_numpy(clip)], FrontendConfig())
+    with pytest.warns(UserWarning, match=r"clip 0 is 601\.0 s long; only the first 600 s \(20 windows of 30 s\)"):
+        ours = extract_features([torch.from_numpy(clip)])
     assert ours.windows_per_clip == [20] and ours.tokens_per_clip == [15_000]
     assert (ref["input_ids"] == processor.audio_token_id).sum().item() == 15_000
     assert (ours.input_features - ref["input_features"]).abs().max().item() <= 1e-4
     assert torch.equal(ours.input_features_mask, ref["input_features_mask"])
 
 
-def test_truncation_warns_with_duration() -> None:
-    frontend = FrontendConfig(chunk_length=1, max_windows=2)  # 1 s windows, 2 s at most
-    clip = torch.from_numpy(speech_like(40_000, 3))  # 2.5 s
-    with pytest.warns(UserWarning, match=r"clip 0 is 2\.5 s long; only the first 2 s"):
-        out = extract_features([clip], frontend)
-    assert out.windows_per_clip == [2]
-    assert out.tokens_per_clip == [2 * 25]
-    assert out.input_features.shape == (2, 128, 100)
-    kept = extract_features([clip[:32_000]], frontend)
-    assert torch.equal(out.input_features, kept.input_features)
-
-
 def test_no_warning_at_the_limit() -> None:
-    frontend = FrontendConfig(chunk_length=1, max_windows=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = extract_features([torch.zeros(32_000) + 0.1], frontend)
-    assert out.windows_per_clip == [2]
+        out = extract_features([torch.zeros(MAX_SAMPLES) + 0.1])
+    assert out.windows_per_clip == [20] and out.tokens_per_clip == [15_000]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_runs_on_input_device(device: str) -> None:
     clips = [torch.from_numpy(speech_like(n, seed)) for seed, n in enumerate([1600, 500_000])]
-    ref = extract_features(clips, FrontendConfig())
-    out = extract_features([c.to(device) for c in clips], FrontendConfig())
+    ref = extract_features(clips)
+    out = extract_features([c.to(device) for c in clips])
     assert out.input_features.device.type == out.input_features_mask.device.type == device
     assert (out.input_features.cpu() - ref.input_features).abs().max().item() <= 1e-4
     assert torch.equal(out.input_features_mask.cpu(), ref.input_features_mask)
@@ -191,25 +178,26 @@ def test_runs_on_input_device(device: str) -> None:
 )
 def test_extract_features_bad_input(clips, error, match) -> None:
     with pytest.raises(error, match=match):
-        extract_features(clips, FrontendConfig())
+        extract_features(clips)
 
 
 def test_check_finite_false_skips_the_nan_pass() -> None:
     clip = torch.tensor([0.0, float("nan")] * 200)
-    out = extract_features([clip], FrontendConfig(), check_finite=False)  # the caller vouched for it
+    out = extract_features([clip], check_finite=False)  # the caller vouched for it
     assert out.tokens_per_clip == [1]
 
 
 def test_log_mel_bad_input() -> None:
-    frontend = FrontendConfig()
     for call in (log_mel_spectrogram, extract_features):
-        with pytest.raises(TypeError, match="frontend must be an af3.config.FrontendConfig, got NoneType"):
+        with pytest.raises(TypeError, match="n_mels must be an int .*, got NoneType"):
             call([torch.zeros(10)], None)
-    with pytest.raises(ValueError, match="window 0 has 480001 samples"):
-        log_mel_spectrogram([torch.zeros(480_001)], frontend)
+        with pytest.raises(ValueError, match="n_mels must be positive, got 0"):
+            call([torch.zeros(10)], 0)
+    with pytest.raises(ValueError, match="window 0 has 480001 samples, more than one 30 s window"):
+        log_mel_spectrogram([torch.zeros(480_001)])
     with pytest.raises(ValueError, match="windows is empty"):
-        log_mel_spectrogram([], frontend)
+        log_mel_spectrogram([])
     with pytest.raises(TypeError, match="window 1 must be a torch.Tensor"):
-        log_mel_spectrogram([torch.zeros(10), [0.0] * 10], frontend)
+        log_mel_spectrogram([torch.zeros(10), [0.0] * 10])
     with pytest.raises(ValueError, match="window 1 is on meta"):
-        log_mel_spectrogram([torch.zeros(10), torch.zeros(10, device="meta")], frontend)
+        log_mel_spectrogram([torch.zeros(10), torch.zeros(10, device="meta")])
