@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -98,6 +99,19 @@ def test_filterbank_is_torchaudios_slaney_filterbank(n_fft: int, n_mels: int, sr
     torch.testing.assert_close(ours.float(), ref, atol=1e-6, rtol=0)
 
 
+# (400, 128, 16 kHz) is AF3's; n_fft 402 puts the bins off float32's grid; 1.6 kHz has its Nyquist
+# below the slaney scale's 1 kHz knee (the linear part only); 11 025 Hz is odd (bins up to sr // 2).
+@pytest.mark.parametrize("n_fft, n_mels, sr", [(400, 128, 16_000), (402, 80, 16_000), (64, 8, 1_600),
+                                               (400, 40, 11_025)])
+def test_filterbank_equals_transformers_float64_filterbank(n_fft: int, n_mels: int, sr: int) -> None:
+    from transformers.audio_utils import mel_filter_bank
+
+    ref = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
+                          max_frequency=sr / 2, sampling_rate=sr, norm="slaney", mel_scale="slaney")
+    # Both are built in float64: equal to rounding, far tighter than any float32 step would allow.
+    np.testing.assert_allclose(mel_filters(n_fft, n_mels, sr).numpy(), ref, rtol=0, atol=1e-14)
+
+
 def tiny_hf_processor():
     """AudioFlamingo3Processor with a word-level tokenizer built in memory (no files, no network)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -171,26 +185,33 @@ def test_runs_on_input_device(device: str) -> None:
     assert out.tokens_per_clip == ref.tokens_per_clip
 
 
+SHAPE = "clip 0 must be a 1-D floating-point tensor of 16000 Hz mono samples, got shape"
+
+
+# Whole messages (matched from start to end): a message is part of the behaviour.
 @pytest.mark.parametrize(
-    "clips, error, match",
+    "clips, error, message",
     [
-        (torch.zeros(100), TypeError, "list of 1-D tensors"),
-        ([], ValueError, "clips is empty"),
-        ([np.zeros(100, np.float32)], TypeError, "clip 0 must be a torch.Tensor"),
-        ([torch.zeros(2, 100)], ValueError, r"clip 0 must be a 1-D .* shape \(2, 100\)"),
-        ([torch.zeros(100, dtype=torch.int16)], ValueError, "clip 0 must be a 1-D floating-point"),
-        ([torch.zeros(10), torch.zeros(0)], ValueError, r"clip 1 is empty \(0 samples\)"),
-        ([torch.tensor([0.0, float("nan")])], ValueError, "clip 0 contains NaN"),
-        ([torch.tensor([0.0, float("inf")])], ValueError, "clip 0 contains NaN or infinite"),
+        (torch.zeros(100), TypeError, "clips must be a list of 1-D tensors (one per clip), got Tensor"),
+        ({"clip": torch.zeros(10)}, TypeError, "clips must be a list of 1-D tensors (one per clip), got dict"),
+        ([], ValueError, "clips is empty: need at least one audio clip"),
+        ([np.zeros(100, np.float32)], TypeError, ("clip 0 must be a torch.Tensor, got ndarray "
+         "(af3.audio.load_audio turns files, bytes, URLs and arrays into one)")),
+        ([torch.zeros(2, 100)], ValueError, f"{SHAPE} (2, 100) dtype torch.float32"),
+        ([torch.zeros(100, dtype=torch.int16)], ValueError, f"{SHAPE} (100,) dtype torch.int16"),
+        ([torch.zeros(10), torch.zeros(0)], ValueError, "clip 1 is empty (0 samples): there is no audio to encode"),
+        ([torch.tensor([0.0, float("nan")])], ValueError, "clip 0 contains NaN or infinite samples"),
+        ([torch.tensor([0.0, float("inf")])], ValueError, "clip 0 contains NaN or infinite samples"),
         # The check reads only the min and max: -inf shows in the min, a NaN anywhere in both.
-        ([torch.tensor([0.0, -float("inf"), 1.0])], ValueError, "clip 0 contains NaN or infinite"),
+        ([torch.tensor([0.0, -float("inf"), 1.0])], ValueError, "clip 0 contains NaN or infinite samples"),
         ([torch.cat([torch.zeros(100_000), torch.tensor([float("nan")]), torch.ones(100_000)])],
-         ValueError, "clip 0 contains NaN"),
-        ([torch.zeros(10), torch.zeros(10, device="meta")], ValueError, "clip 1 is on meta"),
+         ValueError, "clip 0 contains NaN or infinite samples"),
+        ([torch.zeros(10), torch.zeros(10, device="meta")], ValueError,
+         "clip 1 is on meta but clip 0 is on cpu; put all clips on one device"),
     ],
 )
-def test_extract_features_bad_input(clips, error, match) -> None:
-    with pytest.raises(error, match=match):
+def test_extract_features_bad_input(clips, error, message) -> None:
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
         extract_features(clips, FrontendConfig())
 
 
@@ -203,13 +224,20 @@ def test_check_finite_false_skips_the_nan_pass() -> None:
 def test_log_mel_bad_input() -> None:
     frontend = FrontendConfig()
     for call in (log_mel_spectrogram, extract_features):
-        with pytest.raises(TypeError, match="frontend must be an af3.config.FrontendConfig, got NoneType"):
+        with pytest.raises(TypeError, match="^frontend must be an af3.config.FrontendConfig, got NoneType$"):
             call([torch.zeros(10)], None)
-    with pytest.raises(ValueError, match="window 0 has 480001 samples"):
-        log_mel_spectrogram([torch.zeros(480_001)], frontend)
-    with pytest.raises(ValueError, match="windows is empty"):
-        log_mel_spectrogram([], frontend)
-    with pytest.raises(TypeError, match="window 1 must be a torch.Tensor"):
-        log_mel_spectrogram([torch.zeros(10), [0.0] * 10], frontend)
-    with pytest.raises(ValueError, match="window 1 is on meta"):
-        log_mel_spectrogram([torch.zeros(10), torch.zeros(10, device="meta")], frontend)
+    cases = [
+        ([torch.zeros(480_001)], ValueError, ("window 0 has 480001 samples, more than one 30 s window (480000); "
+         "cut clips with af3.windows.window_ranges or use extract_features")),
+        ([], ValueError, "windows is empty: need at least one window"),
+        (torch.zeros(3), TypeError, "windows must be a list of 1-D tensors, got Tensor"),
+        ([torch.zeros(10), [0.0] * 10], TypeError, "window 1 must be a torch.Tensor, got list"),
+        ([torch.zeros(2, 3)], ValueError, ("window 0 must be a 1-D floating-point tensor, got shape (2, 3) dtype "
+         "torch.float32")),
+        ([torch.zeros(3, dtype=torch.int64)], ValueError, ("window 0 must be a 1-D floating-point tensor, got "
+         "shape (3,) dtype torch.int64")),
+        ([torch.zeros(10), torch.zeros(10, device="meta")], ValueError, "window 1 is on meta but window 0 is on cpu"),
+    ]
+    for windows, error, message in cases:
+        with pytest.raises(error, match=f"^{re.escape(message)}$"):
+            log_mel_spectrogram(windows, frontend)
