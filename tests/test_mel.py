@@ -241,3 +241,19 @@ def test_log_mel_bad_input() -> None:
     for windows, error, message in cases:
         with pytest.raises(error, match=f"^{re.escape(message)}$"):
             log_mel_spectrogram(windows, frontend)
+
+
+def test_frontend_settings_reach_the_counts_and_the_warning_names_the_caller() -> None:
+    """A non-default hop sets the valid frames and the token counts; the truncation warning gives its
+    message in full and points at the line that called extract_features."""
+    frontend = FrontendConfig(hop_length=320, max_windows=1)  # 1500 frames per 30 s window
+    clips = [torch.zeros(496_000), torch.zeros(1000)]  # 31 s (truncated to one window), 1000 samples
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = extract_features(clips, frontend)
+    message = "clip 0 is 31.0 s long; only the first 30 s (1 windows of 30 s) are used"
+    assert [str(w.message) for w in caught] == [message]
+    assert caught[0].filename == __file__
+    assert out.windows_per_clip == [1, 1]
+    assert out.input_features_mask.sum(-1).tolist() == [1500, 4]  # ceil(n / 320)
+    assert out.tokens_per_clip == [375, 1]  # (frames + 1) // 4
