@@ -203,6 +203,37 @@ def test_encoder_layer_bf16_equals_transformers():
     assert_bf16_rounding_apart(got, expected, max_steps=4, max_fraction=0.05)
 
 
+def test_encoder_layer_fp16_clamps_overflow_as_transformers():
+    """In fp16 a block's output is clamped to +-(65504 - 1000), as in Whisper and transformers, so
+    activations that would overflow stay finite; in fp32 nothing is clamped."""
+    from transformers import AudioFlamingo3EncoderConfig
+    from transformers.models.audioflamingo3.modeling_audioflamingo3 import (
+        AudioFlamingo3EncoderLayer,
+    )
+
+    d = 16
+    config = AudioFlamingo3EncoderConfig(d_model=d, encoder_attention_heads=2, encoder_ffn_dim=32,
+                                         attn_implementation="eager")
+    theirs = noisy_(AudioFlamingo3EncoderLayer(config), seed=3, scale=0.2).eval()
+    ours = EncoderLayer(SimpleNamespace(hidden_size=d, num_attention_heads=2, head_dim=8,
+                                        intermediate_size=32, layer_norm_eps=1e-5))
+    names = {"self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+             "self_attn.out_proj": "attn.o", "self_attn_layer_norm": "attn_norm", "final_layer_norm": "mlp_norm",
+             "fc1": "fc1", "fc2": "fc2"}
+    ours.load_state_dict({f"{names[n.rsplit('.', 1)[0]]}.{n.rsplit('.', 1)[1]}": t
+                          for n, t in theirs.state_dict().items()})
+    x = randn(1, 6, d, seed=4).sign() * 65000  # the residual stream at the edge of fp16's range
+    for dtype in (torch.float16, torch.float32):
+        with torch.no_grad():
+            expected = theirs.to(dtype)(x.to(dtype), attention_mask=None)
+            expected = expected[0] if isinstance(expected, tuple) else expected
+            got = ours.to(dtype)(x.to(dtype), None)
+        assert torch.equal(got, expected)
+        top = got.float().abs().max().item()
+        clamped = torch.tensor(65504.0 - 1000, dtype=dtype).item()  # 64512 in fp16's 32-wide steps
+        assert top == clamped if dtype == torch.float16 else top > clamped  # clamped in fp16 only
+
+
 def test_projector_bf16_equals_transformers():
     from transformers.models.audioflamingo3.modeling_audioflamingo3 import (
         AudioFlamingo3MultiModalProjector,
