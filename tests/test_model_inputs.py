@@ -275,3 +275,35 @@ def test_whole_error_messages_and_the_edges_that_pass(model) -> None:
         assert model(x[:, :1], cache=cache, input_pos=torch.tensor([5])).logits.shape == (2, 1, 64)
         assert model(a, input_features=f15.half(), input_features_mask=m15.bool()).logits.shape == (1, 4, 64)
         assert torch.isfinite(model(x, labels=x.int(), logits_to_keep=0).loss)
+
+
+def test_set_attention_picks_the_path(model, monkeypatch) -> None:
+    """'math' keeps every layer off torch's fused kernel, 'sdpa' puts every layer on it; same outputs."""
+    import torch.nn.functional as F
+
+    fused = F.scaled_dot_product_attention
+    calls: list[int] = []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    a = torch.full((1, 4), AUDIO_ID)
+    f15, m15 = features(1, [15])
+    out = {}
+    with torch.no_grad():
+        for backend in ("math", "sdpa"):
+            calls.clear()
+            model.set_attention(backend)
+            out[backend] = model(a, input_features=f15, input_features_mask=m15).logits
+            out[backend + " calls"] = len(calls)
+    assert out["math calls"] == 0 and out["sdpa calls"] == 3  # 1 encoder layer + 2 decoder layers
+    assert torch.allclose(out["math"], out["sdpa"], atol=1e-5)
+
+
+def test_audio_feature_and_cache_size_errors(model) -> None:
+    feats, mask = features(1, [3000])
+    with pytest.raises(ValueError, match=re.escape("input_features_mask must have shape (1, 3000) to match "
+                                                   "input_features, got (1, 100)")):
+        model.get_audio_features(feats, mask[:, :100])
+    # Far past any machine's memory: refused before allocating, with the size and what to change.
+    size = re.escape("a KV cache of 1 x 1,000,000,000,000 positions (max_len) would take 64000.00 GB "
+                     "(64,000,000,000,000 bytes), more than the ")
+    with pytest.raises(ValueError, match=f"^{size}.* of memory on cpu; lower max_len$"):
+        model.new_cache(1, 10**12)
