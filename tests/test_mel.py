@@ -185,6 +185,15 @@ def test_runs_on_input_device(device: str) -> None:
     assert out.tokens_per_clip == ref.tokens_per_clip
 
 
+def test_all_work_happens_on_the_windows_device() -> None:
+    """Every buffer is made on the windows' device: meta stands in for an accelerator on a CPU-only
+    machine (a buffer made on the CPU fails the first copy from a meta window)."""
+    feats, mask = log_mel_spectrogram([torch.zeros(1000, device="meta"), torch.zeros(20_000, device="meta")],
+                                      FrontendConfig())
+    assert feats.device.type == mask.device.type == "meta"
+    assert (feats.shape, feats.dtype, mask.shape, mask.dtype) == ((2, 128, 3000), torch.float32, (2, 3000), MASK_DTYPE)
+
+
 SHAPE = "clip 0 must be a 1-D floating-point tensor of 16000 Hz mono samples, got shape"
 
 
