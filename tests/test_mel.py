@@ -194,6 +194,21 @@ def test_all_work_happens_on_the_windows_device() -> None:
     assert (feats.shape, feats.dtype, mask.shape, mask.dtype) == ((2, 128, 3000), torch.float32, (2, 3000), MASK_DTYPE)
 
 
+def test_a_float64_default_dtype_changes_nothing() -> None:
+    """The frontend names every buffer's dtype: a caller's torch.set_default_dtype does not reach it.
+    The window is float64 with more precision than float32 holds: it is rounded to float32 first, as HF does."""
+    clip = torch.from_numpy(speech_like(4000, 3)).double()
+    windows = [clip + torch.randn(clip.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e-6]
+    feats, mask = log_mel_spectrogram(windows, FrontendConfig())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        feats64, mask64 = log_mel_spectrogram(windows, FrontendConfig())
+    finally:
+        torch.set_default_dtype(default)
+    assert feats64.dtype == torch.float32 and torch.equal(feats64, feats) and torch.equal(mask64, mask)
+
+
 SHAPE = "clip 0 must be a 1-D floating-point tensor of 16000 Hz mono samples, got shape"
 
 
