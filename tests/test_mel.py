@@ -101,9 +101,10 @@ def test_filterbank_is_torchaudios_slaney_filterbank(n_fft: int, n_mels: int, sr
 
 
 # (400, 128, 16 kHz) is AF3's; n_fft 402 puts the bins off float32's grid; 1.6 kHz has its Nyquist
-# below the slaney scale's 1 kHz knee (the linear part only); 11 025 Hz is odd (bins up to sr // 2).
+# below the slaney scale's 1 kHz knee (the linear part only), 2001 Hz just above it; 11 025 Hz is odd
+# (bins up to sr // 2).
 @pytest.mark.parametrize("n_fft, n_mels, sr", [(400, 128, 16_000), (402, 80, 16_000), (64, 8, 1_600),
-                                               (400, 40, 11_025)])
+                                               (64, 8, 2_001), (400, 40, 11_025)])
 def test_filterbank_equals_transformers_float64_filterbank(n_fft: int, n_mels: int, sr: int) -> None:
     from transformers.audio_utils import mel_filter_bank
 
