@@ -367,3 +367,19 @@ def test_decoder_on_cuda_equals_cpu():
         got = model.cuda()(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-4)
+
+
+@needs_cuda
+def test_encoder_with_short_windows_on_cuda_equals_cpu():
+    """The encoder's key mask for short windows is made on the input's device (one left on the CPU
+    fails on CUDA)."""
+    from tests.test_model import make_batch
+
+    model = hf_to_af3_model(tiny_hf_model(seed=4))
+    batch = make_batch([[3000, 1001], [397]], seed=3)
+    batch.pop("labels")
+    with torch.no_grad():
+        expected = model(**batch).logits
+        got = model.cuda()(**{k: v.cuda() for k, v in batch.items()}).logits.cpu()
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-4)
