@@ -302,13 +302,20 @@ def test_trainable_parameters_and_activations_kept_as_transformers() -> None:
     calls: list[str] = []
     for name, layer in (("encoder", ours.encoder.layers[0]), ("decoder", ours.decoder.layers[0])):
         layer.register_forward_pre_hook(lambda *_, name=name: calls.append(name))
-    b = make_batch([[1600]], seed=7)
-    ours(**b).loss.backward()
-    assert sorted(calls) == ["decoder", "encoder"]
-    calls.clear()
-    ours.encoder.gradient_checkpointing = ours.decoder.gradient_checkpointing = True
-    ours(**b).loss.backward()
-    assert sorted(calls) == ["decoder", "decoder", "encoder", "encoder"]  # recomputed in the backward pass
+    b = make_batch([[1600], [3000, 500]], seed=7)  # short windows: the encoder's key mask in play
+    losses, grads = [], []
+    for checkpointing in (False, True):
+        calls.clear()
+        ours.zero_grad()
+        ours.encoder.gradient_checkpointing = ours.decoder.gradient_checkpointing = checkpointing
+        loss = ours(**b).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(ours.encoder.layers[0].attn.q.weight.grad.clone())
+        # Each layer runs once, or once more in the backward pass when checkpointing.
+        assert sorted(calls) == sorted(["decoder", "encoder"] * (1 + checkpointing))
+    assert losses[0] == losses[1]
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
 
 
 def test_norm_eps_comes_from_the_config() -> None:
