@@ -303,6 +303,12 @@ def test_trainable_parameters_and_activations_kept_as_transformers() -> None:
     for name, layer in (("encoder", ours.encoder.layers[0]), ("decoder", ours.decoder.layers[0])):
         layer.register_forward_pre_hook(lambda *_, name=name: calls.append(name))
     b = make_batch([[1600], [3000, 500]], seed=7)  # short windows: the encoder's key mask in play
+    # Only weights inside the layers train (as with adapters): no layer input requires grad, the
+    # case where reentrant checkpointing would silently give those weights no gradient.
+    ours.requires_grad_(False)
+    trained = [ours.encoder.layers[0].attn.q.weight, ours.decoder.layers[0].attn.q.weight]
+    for w in trained:
+        w.requires_grad_(True)
     losses, grads = [], []
     for checkpointing in (False, True):
         calls.clear()
@@ -311,7 +317,7 @@ def test_trainable_parameters_and_activations_kept_as_transformers() -> None:
         loss = ours(**b).loss
         loss.backward()
         losses.append(loss.item())
-        grads.append(ours.encoder.layers[0].attn.q.weight.grad.clone())
+        grads.append(torch.cat([w.grad.flatten() for w in trained]))
         # Each layer runs once, or once more in the backward pass when checkpointing.
         assert sorted(calls) == sorted(["decoder", "encoder"] * (1 + checkpointing))
     assert losses[0] == losses[1]
