@@ -84,6 +84,14 @@ def test_layer_norm_bf16_equals_torch_layer_norm():
     assert_bf16_rounding_apart(layer_norm(x, norm), norm(x), max_steps=1, max_fraction=0.01)
 
 
+@pytest.mark.parametrize("affine", [{"elementwise_affine": False}, {"bias": False}], ids=["no-weight", "no-bias"])
+def test_layer_norm_without_weight_or_bias_equals_torch(affine):
+    """af3's fp32 LayerNorm takes any nn.LayerNorm, also one without a gain or without a bias."""
+    norm = noisy_(torch.nn.LayerNorm(16, eps=1e-5, **affine), scale=0.1)
+    x = randn(2, 5, 16, seed=2) * 20 + 3
+    torch.testing.assert_close(layer_norm(x, norm), norm(x), rtol=0, atol=1e-5)
+
+
 def test_rope_bf16_equals_qwen2():
     from transformers import Qwen2Config
     from transformers.models.qwen2.modeling_qwen2 import (
