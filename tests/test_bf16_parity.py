@@ -86,9 +86,10 @@ def test_layer_norm_bf16_equals_torch_layer_norm():
 
 @pytest.mark.parametrize("affine", [{"elementwise_affine": False}, {"bias": False}], ids=["no-weight", "no-bias"])
 def test_layer_norm_without_weight_or_bias_equals_torch(affine):
-    """af3's fp32 LayerNorm takes any nn.LayerNorm, also one without a gain or without a bias."""
-    norm = noisy_(torch.nn.LayerNorm(16, eps=1e-5, **affine), scale=0.1)
-    x = randn(2, 5, 16, seed=2) * 20 + 3
+    """af3's fp32 LayerNorm takes any nn.LayerNorm, also one without a gain or without a bias, and
+    uses the norm's own eps (0.5 against a variance of about 0.1: the eps matters)."""
+    norm = noisy_(torch.nn.LayerNorm(16, eps=0.5, **affine), scale=0.1)
+    x = randn(2, 5, 16, seed=2) * 0.3 + 3
     torch.testing.assert_close(layer_norm(x, norm), norm(x), rtol=0, atol=1e-5)
 
 
