@@ -201,7 +201,7 @@ def test_whole_error_messages_and_the_edges_that_pass(model) -> None:
          "input_ids must have shape (batch, seq_len) with seq_len >= 1, got (3,)"),
         (lambda: model(torch.ones(1, 2, dtype=torch.long, device="meta")), ValueError,
          "input_ids is on meta but the model is on cpu; move the inputs with .to(device)"),
-        (lambda: model(torch.tensor([[1, 64]])), ValueError, "input_ids contains 64, outside the vocabulary [0, 64)"),
+        (lambda: model(torch.tensor([[0, 64]])), ValueError, "input_ids contains 64, outside the vocabulary [0, 64)"),
         (lambda: model(torch.tensor([[-1, 2]])), ValueError, "input_ids contains -1, outside the vocabulary [0, 64)"),
         (lambda: model(x, cache={}), TypeError, "cache must be a KVCache from model.new_cache, got dict"),
         (lambda: model(x, cache=model.new_cache(2, 6, device="meta")), ValueError,
@@ -261,6 +261,7 @@ def test_whole_error_messages_and_the_edges_that_pass(model) -> None:
         (lambda: model.new_cache(0, 8), ValueError, "batch_size must be positive, got 0"),
         (lambda: model.new_cache(1, 0), ValueError, "max_len must be positive, got 0"),
         (lambda: model.set_attention("flash"), ValueError, "attention backend must be 'sdpa' or 'math', got 'flash'"),
+        (lambda: AudioFlamingo3({}), TypeError, "config must be an AF3Config, got dict"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=f"^{re.escape(message)}$"):
