@@ -32,8 +32,8 @@ import soundfile
 import torch
 import torchaudio
 
-SAMPLING_RATE = 16_000  # what the model consumes
-MAX_SECONDS = 600.0  # 20 windows of 30 s: AF3 ignores anything later
+from af3.frontend import MAX_SECONDS, SAMPLING_RATE
+
 MAX_CHANNELS = 16  # a 2-D array with more "channels" than this is more likely a batch of clips
 DOWNLOAD_TIMEOUT_S = 30.0  # per connection attempt and per read
 DOWNLOAD_DEADLINE_S = 300.0  # the whole download: a server trickling bytes cannot hold a caller longer

@@ -86,7 +86,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     model = load_model(root, config, device=device, dtype=dtype, progress=progress, quantize=qc)
     generation_config = GenerationConfig.load(root / "generation_config.json")
     tokenizer = Tokenizer.from_file(root / "tokenizer.json")
-    processor = Processor(tokenizer, config.frontend, max_length=config.text.max_position_embeddings)
+    processor = Processor(tokenizer, config.audio.num_mel_bins, max_length=config.text.max_position_embeddings)
     return AF3(model=model, processor=processor, tokenizer=tokenizer, config=config,
                generation_config=generation_config, compile=compile)
 

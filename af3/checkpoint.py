@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -25,12 +25,14 @@ from af3.config import (
     AF3Config,
     QuantConfig,
     is_af3_config,
+    is_int,
 )
 from af3.jsonfile import parse_json
 from af3.limits import check_layer_counts
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights never read: unpickling runs code
 # dtype name (long or short) -> torch dtype.
 DTYPES = {**{name: getattr(torch, name) for name in DTYPE_NAMES},
           **{short: getattr(torch, name) for short, name in DTYPE_SHORT_NAMES.items()}}
@@ -70,11 +72,10 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
     # before the model is built: a crafted num_hidden_layers never builds a layer.
     found: dict[str, tuple[int, ...]] = {}
     stored: dict[str, str] = {}
-    for file, names in files.items():
+    for file, listed in files.items():
         with _open(file) as f:
+            check_shard(file, f.keys(), listed)
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                if names is not None and name not in names:
-                    raise ValueError(f"{file}: tensor {name!r} is not listed for this file in {INDEX_NAME}")
                 sl = f.get_slice(name)
                 found[name], stored[name] = tuple(sl.get_shape()), sl.get_dtype()
     check_layer_counts(config, found, f"checkpoint {root}")
@@ -157,7 +158,12 @@ def _progress_reporter(progress: bool | Progress | None, total_bytes: int) -> Pr
 
 
 def weight_files(root: Path) -> dict[Path, set[str] | None]:
-    """Shard path -> the names the index lists for it (None for a single model.safetensors)."""
+    """The safetensors files of the checkpoint in folder `root`, in file-name order: shard path ->
+    the tensor names the index lists for it, or {model.safetensors: None} without an index.
+
+    The one reader of a safetensors index, for af3.load and for weights_convert (any layout).
+    Shard names are checked by `shard_path`; pickle-only folders are refused, not read.
+    """
     index = root / INDEX_NAME
     if index.is_file():
         try:
@@ -167,17 +173,38 @@ def weight_files(root: Path) -> dict[Path, set[str] | None]:
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: weight_map is a {type(weight_map).__name__}, not an object "
                              "of tensor name -> file name")
-        files: dict[Path, set[str] | None] = {}
+        if not weight_map:
+            raise ValueError(f"{index}: weight_map is empty: it lists no tensors")
+        files: dict[Path, set[str]] = {}
         for name, file in weight_map.items():
             path = shard_path(root, file, index)
             if not path.is_file():
                 raise FileNotFoundError(f"{index} lists {file}, which is missing")
             files.setdefault(path, set()).add(name)
-        return files
+        return dict(sorted(files.items()))
     single = root / WEIGHTS_NAME
-    if not single.is_file():
-        raise FileNotFoundError(f"{root}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
-    return {single: None}
+    if single.is_file():
+        return {single: None}
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES) if root.is_dir() else []
+    if pickles:
+        raise ValueError(f"{root} holds only pickle weights ({', '.join(pickles[:3])}); they are not "
+                         "read, for safety. Save them as safetensors first "
+                         "(e.g. transformers' save_pretrained(safe_serialization=True))")
+    raise FileNotFoundError(f"{root}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
+
+
+def check_shard(file: Path, names: Iterable[str], listed: set[str] | None) -> None:
+    """The tensors `file` holds are exactly the ones the index lists for it (`listed`; None: no index)."""
+    if listed is None:
+        return
+    names = set(names)
+    extra = sorted(names - listed)
+    if extra:
+        raise ValueError(f"{file}: tensor {extra[0]!r} is not listed for this file in {INDEX_NAME}")
+    missing = sorted(listed - names)
+    if missing:
+        raise ValueError(f"{file.parent / INDEX_NAME} lists {len(missing)} tensors for {file.name} that it does "
+                         f"not hold, first {missing[0]!r}")
 
 
 def shard_path(folder: Path, file: object, index: Path) -> Path:
@@ -241,8 +268,7 @@ def _quote(path: Path) -> str:
 def resolve_device(device: str | torch.device) -> torch.device:
     """A device that exists here; torch's own errors (no driver, bad string) become ValueErrors."""
     if not isinstance(device, (str, torch.device)):
-        hint = f" (for GPU {device} write 'cuda:{device}')" if isinstance(device, int) and not isinstance(
-            device, bool) else ""
+        hint = f" (for GPU {device} write 'cuda:{device}')" if is_int(device) else ""
         raise TypeError(f"device must be a str or torch.device such as 'cpu' or 'cuda', got "
                         f"{type(device).__name__} {device!r}{hint}")
     try:

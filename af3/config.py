@@ -1,6 +1,8 @@
-"""Model dimensions: one flat dataclass per part, read from an HF `config.json`, saved as ours.
+"""Model dimensions: one flat dataclass per part, checked, saved beside the weights as af3's own
+versioned config.json and read back from it.
 
-Field names follow the HF `config.json` names so that a reader can map one onto the other.
+Field names follow the HF `config.json` names so that a reader can map one onto the other;
+reading an HF config.json is the converter's job (weights_convert/hf_config.py).
 """
 
 from __future__ import annotations
@@ -8,11 +10,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from af3.frontend import (
+    CHUNK_LENGTH,
+    HOP_LENGTH,
+    MAX_WINDOWS,
+    N_FFT,
+    N_FRAMES,
+    N_MELS,
+    SAMPLING_RATE,
+)
 from af3.jsonfile import parse_json
 
 # The dtypes a checkpoint is saved and run in, by torch's names; short forms af3.load also takes.
@@ -20,7 +32,15 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPE_SHORT_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 FORMAT = "af3"  # the "format" key of our config.json: what tells it apart from an HF one
-FORMAT_VERSION = 1  # bump when the JSON we write changes incompatibly
+FORMAT_VERSION = 2  # bump when the JSON we write changes incompatibly
+# Version 1 also stored the audio frontend's settings ("frontend"), which never could vary: version 1
+# files are read, their "frontend" checked to be af3.frontend's constants (FRONTEND_V1).
+READ_VERSIONS = (1, 2)
+FRONTEND_V1 = {"sampling_rate": SAMPLING_RATE, "n_fft": N_FFT, "hop_length": HOP_LENGTH,
+               "chunk_length": CHUNK_LENGTH, "max_windows": MAX_WINDOWS}  # and num_mel_bins = audio's
+# The mel filter bank, (N_FFT // 2 + 1, num_mel_bins) float64, is built before any audio is seen
+# (AF3's: 0.2 MB): a num_mel_bins asking for more than this is refused, not allocated.
+MAX_MEL_FILTER_BYTES = 2**30
 
 
 def is_af3_config(d: Any) -> bool:
@@ -32,38 +52,33 @@ class ConfigError(ValueError):
     """A config value is missing, malformed or inconsistent."""
 
 
-def _require(d: dict, key: str, where: str, aliases: tuple[str, ...] = ()) -> Any:
+def require(d: dict, key: str, where: str, aliases: tuple[str, ...] = ()) -> Any:
+    """d[key] (or the first of `aliases` present), not None; else a ConfigError naming them."""
     for k in (key, *aliases):
-        if k in d and d[k] is not None:
+        if d.get(k) is not None:
             return d[k]
     names = " / ".join(repr(k) for k in (key, *aliases))
     raise ConfigError(f"{where}: required key {names} is missing")
 
 
-def _require_dict(d: dict, key: str, where: str) -> dict:
-    sub = _require(d, key, where)
+def require_dict(d: dict, key: str, where: str) -> dict:
+    """d[key], which must be a JSON object."""
+    sub = require(d, key, where)
     if not isinstance(sub, dict):
         raise ConfigError(f"{where}: {key!r} must be an object, got {type(sub).__name__} {sub!r}")
     return sub
-
-
-def _optional(d: dict, key: str, default: Any, aliases: tuple[str, ...] = ()) -> Any:
-    for k in (key, *aliases):
-        if k in d and d[k] is not None:
-            return d[k]
-    return default
 
 
 @dataclass
 class AudioConfig:
     """The Whisper-style audio encoder."""
 
-    num_mel_bins: int = 128
+    num_mel_bins: int = N_MELS
     hidden_size: int = 1280  # HF: d_model
     num_hidden_layers: int = 32  # HF: encoder_layers
     num_attention_heads: int = 20  # HF: encoder_attention_heads
     intermediate_size: int = 5120  # HF: encoder_ffn_dim
-    max_source_positions: int = 1500  # positions after conv2 (stride 2): 3000 mel frames / 2
+    max_source_positions: int = N_FRAMES // 2  # positions after conv2 (stride 2): 1500, fixed by the frontend
     activation_function: str = "gelu"
     scale_embedding: bool = False
     layer_norm_eps: float = 1e-5
@@ -78,24 +93,16 @@ class AudioConfig:
             raise ConfigError(f"audio: hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
         self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.max_source_positions != N_FRAMES // 2:
+            raise ConfigError(f"audio: a {CHUNK_LENGTH} s window gives {N_FRAMES // 2} encoder positions but "
+                              f"max_source_positions is {self.max_source_positions}")
+        filter_bytes = (N_FFT // 2 + 1) * self.num_mel_bins * 8
+        if filter_bytes > MAX_MEL_FILTER_BYTES:
+            raise ConfigError(f"audio: num_mel_bins {self.num_mel_bins:,} (the mel filter bank) would take "
+                              f"{filter_bytes:,} bytes (at most {MAX_MEL_FILTER_BYTES:,} are accepted)")
         if self.activation_function != "gelu":
             raise ConfigError(f"audio: activation_function {self.activation_function!r} is not "
                               "supported (AF3 uses 'gelu')")
-
-    @classmethod
-    def from_hf(cls, d: dict) -> AudioConfig:
-        w = "audio_config"
-        return cls(
-            num_mel_bins=_require(d, "num_mel_bins", w),
-            hidden_size=_require(d, "hidden_size", w, ("d_model",)),
-            num_hidden_layers=_require(d, "num_hidden_layers", w, ("encoder_layers",)),
-            num_attention_heads=_require(d, "num_attention_heads", w, ("encoder_attention_heads",)),
-            intermediate_size=_require(d, "intermediate_size", w, ("encoder_ffn_dim",)),
-            max_source_positions=_optional(d, "max_source_positions", 1500),
-            activation_function=_optional(d, "activation_function", "gelu"),
-            scale_embedding=bool(_optional(d, "scale_embedding", False)),
-        )
-
 
 @dataclass
 class TextConfig:
@@ -134,111 +141,6 @@ class TextConfig:
             raise ConfigError(f"text: hidden_act {self.hidden_act!r} is not supported (Qwen2 uses 'silu')")
         self.n_rep = self.num_attention_heads // self.num_key_value_heads
 
-    @classmethod
-    def from_hf(cls, d: dict) -> TextConfig:
-        w = "text_config"
-        if d.get("use_sliding_window"):
-            raise ConfigError(f"{w}: use_sliding_window=true is not supported (AF3 does not use it)")
-        # Older files put rope_theta at the top level, newer ones inside rope_parameters.
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise ConfigError(f"{w}: rope_parameters / rope_scaling must be an object, got {rope!r}")
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ConfigError(f"{w}: rope type {rope.get('rope_type', rope.get('type'))!r} is not "
-                              "supported (AF3 uses plain RoPE)")
-        theta = rope.get("rope_theta", d.get("rope_theta"))
-        if theta is None:
-            raise ConfigError(f"{w}: required key 'rope_theta' (or rope_parameters.rope_theta) is missing")
-        n_heads = _require(d, "num_attention_heads", w)
-        return cls(
-            vocab_size=_require(d, "vocab_size", w),
-            hidden_size=_require(d, "hidden_size", w),
-            intermediate_size=_require(d, "intermediate_size", w),
-            num_hidden_layers=_require(d, "num_hidden_layers", w),
-            num_attention_heads=n_heads,
-            num_key_value_heads=_optional(d, "num_key_value_heads", n_heads),
-            max_position_embeddings=_require(d, "max_position_embeddings", w),
-            rms_norm_eps=_require(d, "rms_norm_eps", w),
-            rope_theta=theta,
-            tie_word_embeddings=bool(_optional(d, "tie_word_embeddings", False)),
-            hidden_act=_optional(d, "hidden_act", "silu"),
-            head_dim=_optional(d, "head_dim", 0),
-        )
-
-
-@dataclass
-class FrontendConfig:
-    """The log-mel frontend and the windowing of long audio."""
-
-    sampling_rate: int = 16000
-    n_fft: int = 400
-    hop_length: int = 160
-    num_mel_bins: int = 128  # HF: feature_size
-    chunk_length: int = 30  # seconds per window
-    max_windows: int = 20  # 20 x 30 s = 10 minutes
-    n_samples: int = field(init=False)  # samples per window: 480 000
-    n_frames: int = field(init=False)  # mel frames per window: 3000
-
-    def __post_init__(self) -> None:
-        _check_types(self)
-        _positive(self, "sampling_rate", "n_fft", "hop_length", "num_mel_bins", "chunk_length",
-                  "max_windows")
-        self.n_samples = self.chunk_length * self.sampling_rate
-        if self.n_samples % self.hop_length:
-            raise ConfigError(f"frontend: window of {self.n_samples} samples is not a multiple of "
-                              f"hop_length {self.hop_length}")
-        self.n_frames = self.n_samples // self.hop_length
-        _check_frontend_sizes(self)
-
-    @property
-    def max_samples(self) -> int:
-        return self.max_windows * self.n_samples
-
-    @classmethod
-    def from_hf(cls, d: dict, max_audio_len: float | None = None) -> FrontendConfig:
-        """From a `preprocessor_config.json` (or the `feature_extractor` part of a processor config)."""
-        w = "feature extractor"
-        if not isinstance(d, dict):
-            raise ConfigError(f"{w}: settings must be an object, got {type(d).__name__} {d!r}")
-        chunk = _optional(d, "chunk_length", 30)
-        if not is_int(chunk) or chunk <= 0:
-            raise ConfigError(f"{w}: chunk_length must be a positive integer (seconds), got {chunk!r}")
-        if max_audio_len is None:
-            max_windows = 20
-        elif not _is_number(max_audio_len) or max_audio_len < chunk:
-            raise ConfigError(f"{w}: max_audio_len must be a number of seconds of at least one "
-                              f"{chunk} s window, got {max_audio_len!r}")
-        else:
-            max_windows = int(max_audio_len // chunk)
-        return cls(
-            sampling_rate=_optional(d, "sampling_rate", 16000),
-            n_fft=_optional(d, "n_fft", 400),
-            hop_length=_optional(d, "hop_length", 160),
-            num_mel_bins=_optional(d, "feature_size", 128, ("num_mel_bins",)),
-            chunk_length=chunk,
-            max_windows=max_windows,
-        )
-
-
-# Per 30 s window, the frontend allocates the window's samples, its STFT and the mel filter bank
-# (AF3: 1.9 MB, 3.9 MB, 0.1 MB); a config asking for more than this is refused, not allocated.
-MAX_FRONTEND_BYTES = 2**30
-
-
-def _check_frontend_sizes(f: FrontendConfig) -> None:
-    """n_fft 10^9 allocated 4.7 GB before anything failed: refuse sizes no real frontend has."""
-    if f.n_fft > f.n_samples:
-        raise ConfigError(f"frontend: n_fft {f.n_fft:,} is longer than a {f.chunk_length} s window "
-                          f"({f.n_samples:,} samples)")
-    n_freqs = f.n_fft // 2 + 1
-    for setting, nbytes in (("sampling_rate x chunk_length (one window of samples)", f.n_samples * 4),
-                            ("n_fft and hop_length (the STFT of one window)", (f.n_frames + 1) * n_freqs * 8),
-                            ("n_fft and num_mel_bins (the mel filter bank)", n_freqs * f.num_mel_bins * 8)):
-        if nbytes > MAX_FRONTEND_BYTES:
-            raise ConfigError(f"frontend: {setting} would take {nbytes:,} bytes (at most {MAX_FRONTEND_BYTES:,} "
-                              "are accepted)")
-
-
 QUANT_SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)  # sizes the int4 kernels take, within the 32-128 we support
 DEFAULT_INT4_GROUP_SIZE = 128  # the size that keeps the whole real decoder under 0.33x bf16 (README)
@@ -271,11 +173,10 @@ class QuantConfig:
 
 @dataclass
 class AF3Config:
-    """The whole model: encoder + projector + decoder, and the frontend that feeds it."""
+    """The whole model: encoder + projector + decoder (the frontend that feeds it: af3.frontend)."""
 
     audio: AudioConfig = field(default_factory=AudioConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    frontend: FrontendConfig = field(default_factory=FrontendConfig)
     audio_token_id: int = 151669
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
@@ -286,9 +187,6 @@ class AF3Config:
         _check_types(self)
         if self.quantization is not None and not isinstance(self.quantization, QuantConfig):
             raise ConfigError(f"quantization must be a QuantConfig or None, got {self.quantization!r}")
-        if self.frontend.num_mel_bins != self.audio.num_mel_bins:
-            raise ConfigError(f"frontend makes {self.frontend.num_mel_bins} mel bins but the encoder "
-                              f"expects {self.audio.num_mel_bins}")
         if not 0 <= self.audio_token_id < self.text.vocab_size:
             raise ConfigError(f"audio_token_id {self.audio_token_id} is outside the vocabulary "
                               f"(vocab_size {self.text.vocab_size})")
@@ -297,43 +195,6 @@ class AF3Config:
                               "(AF3 uses 'gelu')")
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
-        # Frames per window after conv2 (stride 2) must fit the encoder's position table.
-        if math.ceil(self.frontend.n_frames / 2) > self.audio.max_source_positions:
-            raise ConfigError(f"a {self.frontend.chunk_length} s window gives "
-                              f"{math.ceil(self.frontend.n_frames / 2)} encoder positions but "
-                              f"max_source_positions is {self.audio.max_source_positions}")
-
-    # ---- HF config.json ---------------------------------------------------------------------
-
-    @classmethod
-    def from_hf(cls, config: dict, preprocessor: dict | None = None) -> AF3Config:
-        """From an HF `config.json` dict and, when present, the feature-extractor settings."""
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict, got {type(config).__name__}")
-        audio = _require_dict(config, "audio_config", "config.json")
-        text = _require_dict(config, "text_config", "config.json")
-        pre = preprocessor or {}
-        if not isinstance(pre, dict):
-            raise TypeError(f"preprocessor must be a dict, got {type(pre).__name__}")
-        if "feature_extractor" in pre:  # processor_config.json nests it
-            max_len = pre.get("max_audio_len")
-            pre = pre["feature_extractor"]
-        else:
-            max_len = pre.get("max_audio_len")
-        dtype = _optional(config, "dtype", None, ("torch_dtype",))
-        dtype = _optional(text, "dtype", "bfloat16", ("torch_dtype",)) if dtype is None else dtype
-        return cls(
-            audio=AudioConfig.from_hf(audio),
-            text=TextConfig.from_hf(text),
-            frontend=FrontendConfig.from_hf(pre, max_len),
-            audio_token_id=_optional(config, "audio_token_id", 151669, ("audio_token_index",)),
-            projector_hidden_act=_optional(config, "projector_hidden_act", "gelu"),
-            projector_bias=bool(_optional(config, "projector_bias", True)),
-            dtype=str(dtype).replace("torch.", ""),
-        )
-
-    # ---- our own JSON -----------------------------------------------------------------------
-
     def to_dict(self) -> dict:
         def part(obj: Any) -> dict:
             return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
@@ -343,7 +204,6 @@ class AF3Config:
             "format_version": FORMAT_VERSION,
             "audio": part(self.audio),
             "text": part(self.text),
-            "frontend": part(self.frontend),
             "audio_token_id": self.audio_token_id,
             "projector_hidden_act": self.projector_hidden_act,
             "projector_bias": self.projector_bias,
@@ -360,7 +220,7 @@ class AF3Config:
             raise ConfigError("not an af3 config (no \"format\": \"af3\"); an HF config.json must be "
                               "converted with `python -m weights_convert SRC DST`")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             newer = is_int(version) and version > FORMAT_VERSION
             hint = ("; it was written by a newer af3: upgrade af3, or convert the original checkpoint "
                     "again with this af3's weights_convert" if newer else "")
@@ -368,26 +228,28 @@ class AF3Config:
                               f"(expects {FORMAT_VERSION}){hint}")
 
         def part(klass: type, key: str) -> Any:
-            sub = _require_dict(d, key, "config")
+            sub = require_dict(d, key, "config")
             known = {f.name for f in dataclasses.fields(klass) if f.init}
             unknown = sorted(set(sub) - known)
             if unknown:
                 raise ConfigError(f"config.{key}: unknown keys {unknown}")
             return klass(**sub)
 
-        top = {"format", "format_version", "audio", "text", "frontend", "audio_token_id",
+        top = {"format", "format_version", "audio", "text", "audio_token_id",
                "projector_hidden_act", "projector_bias", "dtype", "quantization"}
-        unknown = sorted(set(d) - top)
+        unknown = sorted(set(d) - top - ({"frontend"} if version == 1 else set()))
         if unknown:
             raise ConfigError(f"config: unknown keys {unknown}")
+        audio = part(AudioConfig, "audio")
+        if version == 1:
+            _check_frontend_v1(require_dict(d, "frontend", "config"), audio.num_mel_bins)
         return cls(
-            audio=part(AudioConfig, "audio"),
+            audio=audio,
             text=part(TextConfig, "text"),
-            frontend=part(FrontendConfig, "frontend"),
-            audio_token_id=_require(d, "audio_token_id", "config"),
-            projector_hidden_act=_require(d, "projector_hidden_act", "config"),
-            projector_bias=_require(d, "projector_bias", "config"),
-            dtype=_require(d, "dtype", "config"),
+            audio_token_id=require(d, "audio_token_id", "config"),
+            projector_hidden_act=require(d, "projector_hidden_act", "config"),
+            projector_bias=require(d, "projector_bias", "config"),
+            dtype=require(d, "dtype", "config"),
             quantization=_quantization(d.get("quantization")),
         )
 
@@ -411,6 +273,18 @@ class AF3Config:
             raise ConfigError(f"{path}: {e}") from None
 
 
+def _check_frontend_v1(frontend: dict, num_mel_bins: int) -> None:
+    """A version 1 config's "frontend": af3 only ever wrote Whisper's constants there."""
+    want = {**FRONTEND_V1, "num_mel_bins": num_mel_bins}
+    unknown = sorted(set(frontend) - set(want))
+    if unknown:
+        raise ConfigError(f"config.frontend: unknown keys {unknown}")
+    for key, value in frontend.items():
+        if not is_int(value) or value != want[key]:
+            raise ConfigError(f"config.frontend: {key} is {value!r}, but af3's frontend is Whisper's, fixed "
+                              f"at {want[key]} (af3.frontend)")
+
+
 def _quantization(d: Any) -> QuantConfig | None:
     if d is None:
         return None
@@ -429,11 +303,18 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
+def is_integer(v: Any) -> bool:
+    """`is_int`, numpy's integer scalars included (an id taken from an array): for values that are
+    converted with int() where they enter, never for values stored in a config."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float, and not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-_KINDS = {"int": (is_int, "an integer"), "float": (_is_number, "a finite number"),
+_KINDS = {"int": (is_int, "an integer"), "float": (is_number, "a finite number"),
           "bool": (lambda v: isinstance(v, bool), "true or false"),
           "str": (lambda v: isinstance(v, str), "a string")}
 

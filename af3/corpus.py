@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import torch
 import torch.distributed as dist
 
+from af3.config import is_int
 from af3.longform import (
     CHUNK_SECONDS,
     MARGIN_SECONDS,
@@ -78,7 +79,7 @@ def read_manifest(path: str | os.PathLike) -> list[Item]:
             prompt, id_ = entry.get("prompt"), entry.get("id")
             if prompt is not None and not isinstance(prompt, str):
                 raise ValueError(f"{where}: \"prompt\" must be a string, got {type(prompt).__name__}")
-            if id_ is not None and (isinstance(id_, bool) or not isinstance(id_, (str, int))):
+            if id_ is not None and not (isinstance(id_, str) or is_int(id_)):
                 raise ValueError(f"{where}: \"id\" must be a string or an integer, got {type(id_).__name__}")
             items.append(Item(len(items), entry["audio"], prompt, None if id_ is None else str(id_)))
     if not items:
@@ -126,7 +127,7 @@ def read_records(output: Path, items: Sequence[Item]) -> dict[int, dict]:
                                          "file that is not af3's results; choose another name") from None
                     continue  # the half line a killed rank left
                 index = record.get("index") if isinstance(record, dict) else None
-                if not isinstance(index, int) or not 0 <= index < len(items) or record.get("audio") != items[index].audio:
+                if not is_int(index) or not 0 <= index < len(items) or record.get("audio") != items[index].audio:
                     continue
                 if "error" not in record or "error" in found.get(index, {"error": ""}):
                     found[index] = record
@@ -150,7 +151,7 @@ def transcribe_corpus(bundle: Any, manifest: str | os.PathLike, output: str | os
     log = sys.stderr if log is None else log
     output = Path(output)
     bundle.check_generation(**gen)  # bad settings fail here, not once per recording
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     chunk_sizes(chunk_seconds, margin_seconds)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

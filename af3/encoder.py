@@ -83,11 +83,6 @@ class AudioEncoder(nn.Module):
         # Training: recompute each layer's activations in the backward pass instead of keeping them.
         self.gradient_checkpointing = False
 
-    @property
-    def n_mel_frames(self) -> int:
-        """Mel frames per window the position table fits (3000 for 1500 positions)."""
-        return 2 * self.cfg.max_source_positions
-
     def forward(self, input_features: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
         """Encode windows; `mel_lengths` (n,) are the valid mel frames of each window.
 

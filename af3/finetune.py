@@ -33,8 +33,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from af3 import lora
-from af3.audio import MAX_SECONDS, SAMPLING_RATE, load_audio
+from af3.audio import load_audio
 from af3.chat import AUDIO_KEYS, check_conversation
+from af3.config import is_int
+from af3.frontend import MAX_SECONDS, SAMPLING_RATE
 from af3.jsonfile import parse_json
 from af3.processor import IGNORE_INDEX
 
@@ -70,7 +72,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("lora_rank", "batch_size", "grad_accum", "steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not self.lr > 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("lr must be > 0 and warmup_steps, weight_decay, max_grad_norm >= 0, got "

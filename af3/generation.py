@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from af3.config import AF3Config, is_int, write_json
+from af3.config import AF3Config, is_int, is_integer, write_json
 from af3.jsonfile import parse_json
 from af3.limits import check_fits, kv_cache_bytes
 from af3.qwen2 import positions_from_mask
@@ -52,7 +52,7 @@ class GenerationConfig:
         # numpy / torch scalars (np.int64(20), np.float32(0.7)) become plain Python numbers.
         for name in ("max_new_tokens", "top_k"):
             value = getattr(self, name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            if is_integer(value):
                 setattr(self, name, int(value))
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
@@ -131,7 +131,7 @@ class GenerationConfig:
 
 
 def _check_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     return int(value)
 

@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from af3.audio import MAX_SECONDS, SAMPLING_RATE, AudioSource, audio_seconds, iter_audio
+from af3.audio import AudioSource, audio_seconds, iter_audio
+from af3.config import is_number
+from af3.frontend import CHUNK_LENGTH, MAX_SECONDS, SAMPLING_RATE
 
-CHUNK_SECONDS = 30.0  # one encoder window
+CHUNK_SECONDS = float(CHUNK_LENGTH)  # one encoder window
 MAX_CHUNK_SECONDS = MAX_SECONDS  # all AF3 hears at once
 MARGIN_SECONDS = 2.0  # how far before the nominal boundary a cut may move to find a pause
 FRAME_SAMPLES = 320  # 20 ms: the energy window a cut is centred on
@@ -72,7 +74,7 @@ class Recording:
 def chunk_sizes(chunk_seconds: float, margin_seconds: float) -> tuple[int, int]:
     """(chunk, margin) in samples, checked: 0 < chunk <= 600 s, 0 <= margin < chunk."""
     for name, value in (("chunk_seconds", chunk_seconds), ("margin_seconds", margin_seconds)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_number(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not 0 < chunk_seconds <= MAX_CHUNK_SECONDS:
         raise ValueError(f"chunk_seconds must be in (0, {MAX_CHUNK_SECONDS:g}] (AF3 hears at most 10 minutes "

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from af3.config import write_json
+from af3.config import is_int, is_number, write_json
 from weights_convert.lora import LoraAdapter
 from weights_convert.names import af3_to_hf, hf_to_af3
 from weights_convert.safetensors_io import read_tensor
@@ -91,11 +91,11 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: floa
     module-name patterns (`*` any run of characters, `decoder.layers.*.attn.q`); every pattern
     must match at least one module. Returns the names of the adapted modules.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    if not is_int(rank) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if not is_number(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    if not is_number(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     names = _match(model, targets)
     _freeze(model)
@@ -270,7 +270,7 @@ def _match(model: nn.Module, targets: Sequence[str]) -> list[str]:
 def _check_linear(name: str, module: nn.Module) -> None:
     if isinstance(module, LoRALinear):
         raise ValueError(f"{name} already has a LoRA adapter")  # noqa: TRY004 (a state, not a type)
-    if type(module) is not nn.Linear:
+    if not isinstance(module, nn.Linear):  # nn.Linear or qwen2.Linear; the quantized ones are not
         raise TypeError(f"LoRA needs a float nn.Linear, but {name} is a {type(module).__name__}: quantized or "
                         "other modules cannot take an adapter (load the checkpoint without quantization "
                         "to fine-tune it)")

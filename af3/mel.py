@@ -1,6 +1,6 @@
 """Log-mel frontend: 16 kHz windows -> Whisper log-mel features (n_windows, 128, 3000) and their mask.
 
-Per window, as Whisper and HF's WhisperFeatureExtractor do it:
+Per window, as Whisper and HF's WhisperFeatureExtractor do it (sizes from af3.frontend):
 zero-pad to 30 s; centred STFT (reflect padding, periodic Hann, n_fft 400, hop 160), last frame
 dropped -> 3000 frames; power spectrum through a slaney mel filterbank (0-8 kHz, float64-built);
 log10(max(mel, 1e-10)); floor at (window max - 8); (x + 4) / 4.
@@ -16,7 +16,19 @@ from dataclasses import dataclass
 
 import torch
 
-from af3.config import FrontendConfig
+from af3.config import is_int
+from af3.frontend import (
+    CHUNK_LENGTH,
+    HOP_LENGTH,
+    MAX_SAMPLES,
+    MAX_SECONDS,
+    MAX_WINDOWS,
+    N_FFT,
+    N_FRAMES,
+    N_MELS,
+    N_SAMPLES,
+    SAMPLING_RATE,
+)
 from af3.windows import mel_length, window_ranges, window_token_count
 
 MASK_DTYPE = torch.int32  # what HF's processor returns for input_features_mask
@@ -26,8 +38,8 @@ MASK_DTYPE = torch.int32  # what HF's processor returns for input_features_mask
 class AudioFeatures:
     """The frontend's output for a batch of clips."""
 
-    input_features: torch.Tensor  # (total_windows, n_mels, n_frames) float32
-    input_features_mask: torch.Tensor  # (total_windows, n_frames) int32, 1 = real audio
+    input_features: torch.Tensor  # (total_windows, n_mels, N_FRAMES) float32
+    input_features_mask: torch.Tensor  # (total_windows, N_FRAMES) int32, 1 = real audio
     windows_per_clip: list[int]  # clip i owns the next windows_per_clip[i] rows
     tokens_per_clip: list[int]  # <sound> tokens each clip expands to
 
@@ -105,26 +117,24 @@ def _hann(n_fft: int, device: torch.device) -> torch.Tensor:
 class _Workspace:
     """Buffers for k windows' intermediates, allocated once per call and reused by every pass."""
 
-    padded: torch.Tensor  # (k, n_fft // 2 + n_samples + n_fft // 2) float32
-    frames: torch.Tensor  # (k, n_frames, n_fft) float32, Hann-windowed
-    spectrum: torch.Tensor  # (k, n_frames, n_freqs) complex64
-    power: torch.Tensor  # (k, n_frames, n_freqs) float32
+    padded: torch.Tensor  # (k, N_FFT // 2 + N_SAMPLES + N_FFT // 2) float32
+    frames: torch.Tensor  # (k, N_FRAMES, N_FFT) float32, Hann-windowed
+    spectrum: torch.Tensor  # (k, N_FRAMES, n_freqs) complex64
+    power: torch.Tensor  # (k, N_FRAMES, n_freqs) float32
 
     @classmethod
-    def create(cls, k: int, frontend: FrontendConfig, device: torch.device) -> _Workspace:
-        n_fft, n_frames = frontend.n_fft, frontend.n_frames
-        n_freqs = n_fft // 2 + 1
-        return cls(torch.empty(k, frontend.n_samples + n_fft, dtype=torch.float32, device=device),
-                   torch.empty(k, n_frames, n_fft, dtype=torch.float32, device=device),
-                   torch.empty(k, n_frames, n_freqs, dtype=torch.complex64, device=device),
-                   torch.empty(k, n_frames, n_freqs, dtype=torch.float32, device=device))
+    def create(cls, k: int, device: torch.device) -> _Workspace:
+        n_freqs = N_FFT // 2 + 1
+        return cls(torch.empty(k, N_SAMPLES + N_FFT, dtype=torch.float32, device=device),
+                   torch.empty(k, N_FRAMES, N_FFT, dtype=torch.float32, device=device),
+                   torch.empty(k, N_FRAMES, n_freqs, dtype=torch.complex64, device=device),
+                   torch.empty(k, N_FRAMES, n_freqs, dtype=torch.float32, device=device))
 
 
-def _log_mel(windows: list[torch.Tensor], frontend: FrontendConfig, work: _Workspace,
-             out: torch.Tensor) -> None:
-    """Write the normalised log-mel of k up-to-30 s windows into `out` (k, n_mels, n_frames)."""
-    k, device = len(windows), out.device
-    n_fft, n_samples, pad = frontend.n_fft, frontend.n_samples, frontend.n_fft // 2
+def _log_mel(windows: list[torch.Tensor], work: _Workspace, out: torch.Tensor) -> None:
+    """Write the normalised log-mel of k up-to-30 s windows into `out` (k, n_mels, N_FRAMES)."""
+    k, device, n_mels = len(windows), out.device, out.shape[1]
+    n_fft, n_samples, pad = N_FFT, N_SAMPLES, N_FFT // 2
     # Zero-pad every window to 30 s, in float32 like HF (which casts float64 input down), between
     # `pad` samples of reflect padding on each side: torch.stft(center=True) without its copy.
     padded = work.padded[:k]  # (k, pad + n_samples + pad)
@@ -133,17 +143,17 @@ def _log_mel(windows: list[torch.Tensor], frontend: FrontendConfig, work: _Works
         padded[i, pad + w.shape[0]:].zero_()
     padded[:, :pad] = padded[:, pad + 1: 2 * pad + 1].flip(-1)
     padded[:, pad + n_samples:] = padded[:, n_samples - 1: n_samples + pad - 1].flip(-1)
-    # Frame t starts at sample t * hop; only the first n_frames: Whisper drops the STFT's last frame.
-    frames = padded.unfold(-1, n_fft, frontend.hop_length)[:, : frontend.n_frames]  # (k, n_frames, n_fft)
+    # Frame t starts at sample t * hop; only the first N_FRAMES: Whisper drops the STFT's last frame.
+    frames = padded.unfold(-1, n_fft, HOP_LENGTH)[:, :N_FRAMES]  # (k, N_FRAMES, N_FFT)
     torch.mul(frames, _hann(n_fft, device), out=work.frames[:k])
-    spectrum = torch.fft.rfft(work.frames[:k], out=work.spectrum[:k])  # (k, n_frames, n_freqs)
-    parts = torch.view_as_real(spectrum)  # (k, n_frames, n_freqs, 2)
+    spectrum = torch.fft.rfft(work.frames[:k], out=work.spectrum[:k])  # (k, N_FRAMES, n_freqs)
+    parts = torch.view_as_real(spectrum)  # (k, N_FRAMES, n_freqs, 2)
     power = torch.mul(parts[..., 0], parts[..., 0], out=work.power[:k])
     power.addcmul_(parts[..., 1], parts[..., 1])  # |X|^2 without the sqrt of .abs()
 
-    power_t = power.transpose(1, 2)  # (k, n_freqs, n_frames)
-    for band in _mel_bands(n_fft, frontend.num_mel_bins, frontend.sampling_rate, device):
-        # (bands, rows) @ (k, rows, n_frames) -> (k, bands, n_frames)
+    power_t = power.transpose(1, 2)  # (k, n_freqs, N_FRAMES)
+    for band in _mel_bands(n_fft, n_mels, SAMPLING_RATE, device):
+        # (bands, rows) @ (k, rows, N_FRAMES) -> (k, bands, N_FRAMES)
         torch.matmul(band.weights, power_t[:, band.lo: band.hi], out=out[:, band.first: band.last])
 
     log_spec = out.clamp_(min=1e-10).log10_()
@@ -152,15 +162,14 @@ def _log_mel(windows: list[torch.Tensor], frontend: FrontendConfig, work: _Works
     torch.maximum(log_spec, peak - 8.0, out=log_spec).add_(4.0).div_(4.0)
 
 
-def log_mel_spectrogram(windows: list[torch.Tensor],
-                        frontend: FrontendConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def log_mel_spectrogram(windows: list[torch.Tensor], n_mels: int = N_MELS) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-mel features of up-to-30 s windows, computed on the windows' device
     (one window per pass on the CPU, all at once elsewhere).
 
-    Returns `input_features` (n, num_mel_bins, n_frames) float32 and `input_features_mask`
-    (n, n_frames) int32.
+    Returns `input_features` (n, n_mels, N_FRAMES) float32 and `input_features_mask`
+    (n, N_FRAMES) int32. `n_mels` is the encoder's `AudioConfig.num_mel_bins` (AF3: 128).
     """
-    _check_frontend(frontend)
+    _check_n_mels(n_mels)
     if not isinstance(windows, (list, tuple)):
         raise TypeError(f"windows must be a list of 1-D tensors, got {type(windows).__name__}")
     if not windows:
@@ -172,43 +181,43 @@ def log_mel_spectrogram(windows: list[torch.Tensor],
         if w.ndim != 1 or not w.is_floating_point():
             raise ValueError(f"window {i} must be a 1-D floating-point tensor, got shape "
                              f"{tuple(w.shape)} dtype {w.dtype}")
-        if w.shape[0] > frontend.n_samples:
+        if w.shape[0] > N_SAMPLES:
             raise ValueError(f"window {i} has {w.shape[0]} samples, more than one "
-                             f"{frontend.chunk_length} s window ({frontend.n_samples}); "
+                             f"{CHUNK_LENGTH} s window ({N_SAMPLES}); "
                              "cut clips with af3.windows.window_ranges or use extract_features")
         device = w.device if device is None else device
         if w.device != device:
             raise ValueError(f"window {i} is on {w.device} but window 0 is on {device}")
 
     n = len(windows)
-    features = torch.empty(n, frontend.num_mel_bins, frontend.n_frames, dtype=torch.float32, device=device)
+    features = torch.empty(n, n_mels, N_FRAMES, dtype=torch.float32, device=device)
     step = _CPU_WINDOWS_PER_PASS if device.type == "cpu" else n
-    work = _Workspace.create(min(step, n), frontend, device)
+    work = _Workspace.create(min(step, n), device)
     for first in range(0, n, step):
         chunk = windows[first: first + step]
-        _log_mel(chunk, frontend, work, out=features[first: first + len(chunk)])
+        _log_mel(chunk, work, out=features[first: first + len(chunk)])
 
-    valid = torch.tensor([mel_length(w.shape[0], frontend.hop_length) for w in windows], device=device)
-    frames = torch.arange(frontend.n_frames, device=device)
-    mask = (frames[None, :] < valid[:, None]).to(MASK_DTYPE)  # (n, n_frames)
+    valid = torch.tensor([mel_length(w.shape[0]) for w in windows], device=device)
+    frames = torch.arange(N_FRAMES, device=device)
+    mask = (frames[None, :] < valid[:, None]).to(MASK_DTYPE)  # (n, N_FRAMES)
     return features, mask
 
 
-def extract_features(clips: list[torch.Tensor], frontend: FrontendConfig, *,
+def extract_features(clips: list[torch.Tensor], n_mels: int = N_MELS, *,
                      check_finite: bool = True) -> AudioFeatures:
-    """Cut 16 kHz mono clips into 30 s windows and compute their log-mel features.
+    """Cut 16 kHz mono clips into 30 s windows and compute their `n_mels` log-mel features.
 
-    Clips longer than `frontend.max_samples` (10 minutes) are truncated with a warning.
+    Clips longer than MAX_SAMPLES (10 minutes) are truncated with a warning.
     All clips must be on the same device; the features are computed there. A clip holding NaN
     or infinite samples is a ValueError; `check_finite=False` skips that pass over the samples
     for clips that `af3.audio.load_audio` has already checked (the processor's path).
     """
-    _check_frontend(frontend)
+    _check_n_mels(n_mels)
     if isinstance(clips, torch.Tensor) or not isinstance(clips, (list, tuple)):
         raise TypeError(f"clips must be a list of 1-D tensors (one per clip), got {type(clips).__name__}")
     if not clips:
         raise ValueError("clips is empty: need at least one audio clip")
-    sr = frontend.sampling_rate
+    sr = SAMPLING_RATE
     windows: list[torch.Tensor] = []
     windows_per_clip: list[int] = []
     tokens_per_clip: list[int] = []
@@ -227,16 +236,14 @@ def extract_features(clips: list[torch.Tensor], frontend: FrontendConfig, *,
             raise ValueError(f"clip {i} is empty (0 samples): there is no audio to encode")
         if check_finite and not _is_finite(clip):
             raise ValueError(f"clip {i} contains NaN or infinite samples")
-        if n > frontend.max_samples:
-            warnings.warn(f"clip {i} is {n / sr:.1f} s long; only the first {frontend.max_samples / sr:.0f} s "
-                          f"({frontend.max_windows} windows of {frontend.chunk_length} s) are used",
-                          stacklevel=2)
-        ranges = window_ranges(n, window_samples=frontend.n_samples, max_windows=frontend.max_windows)
+        if n > MAX_SAMPLES:
+            warnings.warn(f"clip {i} is {n / sr:.1f} s long; only the first {MAX_SECONDS} s "
+                          f"({MAX_WINDOWS} windows of {CHUNK_LENGTH} s) are used", stacklevel=2)
+        ranges = window_ranges(n)
         windows.extend(clip[start:end] for start, end in ranges)
         windows_per_clip.append(len(ranges))
-        tokens_per_clip.append(sum(window_token_count(mel_length(end - start, frontend.hop_length))
-                                   for start, end in ranges))
-    features, mask = log_mel_spectrogram(windows, frontend)
+        tokens_per_clip.append(sum(window_token_count(mel_length(end - start)) for start, end in ranges))
+    features, mask = log_mel_spectrogram(windows, n_mels)
     return AudioFeatures(features, mask, windows_per_clip, tokens_per_clip)
 
 
@@ -245,6 +252,8 @@ def _is_finite(clip: torch.Tensor) -> bool:
     return all(math.isfinite(float(x)) for x in torch.aminmax(clip))
 
 
-def _check_frontend(frontend: object) -> None:
-    if not isinstance(frontend, FrontendConfig):
-        raise TypeError(f"frontend must be an af3.config.FrontendConfig, got {type(frontend).__name__}")
+def _check_n_mels(n_mels: object) -> None:
+    if not is_int(n_mels):
+        raise TypeError(f"n_mels must be an int (the encoder's num_mel_bins), got {type(n_mels).__name__}")
+    if n_mels <= 0:
+        raise ValueError(f"n_mels must be positive, got {n_mels}")

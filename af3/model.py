@@ -15,6 +15,7 @@ from torch import nn
 
 from af3.config import AF3Config, is_int
 from af3.encoder import AudioEncoder
+from af3.frontend import N_FRAMES
 from af3.generation import GenerationConfig, generate
 from af3.limits import check_fits, kv_cache_bytes
 from af3.processor import IGNORE_INDEX
@@ -159,8 +160,8 @@ class AudioFlamingo3(nn.Module):
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a KVCache from model.new_cache, got {type(cache).__name__}")
-            if cache.k.device != device:
-                raise ValueError(f"cache is on {cache.k.device} but input_ids is on {device}")
+            if cache.device != device:
+                raise ValueError(f"cache is on {cache.device} but input_ids is on {device}")
             if cache.batch_size != b:
                 raise ValueError(f"cache was made for batch size {cache.batch_size} but the input has "
                                  f"batch size {b}")
@@ -258,7 +259,7 @@ class AudioFlamingo3(nn.Module):
         """Validate the features and return the valid mel length of every window (n,)."""
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"input_features must be a torch.Tensor, got {type(features).__name__}")
-        n_mels, n_frames = self.config.audio.num_mel_bins, self.encoder.n_mel_frames
+        n_mels, n_frames = self.config.audio.num_mel_bins, N_FRAMES
         if features.dim() != 3 or features.shape[1:] != (n_mels, n_frames):
             raise ValueError(f"input_features must have shape (n_windows, {n_mels}, {n_frames}), got "
                              f"{tuple(features.shape)}")

@@ -16,8 +16,15 @@ import numpy as np
 import torch
 
 from af3.audio import load_audio
-from af3.chat import conversation_audio, is_conversation, render_conversation
-from af3.config import FrontendConfig, is_int
+from af3.chat import (
+    IM_END,
+    IM_START,
+    conversation_audio,
+    is_conversation,
+    render_conversation,
+)
+from af3.config import is_int, is_integer
+from af3.frontend import HOP_LENGTH, N_MELS, SAMPLING_RATE
 from af3.mel import extract_features
 from af3.windows import mel_length, window_ranges, window_token_count
 
@@ -63,16 +70,18 @@ class Processor:
     """Turns prompts and audio into model inputs, with the same names and values as HF's processor.
 
     `tokenizer` is an `af3.tokenizer.Tokenizer` (anything with its `encode`/`decode`/`pad_token_id`
-    will do); `frontend` sets the windowing and log-mel; `max_length` (the text model's context,
+    will do); `num_mel_bins` is the encoder's (`AudioConfig.num_mel_bins`); `max_length` (the text model's context,
     or None for no check) turns a prompt that could not fit into a ValueError here rather than a
     failure deep inside the model.
     """
 
-    def __init__(self, tokenizer: Tokenizer, frontend: FrontendConfig, audio_token: str = "<sound>",
+    def __init__(self, tokenizer: Tokenizer, num_mel_bins: int = N_MELS, audio_token: str = "<sound>",
                  max_length: int | None = None,
                  default_transcription_prompt: str = DEFAULT_TRANSCRIPTION_PROMPT) -> None:
-        if not isinstance(frontend, FrontendConfig):
-            raise TypeError(f"frontend must be an af3.config.FrontendConfig, got {type(frontend).__name__}")
+        if not is_int(num_mel_bins):
+            raise TypeError(f"num_mel_bins must be a positive int, got {num_mel_bins!r}")
+        if num_mel_bins <= 0:
+            raise ValueError(f"num_mel_bins must be a positive int, got {num_mel_bins}")
         if not isinstance(audio_token, str) or not audio_token:
             raise TypeError(f"audio_token must be a non-empty string, got {audio_token!r}")
         if max_length is not None and (not is_int(max_length) or max_length <= 0):
@@ -84,7 +93,7 @@ class Processor:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; the processor pads batches with it")
         self.tokenizer = tokenizer
-        self.frontend = frontend
+        self.num_mel_bins = num_mel_bins
         self.audio_token = audio_token
         self.audio_token_id: int = ids[0]
         self.max_length = max_length
@@ -134,7 +143,7 @@ class Processor:
         flat = [clip for sample in clips for clip in sample]
         if flat:
             # load_audio has checked every clip for NaN/inf already. Warns when a clip is truncated.
-            features = extract_features(flat, self.frontend, check_finite=False)
+            features = extract_features(flat, self.num_mel_bins, check_finite=False)
             out["input_features"] = features.input_features
             out["input_features_mask"] = features.input_features_mask
         if output_labels:
@@ -171,9 +180,7 @@ class Processor:
 
     def _window_tokens(self, clip: torch.Tensor) -> list[int]:
         """<sound> tokens of each of a clip's 30 s windows."""
-        f = self.frontend
-        ranges = window_ranges(clip.shape[0], window_samples=f.n_samples, max_windows=f.max_windows)
-        return [window_token_count(mel_length(end - start, f.hop_length)) for start, end in ranges]
+        return [window_token_count(mel_length(end - start)) for start, end in window_ranges(clip.shape[0])]
 
     def _expand(self, index: int, text: str, clips: list[torch.Tensor]) -> list[int]:
         """Token ids of one prompt, each `<sound>` repeated as many times as its audio has tokens."""
@@ -184,10 +191,9 @@ class Processor:
         per_clip = [self._window_tokens(clip) for clip in clips]
         for j, (clip, windows) in enumerate(zip(clips, per_clip)):
             if sum(windows) == 0:  # its <sound> would vanish and the model would never hear it
-                hop = self.frontend.hop_length
                 raise ValueError(f"clip {j} of sample {index}: {clip.shape[0]} samples is too short to give any "
-                                 f"audio token (3 mel frames make the first one: more than {2 * hop} samples, "
-                                 f"{2000 * hop / self.frontend.sampling_rate:g} ms); pad or drop the clip")
+                                 f"audio token (3 mel frames make the first one: more than {2 * HOP_LENGTH} "
+                                 f"samples, {2000 * HOP_LENGTH / SAMPLING_RATE:g} ms); pad or drop the clip")
         if not clips:
             if found:
                 raise ValueError(f"sample {index}: found {found} placeholders but no audio was given")
@@ -229,7 +235,7 @@ class Processor:
 
     def _assistant_positions(self, ids: list[int]) -> list[int]:
         """1 where a token belongs to an assistant turn's content or its closing <|im_end|>, else 0."""
-        im_start, im_end = self._chat_token_id("<|im_start|>"), self._chat_token_id("<|im_end|>")
+        im_start, im_end = self._chat_token_id(IM_START), self._chat_token_id(IM_END)
         keep = [0] * len(ids)
         p = 0
         while p < len(ids):
@@ -342,7 +348,7 @@ class Processor:
 
         `strip_prefix` removes AF3's transcription framing (see `strip_transcription_prefix`).
         """
-        if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool) or \
+        if is_integer(ids) or \
                 isinstance(ids, (torch.Tensor, np.ndarray)) and ids.ndim == 0:
             ids = [int(ids)]  # one token id, as HF's decode takes it
         rows = _as_id_rows(ids)
@@ -415,7 +421,7 @@ def _as_id_list(ids: Any) -> list[int]:
     if not isinstance(ids, (list, tuple)):
         raise TypeError(f"token ids must be a list of ints or a tensor, got {type(ids).__name__}")
     for i, t in enumerate(ids):
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+        if not is_integer(t):
             raise TypeError(f"token id {i} must be an int, got {type(t).__name__}")
     return [int(t) for t in ids]
 

@@ -22,9 +22,51 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)  # x * rsqrt(mean(x^2) + eps), in fp32
         return self.weight * xf.to(x.dtype)  # cast back before the gain, as Qwen2 does
+
+
+# `linear` takes products of at most SPLIT_ROWS rows on the CPU (a decode step's) its own way.
+# Eager, only float32 weights of at least SPLIT_MIN_WEIGHT elements: smaller ones sit in cache,
+# where the split's extra calls cost more than they save. Measured on 2 threads.
+SPLIT_ROWS, SPLIT_MIN_WEIGHT = 4, 1 << 18
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), faster for the few rows of a decode step on the CPU.
+
+    A decode step multiplies one row per sequence by every weight matrix, so its speed is how
+    fast the weights are read. MKL runs such a float32 product on one thread; split into one
+    slice of output rows per thread, as a batched product, it reads the weight at the memory's
+    speed (2-3x faster on 2 threads, `tests/bench_mid.py`). Under torch.compile the product is
+    written as a multiply and a sum, which inductor fuses into one kernel that reads the weight
+    once on every thread, in any dtype (sums in fp32, as F.linear's). Each output is the same
+    dot product summed in another order: equal to F.linear to float precision, not bit for bit.
+    """
+    n, k = weight.shape
+    rows = x.numel() // k
+    if rows > SPLIT_ROWS or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        y = (x.float()[..., None, :] * weight.float()).sum(-1)  # (..., N)
+        return (y if bias is None else y + bias.float()).to(x.dtype)
+    threads = torch.get_num_threads()
+    if (threads == 1 or weight.numel() < SPLIT_MIN_WEIGHT or n % threads or not weight.is_contiguous()
+            or weight.dtype != torch.float32 or x.dtype != torch.float32 or torch.is_grad_enabled()):
+        return F.linear(x, weight, bias)
+    xt = x.reshape(rows, k).t().expand(threads, k, rows)  # (threads, K, M), no copy
+    y = torch.bmm(weight.view(threads, n // threads, k), xt)  # (threads, N / threads, M)
+    y = y.permute(2, 0, 1).reshape(rows, n).contiguous()  # (M, N)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], n)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear` (same weights, same state dict names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
@@ -44,30 +86,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Keys and values of every layer, preallocated; written only by `update`, where the caller says.
 
-    k, v: (n_layers, B, kv_heads, max_len, head_dim), non-persistent buffers (never saved).
-    The cache does not count tokens: whoever feeds the model names the slot of each new token
-    (`input_pos`) and which slots hold real tokens (the attention mask, causal up to the
-    query's slot). A slot written by a turn that was then abandoned is simply written again.
-    `grow` makes room for a longer sequence and keeps every key and value written so far.
+    k[i], v[i]: layer i's keys and values (B, kv_heads, max_len, head_dim), one tensor per
+    layer (torch.compile writes a whole tensor in place, where it would copy one layer's slice
+    of a shared tensor every step). Never saved. The cache does not count tokens: whoever
+    feeds the model names the slot of each new token (`input_pos`) and which slots hold real
+    tokens (the attention mask, causal up to the query's slot). A slot written by a turn that
+    was then abandoned is simply written again. `grow` makes room for a longer sequence and
+    keeps every key and value written so far.
     """
 
     def __init__(self, n_layers: int, batch_size: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None = None):
-        super().__init__()
-        shape = (n_layers, batch_size, kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch_size, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,16 +134,16 @@ class KVCache(nn.Module):
         the size so a growing chat copies O(1) per token, amortised)."""
         if max_len <= self.max_len:
             return
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:3], max_len, old.shape[4])
-            new[:, :, :, :old.shape[3]] = old
-            setattr(self, name, new)  # a registered buffer: replaced, still not persistent
+        for tensors in (self.k, self.v):
+            for i, old in enumerate(tensors):
+                new = old.new_zeros(*old.shape[:2], max_len, old.shape[3])
+                new[:, :, :old.shape[2]] = old
+                tensors[i] = new
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows `rows` (1-D indices), in that order."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
 
 
 class DecoderAttention(nn.Module):
@@ -102,10 +153,10 @@ class DecoderAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = (cfg.num_attention_heads,
                                                         cfg.num_key_value_heads, cfg.head_dim)
         d = cfg.hidden_size
-        self.q = nn.Linear(d, self.n_heads * self.head_dim)
-        self.k = nn.Linear(d, self.n_kv_heads * self.head_dim)
-        self.v = nn.Linear(d, self.n_kv_heads * self.head_dim)
-        self.o = nn.Linear(self.n_heads * self.head_dim, d, bias=False)  # Qwen2: no o bias
+        self.q = Linear(d, self.n_heads * self.head_dim)
+        self.k = Linear(d, self.n_kv_heads * self.head_dim)
+        self.v = Linear(d, self.n_kv_heads * self.head_dim)
+        self.o = Linear(self.n_heads * self.head_dim, d, bias=False)  # Qwen2: no o bias
         self.use_sdpa = True
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
@@ -129,9 +180,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -181,7 +232,7 @@ class Qwen2Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Tied: the embedding matrix doubles as the LM head, and no lm_head tensor exists.
         self.lm_head = (None if cfg.tie_word_embeddings
-                        else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
+                        else Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
         # Training: recompute each layer's activations in the backward pass instead of keeping them.
         self.gradient_checkpointing = False
 
@@ -202,4 +253,4 @@ class Qwen2Decoder(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         # Through the module when untied, so that a LoRA adapter or a quantized head (af3/quant.py)
         # on lm_head takes part.
-        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        return linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)

@@ -27,6 +27,7 @@ from typing import Any
 
 import regex
 
+from af3.chat import IM_END
 from af3.jsonfile import parse_json
 
 # The split pattern HF's ByteLevel pre-tokenizer uses when `use_regex` is true (GPT-2's).
@@ -86,6 +87,10 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+# AF3's pad and eos tokens, as its tokenizer_config.json names them: a reply ends with its ChatML turn.
+PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", IM_END
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer read from a HF `tokenizer.json`.
 
@@ -93,8 +98,8 @@ class Tokenizer:
     `tokenizer_config.json` uses `<|endoftext|>` and `<|im_end|>`.
     """
 
-    def __init__(self, spec: dict[str, Any], *, pad_token: str | None = "<|endoftext|>",
-                 eos_token: str | None = "<|im_end|>", source: str = "tokenizer.json") -> None:
+    def __init__(self, spec: dict[str, Any], *, pad_token: str | None = PAD_TOKEN,
+                 eos_token: str | None = EOS_TOKEN, source: str = "tokenizer.json") -> None:
         if not isinstance(spec, dict):
             raise TypeError(f"{source}: expected a JSON object, got {type(spec).__name__}")
         self._source = source
@@ -125,8 +130,8 @@ class Tokenizer:
         self.pad_token, self.eos_token = pad_token, eos_token
 
     @classmethod
-    def from_file(cls, path: str | Path, pad_token: str | None = "<|endoftext|>",
-                  eos_token: str | None = "<|im_end|>") -> Tokenizer:
+    def from_file(cls, path: str | Path, pad_token: str | None = PAD_TOKEN,
+                  eos_token: str | None = EOS_TOKEN) -> Tokenizer:
         """Read a HF `tokenizer.json` (or a directory holding one)."""
         if not isinstance(path, (str, Path)):
             raise TypeError(f"path must be a str or Path, got {type(path).__name__}")

@@ -1,6 +1,8 @@
 """Window and token-count math: how a clip is cut into 30 s windows and how many <sound> tokens it gets.
 
 Pure integer arithmetic (no torch), so the processor, the model and the tests share one definition.
+The sizes are Whisper's (af3.frontend); the functions take them as arguments only so that tests
+can try small ones.
 
 A clip of n samples gets ceil(n / 480 000) windows (at least one, at most 20; longer audio is
 truncated). Each window's valid mel length is ceil(n_in_window / 160) frames. The encoder's conv2
@@ -10,20 +12,18 @@ full window, 25 per second.
 
 from __future__ import annotations
 
-SAMPLING_RATE = 16_000
-WINDOW_SAMPLES = 30 * SAMPLING_RATE  # 480 000 samples per window
-HOP_LENGTH = 160
-MAX_WINDOWS = 20  # 20 x 30 s = 10 minutes
+from af3.config import is_int
+from af3.frontend import HOP_LENGTH, MAX_WINDOWS, N_SAMPLES
 
 
 def _check_count(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def num_windows(n_samples: int, *, window_samples: int = WINDOW_SAMPLES,
+def num_windows(n_samples: int, *, window_samples: int = N_SAMPLES,
                 max_windows: int = MAX_WINDOWS) -> int:
     """Windows a clip of `n_samples` gets: ceil(n / window_samples), at least 1, at most `max_windows`."""
     _check_count("n_samples", n_samples, 0)
@@ -33,7 +33,7 @@ def num_windows(n_samples: int, *, window_samples: int = WINDOW_SAMPLES,
     return min(max(1, wanted), max_windows)
 
 
-def window_ranges(n_samples: int, *, window_samples: int = WINDOW_SAMPLES,
+def window_ranges(n_samples: int, *, window_samples: int = N_SAMPLES,
                   max_windows: int = MAX_WINDOWS) -> list[tuple[int, int]]:
     """Each window's sample range `(start, end)`; together they tile the kept audio exactly.
 
@@ -69,7 +69,7 @@ def window_token_count(mel_len: int) -> int:
     return pooled_length(mel_len)
 
 
-def audio_token_count(n_samples: int, *, window_samples: int = WINDOW_SAMPLES,
+def audio_token_count(n_samples: int, *, window_samples: int = N_SAMPLES,
                       max_windows: int = MAX_WINDOWS, hop_length: int = HOP_LENGTH) -> int:
     """Audio tokens for a whole clip: the sum over its windows (what one <sound> expands to)."""
     ranges = window_ranges(n_samples, window_samples=window_samples, max_windows=max_windows)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 
-DTYPE_NAMES = ("bfloat16", "float16", "float32")  # af3.load takes these names
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # af3.config.DTYPE_NAMES, restated so that --help needs no torch
 DTYPE_HELP = "weights dtype (default: bfloat16 on a GPU, float32 on the CPU)"
 DEVICE_HELP = "cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)"
 

@@ -21,7 +21,8 @@ import torchaudio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from af3.audio import SAMPLING_RATE, load_audio
+from af3.audio import load_audio
+from af3.frontend import SAMPLING_RATE
 
 CASES = [("30 s, 16 kHz mono", 16_000, 1, 30), ("30 s, 44.1 kHz stereo", 44_100, 2, 30),
          ("5 min, 48 kHz mono", 48_000, 1, 300), ("10 min, 44.1 kHz stereo", 44_100, 2, 600)]

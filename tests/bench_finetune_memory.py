@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from af3 import finetune, lora
-from af3.config import AF3Config
 from af3.model import AudioFlamingo3
+from weights_convert.hf_config import config_from_hf
 
 REAL = {  # nvidia/audio-flamingo-3-hf: Whisper-large-v3 encoder, Qwen2.5-7B decoder
     "audio_config": {"d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20,
@@ -48,7 +48,7 @@ def saved_bytes(model: AudioFlamingo3, batch: dict) -> int:
 
 def main() -> None:
     with torch.device("meta"):
-        real = AudioFlamingo3(AF3Config.from_hf(REAL))
+        real = AudioFlamingo3(config_from_hf(REAL))
     print("AF3 (8.3 B), LoRA r=8 on the decoder's q k v o gate up down, 30 s of audio + 100 text tokens, "
           "bf16 weights and activations:")
     for checkpointing in (False, True):

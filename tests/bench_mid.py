@@ -1,6 +1,6 @@
 """Decode speed against the memory-bandwidth floor, at a "mid" size, af3 vs transformers (same run).
 
-    .venv/bin/python tests/bench_mid.py [--steps 16] [--dtypes float32,bfloat16]
+    .venv/bin/python tests/bench_mid.py [--steps 16] [--dtypes float32,bfloat16] [--no-compile]
 
 The model: Qwen2.5-0.5B's decoder dimensions (hidden 896, 24 layers, 14 query / 2 key-value
 heads, MLP 4864, vocabulary 151 936, untied head as in AF3) and a 4-layer encoder of
@@ -8,7 +8,8 @@ Whisper-large-v3's width, random weights, shared by both implementations (af3's 
 the HF model's tensors). A decode step at this size is bound by reading the weights: the floor
 is (bytes of weights read per token) / (read bandwidth measured here by summing a 1 GiB tensor),
 and the bench prints each implementation's ms/token as a percentage of that floor (100% = as
-fast as reading the weights once). Batch 1, a 64-token text prompt, greedy.
+fast as reading the weights once). Batch 1, a 64-token text prompt, greedy; af3 eager and with
+its decode step compiled (`compile=True`), HF eager.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from af3.generation import decode_one_token
+import torch.nn.functional as F
+
+from af3.generation import compiled_decode_one_token, decode_one_token
 from af3.model import AudioFlamingo3
 from tests.model_helpers import af3_config_of, tiny_hf_config
 from weights_convert.names import hf_to_af3
@@ -68,6 +71,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled af3 row")
     args = p.parse_args()
     hf, ours = build()
     ids = torch.randint(10, 150000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
@@ -78,33 +82,46 @@ def main() -> None:
         hf.to(dtype)
         ours.to(dtype)
         floor_bytes = bytes_per_token(ours)
-        t_hf, t_af3, bw = measure(hf, ours, ids, args.steps)
-        kernel_bw = linear_bandwidth(ours.decoder.layers[0].mlp.up)
+        t_hf, t_af3, t_compiled, bw = measure(hf, ours, ids, args.steps, not args.no_compile)
         floor = floor_bytes / bw
         print(f"{dtype_name:9s} weights read/token {floor_bytes / 1e9:.2f} GB, read bandwidth {bw / 1e9:.1f} GB/s "
-              f"-> floor {floor * 1e3:.0f} ms/token | af3 {t_af3 * 1e3:.0f} ms/token ({100 * floor / t_af3:.0f}% "
-              f"of floor)  HF {t_hf * 1e3:.0f} ms/token ({100 * floor / t_hf:.0f}%)  HF/af3 {t_hf / t_af3:.2f}x")
-        print(f"{'':9s} where the time goes: torch's own F.linear on one token (an MLP matrix) reads its weights "
-              f"at {kernel_bw / 1e9:.1f} GB/s, {100 * kernel_bw / bw:.0f}% of the read bandwidth; a step made only "
-              f"of such calls would reach {100 * kernel_bw / bw:.0f}% of the floor")
+              f"-> floor {floor * 1e3:.0f} ms/token")
+        print(f"{'':9s} HF  {t_hf * 1e3:6.1f} ms/token ({100 * floor / t_hf:3.0f}% of floor)")
+        print(f"{'':9s} af3 {t_af3 * 1e3:6.1f} ms/token ({100 * floor / t_af3:3.0f}% of floor)  HF/af3 {t_hf / t_af3:.2f}x")
+        if t_compiled is not None:
+            print(f"{'':9s} af3 {t_compiled * 1e3:6.1f} ms/token ({100 * floor / t_compiled:3.0f}% of floor)  "
+                  f"HF/af3 {t_hf / t_compiled:.2f}x  compile=True")
+        ups = [layer.mlp.up for layer in ours.decoder.layers]  # 24 matrices: more than the caches hold
+        torch_bw, af3_bw = linear_bandwidth(ups, F.linear), linear_bandwidth(ups, None)
+        print(f"{'':9s} one token through each layer's MLP up matrix in turn: torch's F.linear reads them at "
+              f"{torch_bw / 1e9:.1f} GB/s ({100 * torch_bw / bw:.0f}% of the read bandwidth), af3's linear at "
+              f"{af3_bw / 1e9:.1f} GB/s ({100 * af3_bw / bw:.0f}%)")
 
 
 @torch.inference_mode()
-def linear_bandwidth(layer: torch.nn.Linear, repeats: int = 20) -> float:
-    """Bytes per second one decode-shaped call (a single token) of `layer` reads its weight at."""
-    x = torch.randn(1, 1, layer.in_features, dtype=layer.weight.dtype)
-    layer(x)
+def linear_bandwidth(layers: list[torch.nn.Linear], fn, repeats: int = 5) -> float:
+    """Bytes per second one decode-shaped call (a single token) reads the weights at, through
+    `fn(x, weight)` (None: the layer itself), over `layers` in turn."""
+    x = torch.randn(1, 1, layers[0].in_features, dtype=layers[0].weight.dtype)
+
+    def run():
+        for layer in layers:
+            fn(x, layer.weight) if fn is not None else layer(x)
+
+    run()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        layer(x)
+        run()
         best = min(best, time.perf_counter() - start)
-    return layer.weight.numel() * layer.weight.element_size() / best
+    return sum(layer.weight.numel() * layer.weight.element_size() for layer in layers) / best
 
 
 @torch.inference_mode()
-def measure(hf, ours: AudioFlamingo3, ids: torch.Tensor, steps: int) -> tuple[float, float, float]:
-    """Seconds per decode step of HF and af3 (best of 3, interleaved) and the read bandwidth."""
+def measure(hf, ours: AudioFlamingo3, ids: torch.Tensor, steps: int,
+            compile: bool) -> tuple[float, float, float | None, float]:
+    """Seconds per decode step of HF, af3 and af3 compiled (None if not asked for); best of 3,
+    interleaved; and the read bandwidth."""
     prompt = ids.shape[1]
     hf_prefilled = hf(input_ids=ids, use_cache=True).cache
     cache = ours.new_cache(1, prompt + steps)
@@ -118,22 +135,25 @@ def measure(hf, ours: AudioFlamingo3, ids: torch.Tensor, steps: int) -> tuple[fl
             out = hf(input_ids=token, attention_mask=mask[:, :prompt + i + 1], cache=kv, use_cache=True)
             kv, token = out.cache, out.logits[:, -1:].argmax(-1)
 
-    def af3_decode():
+    def af3_decode(step=decode_one_token):
         token = torch.zeros(1, 1, dtype=torch.long)
         for i in range(steps):  # each run writes the same slots again
-            token = decode_one_token(ours, token, mask, cache, slots[i], slots[i][None]).argmax(-1, keepdim=True)
+            token = step(ours, token, mask, cache, slots[i], slots[i][None]).argmax(-1, keepdim=True)
 
-    hf_decode(), af3_decode()  # warm-up
-    t_hf, t_af3, bw = float("inf"), float("inf"), 0.0
-    for _ in range(3):  # interleaved, so both see the same machine load
+    runs = {"hf": hf_decode, "af3": af3_decode}
+    if compile:
+        compiled = compiled_decode_one_token(ours, torch.device("cpu"))
+        runs["compiled"] = lambda: af3_decode(compiled)
+    for run in runs.values():  # warm-up (and compilation)
+        run()
+    best, bw = dict.fromkeys(runs, float("inf")), 0.0
+    for _ in range(3):  # interleaved, so all see the same machine load
         bw = max(bw, read_bandwidth(2))
-        start = time.perf_counter()
-        hf_decode()
-        t_hf = min(t_hf, (time.perf_counter() - start) / steps)
-        start = time.perf_counter()
-        af3_decode()
-        t_af3 = min(t_af3, (time.perf_counter() - start) / steps)
-    return t_hf, t_af3, bw
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], (time.perf_counter() - start) / steps)
+    return best["hf"], best["af3"], best.get("compiled"), bw
 
 
 if __name__ == "__main__":

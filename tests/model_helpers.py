@@ -11,6 +11,7 @@ import torch
 
 from af3.config import AF3Config
 from af3.model import AudioFlamingo3
+from weights_convert.hf_config import config_from_hf
 from weights_convert.names import hf_to_af3
 
 TINY_VOCAB = 160
@@ -53,7 +54,7 @@ def tiny_hf_model(audio: dict | None = None, seed: int = 0, **text_overrides):
 
 
 def af3_config_of(hf_model) -> AF3Config:
-    return AF3Config.from_hf(hf_model.config.to_dict())
+    return config_from_hf(hf_model.config.to_dict())
 
 
 def hf_to_af3_model(hf_model) -> AudioFlamingo3:

@@ -522,7 +522,7 @@ def test_malformed_index_and_sound_token(tmp_path, capsys):
     index["weight_map"][next(iter(index["weight_map"]))] = 3
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     # was "'<' not supported between instances of 'int' and 'str'"
-    expect_error(capsys, src, tmp_path / "af3", contains=("model.safetensors.index.json", "shard 3 is not a file name"))
+    expect_error(capsys, src, tmp_path / "af3", contains=("model.safetensors.index.json", "shard 3 is not a file inside"))
     nvidia = write_tiny_nvidia_checkpoint(tmp_path / "nvidia", write_tiny_hf_checkpoint(tmp_path / "hf1"))
     tok = nvidia / "llm" / "tokenizer.json"
     t = json.loads(tok.read_text())
@@ -531,3 +531,9 @@ def test_malformed_index_and_sound_token(tmp_path, capsys):
             del added["id"]
     tok.write_text(json.dumps(t))
     expect_error(capsys, nvidia, tmp_path / "af3", contains=("tokenizer.json", "'<sound>' has no integer id"))  # was a KeyError
+
+
+def test_max_shard_size_true_is_not_one_byte(tmp_path, hf_src):
+    with pytest.raises(ValueError, match="max_shard_size must be a positive number of bytes, got True"):
+        convert(hf_src, tmp_path / "af3", max_shard_size=True)  # was one shard per tensor
+    assert not (tmp_path / "af3").exists()

@@ -184,9 +184,7 @@ def test_transcribe_decodes_a_batch_at_a_time_and_keeps_repeats(files, capsys, m
 
 def test_transcribe_long_file_as_subtitles_and_a_manifest(files, capsys, tmp_path):
     import af3
-    from af3.longform import MAX_CHUNK_SECONDS, parse_srt, parse_vtt
-
-    assert example("transcribe").MAX_CHUNK_SECONDS == MAX_CHUNK_SECONDS  # restated there to spare --help torch
+    from af3.longform import parse_srt, parse_vtt
 
     long = tmp_path / "long.wav"
     soundfile.write(str(long), (0.1 * np.random.default_rng(5).standard_normal(16000 * 13)).astype(np.float32), 16000)
@@ -222,6 +220,19 @@ def test_help_answers_without_importing_torch(name):
     assert run.returncode == 0 and run.stdout.startswith("usage:"), run.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
     assert "af3" not in imported and "torch" not in imported and "numpy" not in imported
+
+
+def test_names_restated_for_a_fast_help_equal_the_originals():
+    """--help imports neither torch nor af3, so a few names are restated: each must equal the original."""
+    from af3.config import DTYPE_NAMES
+    from af3.longform import MAX_CHUNK_SECONDS
+    from examples._common import DTYPE_NAMES as EXAMPLE_DTYPES
+    from weights_convert import __main__ as convert_cli
+    from weights_convert.convert import DTYPE_CHOICES
+
+    assert sorted(EXAMPLE_DTYPES) == sorted(DTYPE_NAMES)
+    assert sorted(convert_cli.DTYPE_CHOICES) == sorted(DTYPE_CHOICES)
+    assert example("transcribe").MAX_CHUNK_SECONDS == MAX_CHUNK_SECONDS
 
 
 def test_train_step_takes_dtype(files, capsys, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from af3 import generation
+from af3 import generation, qwen2
 from af3.generation import GenerationConfig, generate, process_scores, seen_mask
 from af3.streaming import TextStreamer
 
@@ -502,17 +502,32 @@ def test_model_generate_method_and_text_only(hf_and_af3):
     assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=8, eos_token_id=[]), theirs)
 
 
-def test_compiled_decode_gives_the_same_tokens(hf_and_af3, capsys):
-    # torch.compile of the decode step (inductor on the CPU, CUDA graphs on CUDA): same tokens as eager.
-    _, ours = hf_and_af3
-    ids, mask, feats, fmask = audio_batch([400, 160], [[5, 6, 9], [11]])
-    kw = {"max_new_tokens": 10, "do_sample": False, "repetition_penalty": 1.3, "pad_token_id": PAD,
-          "eos_token_id": []}
-    eager = generate(ours, ids, mask, feats, fmask, **kw)
-    compiled = generate(ours, ids, mask, feats, fmask, compile=True, **kw)
-    assert torch.equal(compiled, eager)
-    assert "compiling the decode step" in capsys.readouterr().err
-    again = generate(ours, ids, mask, feats, fmask, compile=True, **kw)  # compiled once, said once
-    assert torch.equal(again, eager) and "compiling" not in capsys.readouterr().err
+@pytest.mark.parametrize("split_min_weight", [qwen2.SPLIT_MIN_WEIGHT, 0], ids=["big-weights-split", "all-split"])
+def test_compiled_decode_gives_the_same_tokens(hf_and_af3, capsys, monkeypatch, split_min_weight):
+    # torch.compile of the decode step (inductor on the CPU, CUDA graphs on CUDA): same tokens as
+    # eager and as transformers. The compiled step takes qwen2.linear's multiply-and-sum form;
+    # eager, the tiny weights go through F.linear, or (every weight counted as big) through the
+    # split product on 2 threads.
+    hf, ours = hf_and_af3
+    monkeypatch.setattr(qwen2, "SPLIT_MIN_WEIGHT", split_min_weight)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ids, mask, feats, fmask = audio_batch([400, 160], [[5, 6, 9], [11]])
+        kw = {"max_new_tokens": 10, "do_sample": False, "repetition_penalty": 1.3, "pad_token_id": PAD}
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask,
+                             eos_token_id=None, **kw)
+        kw["eos_token_id"] = []
+        eager = generate(ours, ids, mask, feats, fmask, **kw)
+        assert torch.equal(eager, theirs)
+        capsys.readouterr()
+        generation._compiled_models.discard(ours)  # as if this model had never been compiled
+        compiled = generate(ours, ids, mask, feats, fmask, compile=True, **kw)
+        assert torch.equal(compiled, eager)
+        again = generate(ours, ids, mask, feats, fmask, compile=True, **kw)  # compiled once, said once
+        assert torch.equal(again, eager)
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().err.count("compiling the decode step") == 1  # said on the first call only
     with pytest.raises(TypeError, match="compile must be True or False"):
         generate(ours, ids, compile="yes")

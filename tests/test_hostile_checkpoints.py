@@ -62,30 +62,33 @@ def test_a_kv_cache_no_machine_holds_is_refused_by_name(tiny, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("setting", "value", "match"), [
-    ("n_fft", 10**9, r"n_fft 1,000,000,000 is longer than a 30 s window \(480,000 samples\)"),
-    ("hop_length", 1, r"n_fft and hop_length \(the STFT of one window\) would take 768,005,440,008 bytes"),
-    ("num_mel_bins", 10**7, r"n_fft and num_mel_bins \(the mel filter bank\) would take 16,080,000,000 bytes"),
-    ("sampling_rate", 10**9, r"sampling_rate x chunk_length \(one window of samples\) would take 120,000,000,000"),
+    ("n_fft", 10**9, r"config\.frontend: n_fft is 1000000000, but af3's frontend is Whisper's, fixed at 400"),
+    ("hop_length", 1, r"config\.frontend: hop_length is 1, .* fixed at 160"),
+    ("sampling_rate", 10**9, r"config\.frontend: sampling_rate is 1000000000, .* fixed at 16000"),
+    ("num_mel_bins", 10**7, r"audio: num_mel_bins 10,000,000 \(the mel filter bank\) would take 16,080,000,000 bytes"),
 ])
 def test_frontend_sizes_no_frontend_has_are_refused_by_name(tiny, tmp_path, setting, value, match) -> None:
+    """The frontend's sizes are constants now (af3.frontend); a format_version 1 config still
+    carried them and is read, but only with Whisper's values. Mel bins stay the encoder's."""
     ckpt = copy_of(tiny["af3"], tmp_path / "ckpt")
 
     def edit(d):
-        d["frontend"][setting] = value
+        d["format_version"] = 1
+        d["frontend"] = {"sampling_rate": 16000, "n_fft": 400, "hop_length": 160,
+                         "num_mel_bins": d["audio"]["num_mel_bins"], "chunk_length": 30, "max_windows": 20}
         if setting == "num_mel_bins":
             d["audio"][setting] = value
-        if setting == "hop_length":
-            d["frontend"]["n_fft"] = 400_000
+        d["frontend"][setting] = value
 
     edit_json(ckpt / "config.json", edit)
-    with pytest.raises(ValueError, match=rf"config\.json: frontend: {match}"):
+    with pytest.raises(ValueError, match=rf"config\.json: {match}"):
         af3.load(ckpt)
 
 
 def test_converter_refuses_a_crafted_n_fft(tiny, tmp_path) -> None:
     src = copy_of(tiny["hf"], tmp_path / "src")
     edit_json(src / "processor_config.json", lambda d: d["feature_extractor"].update(n_fft=10**9))
-    with pytest.raises(ValueError, match=r"frontend: n_fft 1,000,000,000 is longer than a 30 s window"):
+    with pytest.raises(ValueError, match=r"feature extractor: n_fft is 1000000000; af3's frontend is Whisper's"):
         convert(src, tmp_path / "out")
 
 
@@ -147,6 +150,16 @@ def test_overlaps_and_gaps_are_refused_as_safetensors_does(tmp_path, tensors, si
     with pytest.raises(SafetensorError):  # the reference refuses each of these
         safe_open(str(path), framework="pt")
     with pytest.raises(ValueError, match=rf"x\.safetensors: {match}"):
+        read_header(path)
+
+
+@pytest.mark.parametrize(("entry", "match"), [
+    ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, r"bad shape \[True\]"),  # was read as [1]
+    ({"dtype": "F32", "shape": [1], "data_offsets": [False, 4]}, r"bad data_offsets \[False, 4\]"),
+])
+def test_a_bool_in_a_header_is_not_a_number(tmp_path, entry, match) -> None:
+    path = write_raw_safetensors(tmp_path / "x.safetensors", {"a": entry}, bytes(4))
+    with pytest.raises(ValueError, match=match):
         read_header(path)
 
 

@@ -175,6 +175,49 @@ def test_damaged_files_are_value_errors_naming_the_file(tiny, tmp_path):
             af3.load(d)
 
 
+@pytest.mark.parametrize("layout", ["af3", "hf"])
+def test_one_index_reader_for_load_and_convert(tiny, tmp_path, layout):
+    """af3.checkpoint.weight_files reads the index for af3.load and for weights_convert alike:
+    each bad index or shard set below is refused, naming the file, by both."""
+    sharded = tiny["sharded"] if layout == "af3" else write_tiny_hf_checkpoint(tmp_path / "hf", shards=2)
+    readers = [lambda d: convert(d, tmp_path / f"out-{d.name}")]
+    if layout == "af3":
+        readers.append(af3.load)
+
+    def edited(name: str, edit) -> Path:
+        d = copy_of(sharded, tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}")
+        path = d / "model.safetensors.index.json"
+        index = json.loads(path.read_text())
+        edit(d, index)
+        if path.exists():
+            path.write_text(json.dumps(index))
+        return d
+
+    def moved(d, index):  # a tensor of the first shard, listed for the second
+        first, second = sorted(set(index["weight_map"].values()))[:2]
+        name = next(k for k, v in index["weight_map"].items() if v == first)
+        index["weight_map"][name] = second
+
+    def only_pickle(d, index):
+        for p in d.glob("model*.safetensors*"):  # the index too: edited() then writes none
+            p.unlink()
+        (d / "pytorch_model.bin").write_bytes(b"not read")
+
+    extra = (r"model\.safetensors\.index\.json lists 1 tensors for model-00001-of-\d+\.safetensors that it does "
+             r"not hold, first 'extra\.weight'")
+    cases = [
+        (lambda d, index: index["weight_map"].update({"extra.weight": min(index["weight_map"].values())}), extra),
+        (moved, r"model-00001-of-\d+\.safetensors: tensor '.*' is not listed for this file"),
+        (lambda d, index: index.update(weight_map={}), "weight_map is empty: it lists no tensors"),
+        (only_pickle, r"holds only pickle weights \(pytorch_model\.bin\)"),
+    ]
+    for edit, match in cases:
+        for read in readers:
+            d = edited(layout, edit)
+            with pytest.raises(ValueError, match=match):
+                read(d)
+
+
 def _weight_bytes(folder: Path) -> int:
     return sum(t.nbytes for p in folder.glob("*.safetensors") for t in load_file(str(p)).values())
 

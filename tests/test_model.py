@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from af3.model import AudioFlamingo3
 from tests.model_helpers import (
@@ -158,7 +159,7 @@ def test_cached_decoding_equals_full_forward(pair) -> None:
         with torch.no_grad():
             full = ours(**batch).logits
             cache = ours.new_cache(ids.shape[0], t + 4)
-            k_ptr = cache.k.data_ptr()
+            k_ptr = cache.k[0].data_ptr()
             out = ours(ids[:, :prefill], attn[:, :prefill], batch["input_features"],
                        batch["input_features_mask"], cache=cache, input_pos=torch.arange(prefill))
             steps = [out.logits]
@@ -174,7 +175,7 @@ def test_cached_decoding_equals_full_forward(pair) -> None:
         real = attn.bool()
         assert (cached[real] - full[real]).abs().max().item() <= 1e-5
         assert (last - full[:, -1:]).abs().max().item() <= 1e-5
-        assert cache.k.data_ptr() == k_ptr  # written in place, never regrown
+        assert cache.k[0].data_ptr() == k_ptr  # written in place, never regrown
     ours.set_attention("sdpa")
 
 
@@ -226,7 +227,7 @@ def test_half_precision_runs_without_nans(dtype) -> None:
             assert_close_scaled(out.logits[real].float(), ref.logits[real], 5e-2)
             assert abs(out.loss.item() - ref.loss.item()) < 5e-2 * max(1.0, ref.loss.item())
             cache = ours.new_cache(2, b["input_ids"].shape[1])
-            assert cache.k.dtype == dtype
+            assert cache.dtype == dtype
             step = ours(b["input_ids"], b["attention_mask"], b["input_features"], b["input_features_mask"],
                         cache=cache)
             assert torch.isfinite(step.logits).all()
@@ -337,3 +338,29 @@ def test_norm_eps_comes_from_the_config() -> None:
     model = AudioFlamingo3(config)
     assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {0.25}
     assert {m.eps for m in model.modules() if isinstance(m, RMSNorm)} == {0.125}
+
+
+@pytest.mark.parametrize("shape", [(1, 640), (2, 1, 640), (3, 640), (4, 1, 640), (5, 640)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_linear_split_equals_f_linear(shape, bias, monkeypatch):
+    # qwen2.linear: few rows of fp32 by a big weight run as one batched product per thread
+    # (MKL's own kernel for them is one-threaded); the numbers are F.linear's to float precision.
+    from af3 import qwen2
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(1024, 640, generator=g)  # 655 360 elements: above SPLIT_MIN_WEIGHT
+    b = torch.randn(1024, generator=g) if bias else None
+    x = torch.randn(*shape, generator=g)
+    splits = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: splits.append(1) or real_bmm(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            y = qwen2.linear(x, weight, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert y.shape == (*shape[:-1], 1024) and y.is_contiguous()
+    torch.testing.assert_close(y, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+    assert len(splits) == (x.numel() // 640 <= qwen2.SPLIT_ROWS)  # 5 rows: MKL's own product

@@ -117,9 +117,10 @@ def test_cache_lifecycle_and_errors(model) -> None:
         model.new_cache(1, 0)
     with pytest.raises(TypeError, match="batch_size must be an int"):
         model.new_cache(1.0, 8)
+    keys = set(model.state_dict())
     cache = model.new_cache(2, 6)
-    assert cache.k.shape == (2, 2, 1, 6, 4)  # (layers, B, kv_heads, max_len, head_dim)
-    assert cache.state_dict() == {}  # non-persistent: never saved
+    assert len(cache.k) == 2 and cache.k[0].shape == (2, 1, 6, 4)  # layers x (B, kv_heads, max_len, head_dim)
+    assert set(model.state_dict()) == keys  # the cache is not part of the model: never saved
     x = ids(2, 4)
     with torch.no_grad():
         model(x, cache=cache)
@@ -154,7 +155,7 @@ def test_cache_in_another_dtype_or_device(model) -> None:
         cache = model.new_cache(1, 5, dtype=torch.float64)
         model(x[:, :3], cache=cache)
         steps = [model(x[:, i:i + 1], cache=cache, input_pos=torch.tensor([i])).logits for i in (3, 4)]
-    assert cache.k.dtype == torch.float64
+    assert cache.dtype == torch.float64
     assert torch.allclose(torch.cat(steps, 1), full[:, 3:], atol=1e-5)
     with pytest.raises(ValueError, match="cache is on meta but input_ids is on cpu"):
         model(x, cache=model.new_cache(1, 5, device="meta"))

@@ -68,7 +68,7 @@ def test_non_string_is_a_type_error() -> None:
 
 def test_full_size_af3_maps_name_for_name_and_shape_for_shape() -> None:
     """The real model's dimensions (Whisper-large-v3 encoder, Qwen2.5-7B decoder), built on the
-    meta device (no memory): the map and AF3Config.from_hf hold at full scale, not only on tiny
+    meta device (no memory): the map and hf_config.config_from_hf hold at full scale, not only on tiny
     configs, and the parameter count is AF3's 8.3 B."""
     import torch
     from transformers import (
@@ -76,8 +76,8 @@ def test_full_size_af3_maps_name_for_name_and_shape_for_shape() -> None:
         AudioFlamingo3ForConditionalGeneration,
     )
 
-    from af3.config import AF3Config
     from af3.model import AudioFlamingo3
+    from weights_convert.hf_config import config_from_hf
 
     hf_config = AudioFlamingo3Config(
         audio_config={"d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20,
@@ -89,7 +89,7 @@ def test_full_size_af3_maps_name_for_name_and_shape_for_shape() -> None:
         audio_token_id=151669)
     with torch.device("meta"):
         hf = AudioFlamingo3ForConditionalGeneration(hf_config)
-        ours = AudioFlamingo3(AF3Config.from_hf(hf_config.to_dict()))
+        ours = AudioFlamingo3(config_from_hf(hf_config.to_dict()))
     hf_shapes = {hf_to_af3(n): tuple(t.shape) for n, t in hf.state_dict().items()}
     our_shapes = {n: tuple(t.shape) for n, t in ours.state_dict().items()}
     assert hf_shapes == our_shapes

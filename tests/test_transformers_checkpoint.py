@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import af3
+from af3.frontend import MAX_SECONDS
 from weights_convert import hf_files
 from weights_convert.__main__ import main as convert_cli
 
@@ -66,7 +67,7 @@ def test_transformers_wrote_the_files_we_read(saved):
     assert tok["post_processor"]["type"] == "TemplateProcessing"  # what broke conversion before
     assert (src / "chat_template.jinja").read_text() == hf_files.AF3_CHAT_TEMPLATE
     processor_config = json.loads((src / "processor_config.json").read_text())
-    assert processor_config["max_audio_len"] == 600 and bundle.config.frontend.max_windows == 20
+    assert processor_config["max_audio_len"] == 600 == MAX_SECONDS
     assert bundle.generation_config.top_k == 20 and bundle.generation_config.eos_token_id == [558, 556]
 
 

@@ -8,9 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from af3.frontend import MAX_SAMPLES, MAX_WINDOWS, N_SAMPLES
 from af3.windows import (
-    MAX_WINDOWS,
-    WINDOW_SAMPLES,
     audio_token_count,
     mel_length,
     num_windows,
@@ -18,8 +17,7 @@ from af3.windows import (
     window_token_count,
 )
 
-MAX_KEPT = MAX_WINDOWS * WINDOW_SAMPLES  # 9 600 000 samples = 10 minutes
-samples = st.integers(min_value=0, max_value=MAX_KEPT + 3 * WINDOW_SAMPLES)
+samples = st.integers(min_value=0, max_value=MAX_SAMPLES + 3 * N_SAMPLES)
 
 
 @pytest.mark.parametrize(
@@ -65,15 +63,15 @@ def test_ranges_known_answer() -> None:
 @given(samples)
 def test_windows_tile_kept_audio(n: int) -> None:
     ranges = window_ranges(n)
-    kept = min(n, MAX_KEPT)
+    kept = min(n, MAX_SAMPLES)
     assert ranges[0][0] == 0
     assert ranges[-1][1] == kept
     for (_, end), (start, _) in itertools.pairwise(ranges):
         assert end == start  # no gap, no overlap
     for start, end in ranges:
-        assert 0 <= end - start <= WINDOW_SAMPLES
+        assert 0 <= end - start <= N_SAMPLES
     # Every window but the last is full.
-    assert all(end - start == WINDOW_SAMPLES for start, end in ranges[:-1])
+    assert all(end - start == N_SAMPLES for start, end in ranges[:-1])
 
 
 @settings(max_examples=200, deadline=None)
@@ -85,7 +83,7 @@ def test_per_window_sum_equals_closed_form(n: int) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(samples, st.integers(min_value=0, max_value=2 * WINDOW_SAMPLES))
+@given(samples, st.integers(min_value=0, max_value=2 * N_SAMPLES))
 def test_totals_never_decrease(n: int, extra: int) -> None:
     assert audio_token_count(n + extra) >= audio_token_count(n)
     assert num_windows(n + extra) >= num_windows(n)
@@ -101,7 +99,7 @@ def test_cap_holds(n: int, max_windows: int, window: int) -> None:
 
 
 def test_full_window_gives_750() -> None:
-    assert window_token_count(mel_length(WINDOW_SAMPLES)) == 750
+    assert window_token_count(mel_length(N_SAMPLES)) == 750
 
 
 @pytest.mark.parametrize("call, error, message", [

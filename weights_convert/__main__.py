@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 
+DTYPE_CHOICES = ("keep", "bf16", "fp16", "fp32")  # convert.DTYPE_CHOICES, restated so that --help needs no torch
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                     "an af3 checkpoint can be re-cast or quantized.")
     p.add_argument("src", help="source checkpoint directory")
     p.add_argument("dst", help="destination directory (created; must not exist unless --force)")
-    p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep",
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep",
                    help="dtype of the written floating-point tensors (default: keep)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="store the decoder's linear weights and LM head as int8 (one scale per "

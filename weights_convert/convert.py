@@ -23,19 +23,30 @@ from pathlib import Path
 import torch
 
 from af3 import quant
-from af3.checkpoint import DTYPES, check_state, quant_config
+from af3.checkpoint import (
+    DTYPES,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    check_shard,
+    check_state,
+    quant_config,
+    weight_files,
+)
+from af3.config import DTYPE_NAMES as CONFIG_DTYPES
 from af3.config import (
     DTYPE_SHORT_NAMES,
     AF3Config,
     ConfigError,
     QuantConfig,
     is_af3_config,
+    is_int,
 )
 from af3.generation import GenerationConfig
 from af3.jsonfile import read_json_file
 from af3.limits import check_layer_counts
 from af3.progress import format_size
 from weights_convert import hf_files
+from weights_convert.hf_config import config_from_hf
 from weights_convert.layouts import Source, open_source, read_json
 from weights_convert.lora import LoraAdapter
 from weights_convert.names import hf_to_af3
@@ -50,9 +61,8 @@ from weights_convert.safetensors_io import (
 )
 
 DTYPE_CHOICES = {"keep": None, **{short: DTYPES[short] for short in DTYPE_SHORT_NAMES}}  # bf16, fp16, fp32
-INDEX_NAME = "model.safetensors.index.json"
 # Every file a conversion writes: --force replaces a folder holding only these, nothing else.
-WRITTEN_FILES = ("config.json", "tokenizer.json", "generation_config.json", INDEX_NAME, "model.safetensors")
+WRITTEN_FILES = ("config.json", "tokenizer.json", "generation_config.json", INDEX_NAME, WEIGHTS_NAME)
 _WRITTEN_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 LM_HEAD = "decoder.lm_head.weight"
 EMBED = "decoder.embed_tokens.weight"
@@ -85,7 +95,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     t0 = time.monotonic()
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_CHOICES)}")
-    if not isinstance(max_shard_size, int) or max_shard_size <= 0:
+    if not is_int(max_shard_size) or max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
     qc = quant_config(quantize, group_size)
     src, dst = Path(src), Path(dst)
@@ -96,7 +106,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
         if source.kind == "af3":
             config = AF3Config.from_dict(source.config)
         else:
-            config = AF3Config.from_hf(source.config, source.preprocessor)
+            config = config_from_hf(source.config, source.preprocessor)
     except ConfigError as e:
         raise ConfigError(f"{src} ({source.kind} layout), its config: {e}") from None
     if config.quantization is not None:
@@ -349,7 +359,7 @@ def _config_dtype(plan: list[PlannedTensor]) -> str:
     if not weights:
         raise ValueError("checkpoint has no floating-point tensors")
     dtype = str(weights.most_common(1)[0][0]).removeprefix("torch.")
-    if dtype not in ("float32", "bfloat16", "float16"):
+    if dtype not in CONFIG_DTYPES:  # what an af3 config.json may record
         raise ValueError(f"checkpoint is stored in {dtype}; convert with --dtype bf16, fp16 or fp32")
     return dtype
 
@@ -432,24 +442,17 @@ def verify_written(folder: Path, plan: list[PlannedTensor], expected: dict[str, 
     from safetensors import safe_open
 
     want = {t.name: t for t in plan}
-    index = folder / INDEX_NAME
-    if index.is_file():
-        weight_map = read_json(index)["weight_map"]
-        files = sorted(set(weight_map.values()))
-    else:
-        weight_map, files = None, ["model.safetensors"]
     found: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        with safe_open(str(folder / file), framework="pt") as f:
+    for file, listed in weight_files(folder).items():
+        with safe_open(str(file), framework="pt") as f:
+            check_shard(file, f.keys(), listed)
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 sl = f.get_slice(name)
                 shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
                 t = want.get(name)
                 if t is None or shape != t.shape or dtype != DTYPE_NAMES[t.dtype]:
-                    raise ValueError(f"{folder / file}: wrote {name} {dtype} {list(shape)}, which "
+                    raise ValueError(f"{file}: wrote {name} {dtype} {list(shape)}, which "
                                      "is not what was planned")
-                if weight_map is not None and weight_map.get(name) != file:
-                    raise ValueError(f"{index}: {name} is not listed for {file}")
                 found[name] = shape
     check_state(found, expected, f"converted checkpoint {folder}")
 

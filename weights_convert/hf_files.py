@@ -3,7 +3,7 @@
 `save_pretrained` of `AudioFlamingo3ForConditionalGeneration` and `AudioFlamingo3Processor`
 writes config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
 processor_config.json (the WhisperFeatureExtractor's settings nested in it) and
-chat_template.jinja. Every field there is either read (config.py, generation.py, tokenizer.py),
+chat_template.jinja. Every field there is either read (hf_config.py, af3/generation.py, af3/tokenizer.py),
 known not to change af3's numbers (bookkeeping such as `transformers_version`, dropout that
 only acts in training), or refused here by name when it holds a value af3 would not honour.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from af3.processor import DEFAULT_TRANSCRIPTION_PROMPT
-from af3.tokenizer import Tokenizer
+from af3.tokenizer import EOS_TOKEN, PAD_TOKEN, Tokenizer
 
 # The chat template nvidia/audio-flamingo-3-hf ships; af3/chat.py writes the same strings by hand.
 AF3_CHAT_TEMPLATE = (
@@ -29,7 +29,6 @@ AF3_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # The tokens af3's Tokenizer pads and stops with (its defaults).
-PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
 
 # generation_config.json: keys that would change what `generate` returns, with the value that
 # leaves it unchanged. Those af3 reads (sampling, eos, pad, max_new_tokens) are not listed.
@@ -144,13 +143,7 @@ def check_processor_config(d: dict, where: str) -> None:
     for key, want in (("dither", 0.0), ("padding_value", 0.0)):
         if fe.get(key, want) != want:
             raise HFFileError(f"{where}: {key} is {fe[key]!r}; af3's log-mel uses {want}")
-    # Derived sizes must agree with the ones af3 derives from chunk_length, sampling_rate and hop_length.
-    rate, chunk, hop = fe.get("sampling_rate", 16000), fe.get("chunk_length", 30), fe.get("hop_length", 160)
-    if all(isinstance(v, int) and v > 0 for v in (rate, chunk, hop)):
-        for key, want in (("n_samples", chunk * rate), ("nb_max_frames", chunk * rate // hop)):
-            if key in fe and fe[key] != want:
-                raise HFFileError(f"{where}: {key} is {fe[key]!r} but chunk_length {chunk}, sampling_rate "
-                                  f"{rate} and hop_length {hop} give {want}")
+    # Its sizes (sampling_rate, n_fft, hop_length, ...) are checked by hf_config.check_frontend.
 
 
 def check_tokenizer(path: Path) -> Tokenizer:

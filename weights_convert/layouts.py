@@ -20,13 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from af3.checkpoint import shard_path
+from af3.checkpoint import check_shard, weight_files
 from af3.config import is_af3_config, is_int
 from af3.jsonfile import read_json_file
 from weights_convert.safetensors_io import TensorInfo, read_header
 
 NVIDIA_PARTS = ("llm", "sound_tower", "sound_mm_projector")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass
@@ -144,37 +143,14 @@ def _nvidia_to_hf(part: str, name: str, info: TensorInfo) -> str:
 
 
 def _read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], int]:
-    """All tensors of the checkpoint in `folder`: single file or index + shards."""
-    index = folder / "model.safetensors.index.json"
-    single = folder / "model.safetensors"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: no \"weight_map\" object")
-        odd = next((f for f in weight_map.values() if not isinstance(f, str)), None)
-        if odd is not None:
-            raise ValueError(f"{index}: shard {odd!r} is not a file name")
-        files = sorted(set(weight_map.values()))
-        tensors: dict[str, TensorInfo] = {}
-        for file in files:
-            path = shard_path(folder, file, index)  # an index could point anywhere: only the checkpoint's files
-            for name, info in read_header(path).items():
-                if weight_map.get(name) != file:
-                    raise ValueError(f"{path}: tensor {name!r} is not listed for this file in {index}")
-                tensors[name] = info
-        missing = sorted(set(weight_map) - set(tensors))
-        if missing:
-            raise ValueError(f"{index} lists {len(missing)} tensors its shards do not hold, "
-                             f"first {missing[0]!r}")
-        return tensors, len(files)
-    if single.is_file():
-        return read_header(single), 1
-    found = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES) if folder.is_dir() else []
-    if found:
-        raise ValueError(f"{folder} holds only pickle weights ({', '.join(found[:3])}); they are not "
-                         "read, for safety. Save them as safetensors first "
-                         "(e.g. transformers' save_pretrained(safe_serialization=True))")
-    raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json found")
+    """All tensors of the checkpoint in `folder` (single file or index + shards) and its file count."""
+    files = weight_files(folder)
+    tensors: dict[str, TensorInfo] = {}
+    for path, listed in files.items():
+        header = read_header(path)
+        check_shard(path, header, listed)
+        tensors.update(header)
+    return tensors, len(files)
 
 
 def _optional_json(path: Path) -> dict | None:

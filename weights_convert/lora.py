@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from af3.config import is_int
+from af3.config import is_int, is_number
 from weights_convert.layouts import read_json
 from weights_convert.safetensors_io import TensorInfo, read_header, read_tensor
 
@@ -60,8 +60,7 @@ class LoraAdapter:
             raise ValueError(f"{where}: modules_to_save {cfg['modules_to_save']} is not supported "
                              "(the adapter would replace whole modules, not add a low-rank update)")
         r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-        if (not is_int(r) or r <= 0
-                or not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha)):
+        if not is_int(r) or r <= 0 or not is_number(alpha):
             raise ValueError(f"{where}: needs a positive integer 'r' and a finite number 'lora_alpha', "
                              f"got r={r!r}, lora_alpha={alpha!r}")
         # rsLoRA scales by alpha / sqrt(r) instead of alpha / r.

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from af3.checkpoint import WEIGHTS_NAME
+from af3.config import is_int
 from af3.jsonfile import parse_json
 
 DTYPES: dict[str, torch.dtype] = {
@@ -98,10 +100,10 @@ def _entry(path: Path, name: str, entry: object, data_start: int, size: int) -> 
         raise ValueError(f"{where}: dtype {entry.get('dtype')!r} is not supported "
                          f"(one of {sorted(DTYPES)})")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape)):
         raise ValueError(f"{where}: bad shape {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            and all(is_int(o) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
         raise ValueError(f"{where}: bad data_offsets {offsets!r}")
     nbytes = offsets[1] - offsets[0]
     numel = 1
@@ -153,7 +155,7 @@ def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list
 
 def shard_file_names(n_shards: int) -> list[str]:
     if n_shards == 1:
-        return ["model.safetensors"]
+        return [WEIGHTS_NAME]
     return [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
 
 
