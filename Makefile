@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench bench-gpu demo mutate clean
+.PHONY: install test bench bench-gpu demo mutate mutate-resume clean
 
 install: $(STAMP)
 
@@ -38,12 +38,21 @@ demo: install
 # the tests that cover the changed function ([mutmut] in setup.cfg lists the files and tests).
 # Mutants are picked by name (module.function), so the target follows the code as it changes.
 # Prints the surviving mutants and the kill rate; `mutmut show NAME` shows one.
-# MUTANTS="af3.qwen2.*" make mutate runs one module.
+# MUTANTS="af3.qwen2.*" make mutate runs one module; `make mutate-resume` checks only the mutants
+# a stopped run left unchecked. One thread per test process, MUTATE_CHILDREN processes at once.
 MUTANTS ?= af3.attention.* af3.encoder.* af3.projector.* af3.qwen2.* af3.model.* af3.mel.* af3.windows.* \
-	af3.generation.x_apply_* af3.generation.x_process_scores*
+	af3.generation.x_seen_mask* af3.generation.x_apply_* af3.generation.x_process_scores*
+MUTATE_CHILDREN ?= 2
+MUTMUT := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN)
 mutate: install
 	$(PY) -m pip install --quiet 'mutmut>=3.8,<4'
-	$(VENV)/bin/mutmut run $(foreach m,$(MUTANTS),'$(m)')
+	$(MUTMUT) $(foreach m,$(MUTANTS),'$(m)')
+	$(PY) tests/mutation_report.py $(foreach m,$(MUTANTS),'$(m)')
+
+mutate-resume: install
+	$(PY) -m pip install --quiet 'mutmut>=3.8,<4'
+	names=$$($(PY) tests/mutation_report.py --unchecked $(foreach m,$(MUTANTS),'$(m)')); \
+	if [ -n "$$names" ]; then $(MUTMUT) $$names; fi
 	$(PY) tests/mutation_report.py $(foreach m,$(MUTANTS),'$(m)')
 
 clean:

@@ -15,9 +15,10 @@ Tensor names in a quantized checkpoint, for a linear `<name>` with N outputs and
                                                       + zeros[n, k // G]
     <name>.bias stays as it is (float). config.json records {"scheme": ..., "group_size": ...}.
 
-int8 is symmetric with one scale per output channel; int4 is asymmetric (min..max of each
-group on 16 levels), with the "zero" written as the value of level 8: the convention of
-PyTorch's int4 matmul kernels, so the stored numbers go to them unchanged.
+int8 is symmetric with one scale per output channel; int4 is asymmetric: 16 levels over the
+part of each group's [min, max] with the smallest squared error (`int4_ranges` searches it),
+with the "zero" written as the value of level 8: the convention of PyTorch's int4 matmul
+kernels, so the stored numbers go to them unchanged.
 
 Kernels (measured on this project's CPU, README): `_weight_int8pack_mm` and
 `_weight_int4pack_mm_for_cpu` are fast with bf16 activations and many times slower than a
@@ -106,17 +107,81 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w (N, K) float -> packed uint8 (N, K/2), scales and zeros bf16 (N, K/G)."""
+    """w (N, K) float -> packed uint8 (N, K/2), scales and zeros bf16 (N, K/G).
+
+    Each group's 16 levels span the part of its [min, max] range with the smallest squared
+    error (`int4_ranges`), not always the whole range.
+    """
     n, k = w.shape
     check_group_size(group_size, k, f"weight of shape {(n, k)}")
     g = w.float().reshape(n, k // group_size, group_size)  # (N, K/G, G)
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (N, K/G)
-    scales = ((hi - lo) / 15).clamp(min=1e-12).to(SCALE_DTYPE)
-    zeros = (lo + 8 * scales.float()).to(SCALE_DTYPE)  # the value of level 8
+    scales, zeros = int4_ranges(g)
     base = zeros.float() - 8 * scales.float()  # the value of level 0, as the kernels compute it
     q = torch.round((g - base[..., None]) / scales.float()[..., None]).clamp(0, 15)
     q = q.to(torch.uint8).reshape(n, k)
     return pack_int4(q), scales, zeros
+
+
+# The search of `int4_ranges`: the ratios by which a group's range is shrunk about its middle,
+# both ends alike, then each end alone moved from the best by these steps.
+# A finer grid (0.975, 0.925, ...; nudges of 0.1) lowered the error of Gaussian weights by
+# under 1% more, for almost twice the time.
+INT4_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)
+INT4_NUDGE = (-0.05, 0.05)
+
+
+def int4_ranges(g: torch.Tensor, search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups g (..., G) -> scales, zeros bf16 (...): the 16-level grid of each group.
+
+    Without `search` the grid spans the group's [min, max] (round to nearest, "RTN"). With it,
+    the range shrunk about its middle by each ratio of INT4_SHRINK is tried, then each end
+    moved alone by INT4_NUDGE, and each group keeps the grid with the smallest squared error
+    ([min, max] is the first candidate, so the error is never larger than RTN's). Clipping a
+    group's few extreme weights costs them a larger error and buys all the others a finer step:
+    on Gaussian weights the mean squared error drops by 13-15% (tests/bench_quant.py --accuracy).
+    The weights alone decide: no calibration data.
+    """
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (...)
+    scales, zeros = _int4_grid(lo, hi)
+    if not search:
+        return scales, zeros
+    best = _int4_squared_error(g, scales, zeros)
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    a, b = torch.ones_like(lo), torch.ones_like(lo)  # the best grid's ends: mid - a * half, mid + b * half
+
+    def trial(ta, tb) -> None:
+        nonlocal best, scales, zeros, a, b
+        s, z = _int4_grid(mid - ta * half, mid + tb * half)
+        err = _int4_squared_error(g, s, z)
+        better = err < best
+        best, a, b = torch.where(better, err, best), torch.where(better, ta, a), torch.where(better, tb, b)
+        scales, zeros = torch.where(better, s, scales), torch.where(better, z, zeros)
+
+    for r in INT4_SHRINK[1:]:
+        trial(r, r)
+    start = a.clone()
+    for d in INT4_NUDGE:
+        trial(start + d, b)
+    start = b.clone()
+    for d in INT4_NUDGE:
+        trial(a, start + d)
+    return scales, zeros
+
+
+def _int4_grid(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros, as stored (bf16), of 16 levels from lo to hi; zero = the value of level 8."""
+    scales = ((hi - lo) / 15).clamp(min=1e-12).to(SCALE_DTYPE)
+    zeros = (lo + 8 * scales.float()).to(SCALE_DTYPE)
+    return scales, zeros
+
+
+def _int4_squared_error(g: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Sum over each group (..., G) of the squared error of rounding it to its grid -> (...)."""
+    s = scales.float()
+    inv = 1 / s
+    u = torch.addcmul(((8 * s - zeros.float()) * inv)[..., None], g, inv[..., None])  # in steps above level 0
+    u.sub_(u.round().clamp_(0, 15)).square_()
+    return u.sum(dim=-1) * s * s
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

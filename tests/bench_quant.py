@@ -1,21 +1,28 @@
 """Benchmark: int8 / int4 weight-only quantization against the float model (same run, 2 threads).
 
 Prints, for a tiny and a mid model (Qwen2.5-0.5B decoder dimensions: hidden 896, 24 layers,
-14 query / 2 key-value heads, MLP 4864, vocab 151936, untied head as in AF3; a 2-layer
-Whisper-width encoder), all with random weights:
+14 query / 2 key-value heads, MLP 4864, vocab 151936, untied head as in AF3; a 4-layer
+Whisper-large-v3-width encoder, as tests/bench_mid.py), all with random weights:
 - accuracy: cosine similarity of the last position's logits to the fp32 model over prompts
-  with audio, and how many of the first 32 greedy tokens agree (before the first difference);
+  with audio, and how many of the first 32 greedy tokens agree (before the first difference),
+  for bf16 (no quantization), int8, int4 at group sizes 32, 64, 128 with the range search
+  (af3.quant.int4_ranges) and without it (round to nearest over [min, max], "RTN");
+- the bound: the squared error of each scheme on Gaussian weights against that of the best
+  4-bit and 5-bit scalar quantizers (Lloyd-Max, computed here), and the mid model's cosine when
+  every quantized weight gets independent Gaussian noise of those errors instead;
 - size: bytes of the decoder's quantized linears and of the whole decoder vs bf16;
 - speed (mid): greedy decode steps per second and the prefill of a 30 s clip, for fp32, bf16,
   int8 and int4 (float parts in bf16), interleaved so that load from other processes hits all alike;
 - the README table for the real 8.3 B model, computed from its dimensions.
-Run: .venv/bin/python tests/bench_quant.py [--quick | --decode]   (targets printed, never asserted;
---decode: only the mid model's decode speed)
+Run: .venv/bin/python tests/bench_quant.py [--quick | --decode | --accuracy]   (targets printed,
+never asserted; --decode: only the mid model's decode speed; --accuracy: only accuracy and bound)
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,16 +31,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import af3.quant
 from af3.config import AF3Config, AudioConfig, QuantConfig, TextConfig
 from af3.model import AudioFlamingo3
-from af3.quant import quantize_model, weight_bytes
+from af3.quant import quantize_model, quantized_linear_names, weight_bytes
 from af3.windows import pooled_length
 
 GB = 10**9
 TINY = (AudioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
         TextConfig(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048))
-MID = (AudioConfig(num_hidden_layers=2),
+MID = (AudioConfig(num_hidden_layers=4),
        TextConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096))
 REAL = AF3Config(text=TextConfig(vocab_size=151936))  # nvidia/audio-flamingo-3-hf's dimensions
@@ -91,25 +99,135 @@ def agree(a: list[int], b: list[int]) -> int:
     return n
 
 
+@contextlib.contextmanager
+def rtn():
+    """int4 without the range search: each group's grid spans its [min, max] (round to nearest)."""
+    saved = af3.quant.INT4_SHRINK, af3.quant.INT4_NUDGE
+    af3.quant.INT4_SHRINK, af3.quant.INT4_NUDGE = (1.0,), ()
+    try:
+        yield
+    finally:
+        af3.quant.INT4_SHRINK, af3.quant.INT4_NUDGE = saved
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
 def accuracy(label: str, dims: tuple, prompts: list[tuple[float, int]], schemes: dict) -> None:
     ref = random_model(*dims)
     refs = [greedy(ref, prompt(ref, s, seed), GREEDY)[:2] for s, seed in prompts]
     print(f"\n{label}: accuracy vs fp32 over {len(prompts)} prompts with audio ({GREEDY} greedy tokens)")
+    rows = [("bf16 (no quantization)", None, False)]
     for name, qc in schemes.items():
+        rows.append((name, qc, False))
+        if qc.scheme == "int4":
+            rows.append((f"{name} RTN", qc, True))
+    for name, qc, plain in rows:
+        t0 = time.perf_counter()
         try:
-            q = quantize_model(copy.deepcopy(ref), qc)
+            with rtn() if plain else contextlib.nullcontext():
+                q = copy.deepcopy(ref).to(torch.bfloat16) if qc is None else quantize_model(copy.deepcopy(ref), qc)
         except ValueError as e:  # a group size larger than the layer
-            print(f"  {name:9s} n/a: {e}")
+            print(f"  {name:22s} n/a: {e}")
             continue
+        quantized = time.perf_counter() - t0
         cos, same = [], []
         for (s, seed), (logits, tokens) in zip(prompts, refs):
             ql, qt, _, _ = greedy(q, prompt(q, s, seed), GREEDY)
-            cos.append(float(torch.nn.functional.cosine_similarity(logits, ql, dim=0)))
+            cos.append(cosine(logits, ql))
             same.append(agree(tokens, qt))
-        target = 0.999 if qc.scheme == "int8" else 0.99
-        print(f"  {name:9s} logits cosine min {min(cos):.5f} mean {sum(cos) / len(cos):.5f} "
-              f"(target >= {target}); greedy tokens agreeing before the first difference: {same}")
+        target = "" if qc is None else f" (target >= {0.999 if qc.scheme == 'int8' else 0.99})"
+        print(f"  {name:22s} logits cosine min {min(cos):.5f} mean {sum(cos) / len(cos):.5f}{target}; greedy "
+              f"tokens agreeing before the first difference: {same}; quantized in {quantized:.0f} s", flush=True)
         del q
+
+
+def lloyd_max_mse(bits: int, iterations: int = 3000) -> float:
+    """Mean squared error of the best scalar quantizer with 2**bits levels for N(0, 1) (Lloyd-Max).
+
+    Lloyd's iteration on the exact density: each level moves to the mean of its cell, each cell
+    edge to the midpoint of its levels; the error is 1 - sum(P(cell) * level**2)."""
+    levels = torch.linspace(-3, 3, 2**bits, dtype=torch.float64)
+    inf = torch.tensor([math.inf], dtype=torch.float64)
+    for _ in range(iterations):
+        edges = (levels[1:] + levels[:-1]) / 2
+        a, b = torch.cat([-inf, edges]), torch.cat([edges, inf])
+        p = torch.special.ndtr(b) - torch.special.ndtr(a)
+        pdf_a, pdf_b = (torch.exp(-x * x / 2) / math.sqrt(2 * math.pi) for x in (a, b))
+        levels = (pdf_a - pdf_b) / p  # E[x | a < x < b]
+    return float(1 - (p * levels**2).sum())
+
+
+def symmetric_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w dequantized from symmetric int4 groups (levels -7.5..7.5 steps, one scale per group, the
+    clipping ratio of af3.quant.INT4_SHRINK with the smallest squared error): for comparison only."""
+    g = w.reshape(w.shape[0], -1, group_size)  # (N, K/G, G)
+    absmax = g.abs().amax(-1, keepdim=True)
+    best, best_err = None, None
+    for r in af3.quant.INT4_SHRINK:
+        step = (absmax * r / 7.5).clamp(min=1e-12).to(torch.bfloat16).float()
+        d = (torch.round(g / step - 0.5).clamp(-8, 7) + 0.5) * step
+        err = ((d - g) ** 2).sum(-1, keepdim=True)
+        best = d if best is None else torch.where(err < best_err, d, best)
+        best_err = err if best_err is None else torch.minimum(err, best_err)
+    return best.reshape(w.shape)
+
+
+def weight_errors(schemes: dict) -> dict[str, float]:
+    """Mean squared error / variance of each scheme on a Gaussian 4096 x 896 matrix."""
+    from af3.quant import dequantize_int4, dequantize_int8, quantize_weight
+
+    w = torch.randn(4096, 896, generator=torch.Generator().manual_seed(0))
+    errors = {f"Lloyd-Max {b} bits": lloyd_max_mse(b) for b in (4, 5)}
+    for name, qc in schemes.items():
+        if qc.scheme == "int8":
+            d = dequantize_int8(*quantize_weight(w, qc).values())
+            errors[name] = float(((d - w) ** 2).mean())
+            continue
+        for label, ctx in ((name, contextlib.nullcontext()), (f"{name} RTN", rtn())):
+            with ctx:
+                t = quantize_weight(w, qc)
+            d = dequantize_int4(t["weight"], t["scales"], t["zeros"], qc.group_size)
+            errors[label] = float(((d - w) ** 2).mean())
+        errors[f"{name} symmetric"] = float(((symmetric_int4(w, qc.group_size) - w) ** 2).mean())
+    return errors
+
+
+@torch.inference_mode()
+def bound(label: str, dims: tuple, prompts: list[tuple[float, int]], schemes: dict) -> None:
+    """What independent Gaussian noise with a quantizer's squared error does to the logits."""
+    errors = weight_errors(schemes)
+    bits = {"int8": 8, "int4 g32": 5, "int4 g64": 4.5, "int4 g128": 4.25}
+    print("\nSquared error / variance of each scheme on a Gaussian 4096 x 896 matrix (bits per weight with "
+          "the bf16 scales and zeros):")
+    for name, e in errors.items():
+        b = next((v for k, v in bits.items() if name.startswith(k)), None)
+        print(f"  {name:22s} {e:.5f}" + (f"   ({b} bits per weight)" if b else ""))
+    model = random_model(*dims)
+    inputs = [prompt(model, s, seed) for s, seed in prompts]
+    ref = [model(**x, logits_to_keep=1).logits[0, -1].float() for x in inputs]
+    weights = [model.get_submodule(n).weight for n in quantized_linear_names(model)]
+    print(f"\n{label}: logits cosine to fp32 when every quantized weight w gets independent noise "
+          f"N(0, e * var(w)) (fp32, {len(prompts)} prompts):")
+    g = torch.Generator().manual_seed(0)
+    slopes = []
+    for name in ("Lloyd-Max 4 bits", "int4 g32", "Lloyd-Max 5 bits"):
+        saved = [w.clone() for w in weights]
+        for w in weights:
+            w += torch.randn(w.shape, generator=g) * (w.std() * math.sqrt(errors[name]))
+        cos = [cosine(r, model(**x, logits_to_keep=1).logits[0, -1].float()) for r, x in zip(ref, inputs)]
+        for w, old in zip(weights, saved):
+            w.copy_(old)
+        slopes.append((1 - min(cos)) / errors[name])
+        print(f"  e = {errors[name]:.5f} ({name}): cosine min {min(cos):.5f} mean {sum(cos) / len(cos):.5f}; "
+              f"(1 - min cosine) / e = {slopes[-1]:.2f}", flush=True)
+    # 1 - cosine grows in proportion to e (the slopes above): the e that gives 0.99, and the bits
+    # that any quantizer of Gaussian weights needs for it (Shannon: e >= 2**(-2 * bits)).
+    need = 0.01 / min(slopes)
+    print(f"  cosine >= 0.99 needs e <= {need:.5f} (at the gentlest slope): Lloyd-Max needs "
+          f"{next(b for b in range(4, 12) if lloyd_max_mse(b) <= need)} bits per weight for it, and any "
+          f"quantizer at least {0.5 * math.log2(1 / need):.2f} bits (Shannon's rate-distortion bound)")
 
 
 def sizes(label: str, config: AF3Config) -> None:
@@ -229,12 +347,19 @@ def main() -> None:
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     prompts = [(3.0, 0), (10.0, 1), (30.0, 2)] if quick else [(3.0, 0), (7.5, 1), (10.0, 2), (20.0, 3), (30.0, 4)]
+    mid_prompts = [(3.0, 0), (7.5, 1), (10.0, 2)]
+    if "--accuracy" in sys.argv:
+        accuracy("tiny (hidden 64, 2 layers)", TINY, prompts, SCHEMES)
+        accuracy("mid (Qwen2.5-0.5B decoder dims)", MID, mid_prompts, SCHEMES)
+        bound("mid", MID, mid_prompts, SCHEMES)
+        return
     accuracy("tiny (hidden 64, 2 layers)", TINY, prompts, SCHEMES)
     sizes("tiny", AF3Config(audio=TINY[0], text=TINY[1], audio_token_id=599))
     sizes("mid", AF3Config(audio=MID[0], text=MID[1], audio_token_id=151935))
     real_table()
     sizes("the real model", REAL)
-    accuracy("mid (Qwen2.5-0.5B decoder dims)", MID, prompts[:3], SCHEMES)
+    accuracy("mid (Qwen2.5-0.5B decoder dims)", MID, mid_prompts, SCHEMES)
+    bound("mid", MID, mid_prompts, SCHEMES)
     speed(MID, steps=16 if quick else 32, repeats=2 if quick else 3)
 
 

@@ -5,6 +5,10 @@ Reads mutmut's results (mutants/af3/*.py.meta) for the mutant names given on the
 timed out under it; one that no selected test runs ("no tests") counts as a survivor. The kill
 rate is killed / (killed + survived + no tests); mutants not checked yet are left out of it.
 Show one with `mutmut show NAME`.
+
+`--unchecked PATTERN...` prints instead the names of the mutants not checked yet, one a line:
+`mutmut run` given a pattern checks every mutant again, given names only those, so a run that was
+stopped resumes with `mutmut run $(python tests/mutation_report.py --unchecked PATTERN...)`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ NO_TESTS = {5, 33}
 
 def main(patterns: list[str]) -> int:
     metas = sorted(Path("mutants/af3").glob("*.py.meta"))
+    if patterns[:1] == ["--unchecked"]:
+        patterns = patterns[1:] or ["*"]
+        for meta in metas:
+            for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+                if code is None and any(fnmatch.fnmatch(name, p) for p in patterns):
+                    print(name)
+        return 0
     if not metas:
         print("no mutmut results under mutants/af3: run `make mutate` first", file=sys.stderr)
         return 1

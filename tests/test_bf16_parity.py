@@ -84,6 +84,15 @@ def test_layer_norm_bf16_equals_torch_layer_norm():
     assert_bf16_rounding_apart(layer_norm(x, norm), norm(x), max_steps=1, max_fraction=0.01)
 
 
+@pytest.mark.parametrize("affine", [{"elementwise_affine": False}, {"bias": False}], ids=["no-weight", "no-bias"])
+def test_layer_norm_without_weight_or_bias_equals_torch(affine):
+    """af3's fp32 LayerNorm takes any nn.LayerNorm, also one without a gain or without a bias, and
+    uses the norm's own eps (0.5 against a variance of about 0.1: the eps matters)."""
+    norm = noisy_(torch.nn.LayerNorm(16, eps=0.5, **affine), scale=0.1)
+    x = randn(2, 5, 16, seed=2) * 0.3 + 3
+    torch.testing.assert_close(layer_norm(x, norm), norm(x), rtol=0, atol=1e-5)
+
+
 def test_rope_bf16_equals_qwen2():
     from transformers import Qwen2Config
     from transformers.models.qwen2.modeling_qwen2 import (
@@ -201,6 +210,37 @@ def test_encoder_layer_bf16_equals_transformers():
     # torch's bf16 LayerNorm kernel and af3's fp32 one occasionally round an element one step
     # apart (seen: none in most runs, 1% in some); that step can carry through fc1/fc2.
     assert_bf16_rounding_apart(got, expected, max_steps=4, max_fraction=0.05)
+
+
+def test_encoder_layer_fp16_clamps_overflow_as_transformers():
+    """In fp16 a block's output is clamped to +-(65504 - 1000), as in Whisper and transformers, so
+    activations that would overflow stay finite; in fp32 nothing is clamped."""
+    from transformers import AudioFlamingo3EncoderConfig
+    from transformers.models.audioflamingo3.modeling_audioflamingo3 import (
+        AudioFlamingo3EncoderLayer,
+    )
+
+    d = 16
+    config = AudioFlamingo3EncoderConfig(d_model=d, encoder_attention_heads=2, encoder_ffn_dim=32,
+                                         attn_implementation="eager")
+    theirs = noisy_(AudioFlamingo3EncoderLayer(config), seed=3, scale=0.2).eval()
+    ours = EncoderLayer(SimpleNamespace(hidden_size=d, num_attention_heads=2, head_dim=8,
+                                        intermediate_size=32, layer_norm_eps=1e-5))
+    names = {"self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+             "self_attn.out_proj": "attn.o", "self_attn_layer_norm": "attn_norm", "final_layer_norm": "mlp_norm",
+             "fc1": "fc1", "fc2": "fc2"}
+    ours.load_state_dict({f"{names[n.rsplit('.', 1)[0]]}.{n.rsplit('.', 1)[1]}": t
+                          for n, t in theirs.state_dict().items()})
+    x = randn(1, 6, d, seed=4).sign() * 65000  # the residual stream at the edge of fp16's range
+    for dtype in (torch.float16, torch.float32):
+        with torch.no_grad():
+            expected = theirs.to(dtype)(x.to(dtype), attention_mask=None)
+            expected = expected[0] if isinstance(expected, tuple) else expected
+            got = ours.to(dtype)(x.to(dtype), None)
+        assert torch.equal(got, expected)
+        top = got.float().abs().max().item()
+        clamped = torch.tensor(65504.0 - 1000, dtype=dtype).item()  # 64512 in fp16's 32-wide steps
+        assert top == clamped if dtype == torch.float16 else top > clamped  # clamped in fp16 only
 
 
 def test_projector_bf16_equals_transformers():
@@ -335,4 +375,20 @@ def test_decoder_on_cuda_equals_cpu():
         expected = model(input_ids=ids, attention_mask=mask).logits
         got = model.cuda()(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
     real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-4)
+
+
+@needs_cuda
+def test_encoder_with_short_windows_on_cuda_equals_cpu():
+    """The encoder's key mask for short windows is made on the input's device (one left on the CPU
+    fails on CUDA)."""
+    from tests.test_model import make_batch
+
+    model = hf_to_af3_model(tiny_hf_model(seed=4))
+    batch = make_batch([[3000, 1001], [397]], seed=3)
+    batch.pop("labels")
+    with torch.no_grad():
+        expected = model(**batch).logits
+        got = model.cuda()(**{k: v.cuda() for k, v in batch.items()}).logits.cpu()
+    real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-4)

@@ -86,6 +86,33 @@ def test_chat_multi_turn_from_piped_questions(files, capsys, monkeypatch):
     assert out.count("af3> ") == 2
 
 
+def test_chat_quantize_runs_the_quantized_model(files, capsys, monkeypatch):
+    import af3
+    from af3.audio import load_audio
+    from af3.quant import Int8Linear
+
+    chat, a, ckpt = example("chat"), str(files / "a.wav"), str(files / "ckpt")
+    questions = ("What is it?", "And then?")
+    real_load, loaded = af3.load, []
+    monkeypatch.setattr(af3, "load", lambda *args, **kw: loaded.append(real_load(*args, **kw)) or loaded[-1])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(questions) + "\n\n"))
+    assert chat.main([a, "--checkpoint", ckpt, "--greedy", "--quantize", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert [type(m.model.decoder.layers[1].mlp.down) for m in loaded] == [Int8Linear]
+    # The replies, streamed piece by piece, are those of the bundle af3.load(quantize="int8") gives.
+    session = real_load(ckpt, quantize="int8").start_chat(load_audio(a))
+    want = []
+    for q in questions:
+        pieces: list[str] = []
+        session.ask(q, do_sample=False, stream=pieces.append)
+        want.append("af3> " + "".join(pieces) + "\n")
+    assert out == "".join(want)
+    # int4 with the default group size 128 cannot fit this model's 48 inputs: said, not ignored.
+    assert chat.main([a, "--checkpoint", ckpt, "--quantize", "int4"]) == 2
+    err = capsys.readouterr().err
+    assert "its 48 inputs are not a multiple of any int4 group size" in err and "quantize with int8" in err, err
+
+
 def test_train_step_lowers_nothing_silently(files, capsys):
     assert example("train_step").main([str(files / "a.wav"), "Hello world.", "--checkpoint", str(files / "ckpt"),
                                        "--lr", "1e-3"]) == 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 import warnings
 
 import numpy as np
@@ -122,6 +124,20 @@ def test_filterbank_is_torchaudios_slaney_filterbank(n_fft: int, n_mels: int, sr
     torch.testing.assert_close(ours.float(), ref, atol=1e-6, rtol=0)
 
 
+# (400, 128, 16 kHz) is AF3's; n_fft 402 puts the bins off float32's grid; 1.6 kHz has its Nyquist
+# below the slaney scale's 1 kHz knee (the linear part only), 2001 Hz just above it; 11 025 Hz is odd
+# (bins up to sr // 2).
+@pytest.mark.parametrize("n_fft, n_mels, sr", [(400, 128, 16_000), (402, 80, 16_000), (64, 8, 1_600),
+                                               (64, 8, 2_001), (400, 40, 11_025)])
+def test_filterbank_equals_transformers_float64_filterbank(n_fft: int, n_mels: int, sr: int) -> None:
+    from transformers.audio_utils import mel_filter_bank
+
+    ref = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
+                          max_frequency=sr / 2, sampling_rate=sr, norm="slaney", mel_scale="slaney")
+    # Both are built in float64: equal to rounding, far tighter than any float32 step would allow.
+    np.testing.assert_allclose(mel_filters(n_fft, n_mels, sr).numpy(), ref, rtol=0, atol=1e-14)
+
+
 def tiny_hf_processor():
     """AudioFlamingo3Processor with a word-level tokenizer built in memory (no files, no network)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -156,8 +172,11 @@ def test_truncation_matches_hf_processor() -> None:
     processor = tiny_hf_processor()
     clip = noise(MAX_SAMPLES + SR, 7)  # 601 s
     ref = processor(text=["<sound>"], audio=[clip])
-    with pytest.warns(UserWarning, match=r"clip 0 is 601\.0 s long; only the first 600 s \(20 windows of 30 s\)"):
+    with pytest.warns(UserWarning, match=r"^clip 0 is 601\.0 s long; only the first 600 s \(20 windows of 30 s\) "
+                      r"are used$") as caught:
         ours = extract_features([torch.from_numpy(clip)])
+    if "MUTANT_UNDER_TEST" not in os.environ:  # under `make mutate`, mutmut's trampoline is one frame more
+        assert caught[0].filename == __file__  # the warning points at the caller's line
     assert ours.windows_per_clip == [20] and ours.tokens_per_clip == [15_000]
     assert (ref["input_ids"] == processor.audio_token_id).sum().item() == 15_000
     assert (ours.input_features - ref["input_features"]).abs().max().item() <= 1e-4
@@ -182,26 +201,56 @@ def test_runs_on_input_device(device: str) -> None:
     assert out.tokens_per_clip == ref.tokens_per_clip
 
 
+def test_all_work_happens_on_the_windows_device() -> None:
+    """Every buffer is made on the windows' device: meta stands in for an accelerator on a CPU-only
+    machine (a buffer made on the CPU fails the first copy from a meta window)."""
+    feats, mask = log_mel_spectrogram([torch.zeros(1000, device="meta"), torch.zeros(20_000, device="meta")])
+    assert feats.device.type == mask.device.type == "meta"
+    assert (feats.shape, feats.dtype, mask.shape, mask.dtype) == ((2, 128, 3000), torch.float32, (2, 3000), MASK_DTYPE)
+
+
+def test_a_float64_default_dtype_changes_nothing() -> None:
+    """The frontend names every buffer's dtype: a caller's torch.set_default_dtype does not reach it.
+    The window is float64 with more precision than float32 holds: it is rounded to float32 first, as HF does."""
+    clip = torch.from_numpy(speech_like(4000, 3)).double()
+    windows = [clip + torch.randn(clip.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e-6]
+    feats, mask = log_mel_spectrogram(windows)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        feats64, mask64 = log_mel_spectrogram(windows)
+    finally:
+        torch.set_default_dtype(default)
+    assert feats64.dtype == torch.float32 and torch.equal(feats64, feats) and torch.equal(mask64, mask)
+
+
+SHAPE = "clip 0 must be a 1-D floating-point tensor of 16000 Hz mono samples, got shape"
+
+
+# Whole messages (matched from start to end): a message is part of the behaviour.
 @pytest.mark.parametrize(
-    "clips, error, match",
+    "clips, error, message",
     [
-        (torch.zeros(100), TypeError, "list of 1-D tensors"),
-        ([], ValueError, "clips is empty"),
-        ([np.zeros(100, np.float32)], TypeError, "clip 0 must be a torch.Tensor"),
-        ([torch.zeros(2, 100)], ValueError, r"clip 0 must be a 1-D .* shape \(2, 100\)"),
-        ([torch.zeros(100, dtype=torch.int16)], ValueError, "clip 0 must be a 1-D floating-point"),
-        ([torch.zeros(10), torch.zeros(0)], ValueError, r"clip 1 is empty \(0 samples\)"),
-        ([torch.tensor([0.0, float("nan")])], ValueError, "clip 0 contains NaN"),
-        ([torch.tensor([0.0, float("inf")])], ValueError, "clip 0 contains NaN or infinite"),
+        (torch.zeros(100), TypeError, "clips must be a list of 1-D tensors (one per clip), got Tensor"),
+        ({"clip": torch.zeros(10)}, TypeError, "clips must be a list of 1-D tensors (one per clip), got dict"),
+        ([], ValueError, "clips is empty: need at least one audio clip"),
+        ([np.zeros(100, np.float32)], TypeError, ("clip 0 must be a torch.Tensor, got ndarray "
+         "(af3.audio.load_audio turns files, bytes, URLs and arrays into one)")),
+        ([torch.zeros(2, 100)], ValueError, f"{SHAPE} (2, 100) dtype torch.float32"),
+        ([torch.zeros(100, dtype=torch.int16)], ValueError, f"{SHAPE} (100,) dtype torch.int16"),
+        ([torch.zeros(10), torch.zeros(0)], ValueError, "clip 1 is empty (0 samples): there is no audio to encode"),
+        ([torch.tensor([0.0, float("nan")])], ValueError, "clip 0 contains NaN or infinite samples"),
+        ([torch.tensor([0.0, float("inf")])], ValueError, "clip 0 contains NaN or infinite samples"),
         # The check reads only the min and max: -inf shows in the min, a NaN anywhere in both.
-        ([torch.tensor([0.0, -float("inf"), 1.0])], ValueError, "clip 0 contains NaN or infinite"),
+        ([torch.tensor([0.0, -float("inf"), 1.0])], ValueError, "clip 0 contains NaN or infinite samples"),
         ([torch.cat([torch.zeros(100_000), torch.tensor([float("nan")]), torch.ones(100_000)])],
-         ValueError, "clip 0 contains NaN"),
-        ([torch.zeros(10), torch.zeros(10, device="meta")], ValueError, "clip 1 is on meta"),
+         ValueError, "clip 0 contains NaN or infinite samples"),
+        ([torch.zeros(10), torch.zeros(10, device="meta")], ValueError,
+         "clip 1 is on meta but clip 0 is on cpu; put all clips on one device"),
     ],
 )
-def test_extract_features_bad_input(clips, error, match) -> None:
-    with pytest.raises(error, match=match):
+def test_extract_features_bad_input(clips, error, message) -> None:
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
         extract_features(clips)
 
 
@@ -217,11 +266,18 @@ def test_log_mel_bad_input() -> None:
             call([torch.zeros(10)], None)
         with pytest.raises(ValueError, match="n_mels must be positive, got 0"):
             call([torch.zeros(10)], 0)
-    with pytest.raises(ValueError, match="window 0 has 480001 samples, more than one 30 s window"):
-        log_mel_spectrogram([torch.zeros(480_001)])
-    with pytest.raises(ValueError, match="windows is empty"):
-        log_mel_spectrogram([])
-    with pytest.raises(TypeError, match="window 1 must be a torch.Tensor"):
-        log_mel_spectrogram([torch.zeros(10), [0.0] * 10])
-    with pytest.raises(ValueError, match="window 1 is on meta"):
-        log_mel_spectrogram([torch.zeros(10), torch.zeros(10, device="meta")])
+    cases = [
+        ([torch.zeros(480_001)], ValueError, ("window 0 has 480001 samples, more than one 30 s window (480000); "
+         "cut clips with af3.windows.window_ranges or use extract_features")),
+        ([], ValueError, "windows is empty: need at least one window"),
+        (torch.zeros(3), TypeError, "windows must be a list of 1-D tensors, got Tensor"),
+        ([torch.zeros(10), [0.0] * 10], TypeError, "window 1 must be a torch.Tensor, got list"),
+        ([torch.zeros(2, 3)], ValueError, ("window 0 must be a 1-D floating-point tensor, got shape (2, 3) dtype "
+         "torch.float32")),
+        ([torch.zeros(3, dtype=torch.int64)], ValueError, ("window 0 must be a 1-D floating-point tensor, got "
+         "shape (3,) dtype torch.int64")),
+        ([torch.zeros(10), torch.zeros(10, device="meta")], ValueError, "window 1 is on meta but window 0 is on cpu"),
+    ]
+    for windows, error, message in cases:
+        with pytest.raises(error, match=f"^{re.escape(message)}$"):
+            log_mel_spectrogram(windows)

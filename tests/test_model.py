@@ -8,7 +8,12 @@ import torch.nn.functional as F
 
 import af3.encoder
 from af3.model import AudioFlamingo3
-from tests.model_helpers import TINY_AUDIO_ID, hf_to_af3_model, tiny_hf_model
+from tests.model_helpers import (
+    TINY_AUDIO_ID,
+    af3_config_of,
+    hf_to_af3_model,
+    tiny_hf_model,
+)
 
 N_FRAMES = 3000  # mel frames per window
 
@@ -300,6 +305,56 @@ def test_generate_delegates(monkeypatch) -> None:
     ids = torch.zeros(1, 3, dtype=torch.long)
     assert model.generate(input_ids=ids, max_new_tokens=2) == 7
     assert seen["model"] is model and seen["input_ids"] is ids and seen["max_new_tokens"] == 2
+
+
+def test_trainable_parameters_and_activations_kept_as_transformers() -> None:
+    """The position table is frozen as in transformers (and Whisper), everything else trains; a
+    training step runs each layer forward once unless gradient checkpointing is asked for."""
+    hf = tiny_hf_model(seed=5, audio={"encoder_layers": 1}, num_hidden_layers=1)
+    ours = hf_to_af3_model(hf).train()
+    assert not ours.encoder.embed_positions.weight.requires_grad
+    assert not hf.model.audio_tower.embed_positions.weight.requires_grad
+    trainable = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (ours, hf)]
+    assert trainable[0] == trainable[1]
+
+    calls: list[str] = []
+    for name, layer in (("encoder", ours.encoder.layers[0]), ("decoder", ours.decoder.layers[0])):
+        layer.register_forward_pre_hook(lambda *_, name=name: calls.append(name))
+    b = make_batch([[1600], [3000, 500]], seed=7)  # short windows: the encoder's key mask in play
+    # Only weights inside the layers train (as with adapters): no layer input requires grad, the
+    # case where reentrant checkpointing would silently give those weights no gradient.
+    ours.requires_grad_(False)
+    trained = [ours.encoder.layers[0].attn.q.weight, ours.decoder.layers[0].attn.q.weight]
+    for w in trained:
+        w.requires_grad_(True)
+    losses, grads = [], []
+    for checkpointing in (False, True):
+        calls.clear()
+        ours.zero_grad()
+        ours.encoder.gradient_checkpointing = ours.decoder.gradient_checkpointing = checkpointing
+        loss = ours(**b).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([w.grad.flatten() for w in trained]))
+        # Each layer runs once, or once more in the backward pass when checkpointing.
+        assert sorted(calls) == sorted(["decoder", "encoder"] * (1 + checkpointing))
+    assert losses[0] == losses[1]
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
+
+
+def test_norm_eps_comes_from_the_config() -> None:
+    """Every norm takes its eps from the config (the defaults are the real model's, so a norm that
+    fell back to torch's own default would go unseen)."""
+    from dataclasses import replace
+
+    from af3.qwen2 import RMSNorm
+
+    config = af3_config_of(tiny_hf_model())
+    config = replace(config, audio=replace(config.audio, layer_norm_eps=0.25),
+                     text=replace(config.text, rms_norm_eps=0.125))
+    model = AudioFlamingo3(config)
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {0.25}
+    assert {m.eps for m in model.modules() if isinstance(m, RMSNorm)} == {0.125}
 
 
 @pytest.mark.parametrize("shape", [(1, 640), (2, 1, 640), (3, 640), (4, 1, 640), (5, 640)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -99,12 +101,15 @@ def test_bad_audio_features(model) -> None:
 
 def test_short_and_empty_windows_give_finite_frames(model) -> None:
     # 0 valid frames: every key masked (the NaN trap); 2 frames round to 0 tokens, 3 to 1.
+    # Both attention paths: torch's SDPA gives 0 for a row with no key, the plain math would give NaN.
     feats, mask = features(4, [0, 2, 3, 3000])
-    with torch.no_grad():
-        audio = model.get_audio_features(feats, mask)
-        hidden = model.encoder(feats, mask.sum(-1))
-    assert audio.shape == (0 + 0 + 1 + 750, 16)
-    assert torch.isfinite(audio).all() and torch.isfinite(hidden).all()
+    for backend in ("math", "sdpa"):
+        model.set_attention(backend)
+        with torch.no_grad():
+            audio = model.get_audio_features(feats, mask)
+            hidden = model.encoder(feats, mask.sum(-1))
+        assert audio.shape == (0 + 0 + 1 + 750, 16)
+        assert torch.isfinite(audio).all() and torch.isfinite(hidden).all()
 
 
 def test_cache_lifecycle_and_errors(model) -> None:
@@ -179,3 +184,131 @@ def test_sound_tokens_after_prefill_are_text(model) -> None:
         model(ids(1, 3), cache=cache)
         out = model(torch.tensor([[AUDIO_ID]]), cache=cache, input_pos=torch.tensor([3]))
     assert torch.isfinite(out.logits).all()
+
+
+def test_whole_error_messages_and_the_edges_that_pass(model) -> None:
+    """Each message in full (matched from start to end), and the inputs just inside each limit work."""
+    x = ids(2, 5)
+    a = torch.full((1, 4), AUDIO_ID)
+    feats, fmask = features(1, [3000])
+    cache = model.new_cache(2, 6)
+    one = torch.tensor([4])
+    n_s = "(with a cache it covers every slot attended to, the new tokens' included)"
+    full = "make a larger one with model.new_cache(...) or cache.grow(...)"
+    cases = [
+        (lambda: model([[1, 2]]), TypeError, "input_ids must be a torch.Tensor, got list"),
+        (lambda: model(torch.ones(1, 3)), TypeError, "input_ids must be int64 or int32, got torch.float32"),
+        (lambda: model(torch.ones(3, dtype=torch.long)), ValueError,
+         "input_ids must have shape (batch, seq_len) with seq_len >= 1, got (3,)"),
+        (lambda: model(torch.ones(1, 2, dtype=torch.long, device="meta")), ValueError,
+         "input_ids is on meta but the model is on cpu; move the inputs with .to(device)"),
+        (lambda: model(torch.tensor([[0, 64]])), ValueError, "input_ids contains 64, outside the vocabulary [0, 64)"),
+        (lambda: model(torch.tensor([[-1, 2]])), ValueError, "input_ids contains -1, outside the vocabulary [0, 64)"),
+        (lambda: model(x, cache={}), TypeError, "cache must be a KVCache from model.new_cache, got dict"),
+        (lambda: model(x, cache=model.new_cache(2, 6, device="meta")), ValueError,
+         "cache is on meta but input_ids is on cpu"),
+        (lambda: model(x[:1], cache=cache), ValueError, "cache was made for batch size 2 but the input has batch size 1"),
+        (lambda: model(x, input_pos=torch.arange(5)), ValueError,
+         "input_pos names cache slots: it needs a cache (model.new_cache)"),
+        (lambda: model(x[:, :1], cache=cache, input_pos=4), TypeError, "input_pos must be a torch.Tensor, got int"),
+        (lambda: model(x[:, :1], cache=cache, input_pos=torch.tensor([4, 5])), ValueError,
+         "input_pos must be an int64 tensor of shape (1,) (one slot per new token), got torch.int64 (2,)"),
+        (lambda: model(x[:, :1], cache=cache, input_pos=one.int()), ValueError,
+         "input_pos must be an int64 tensor of shape (1,) (one slot per new token), got torch.int32 (1,)"),
+        (lambda: model(x[:, :1], cache=cache, input_pos=one.to("meta")), ValueError,
+         "input_pos is on meta but input_ids is on cpu"),
+        (lambda: model(x[:, :1], cache=cache, input_pos=torch.tensor([-1])), ValueError,
+         "input_pos holds -1; cache slots start at 0"),
+        (lambda: model(x[:, :3], cache=cache, input_pos=torch.arange(4, 7)), ValueError,
+         f"cache is full: the new tokens reach slot 6 but max_len is 6; {full}"),
+        (lambda: model(torch.cat([x, x], 1), cache=cache), ValueError,
+         f"cache is full: the new tokens reach slot 9 but max_len is 6; {full}"),
+        (lambda: model(x, [[1] * 5] * 2), TypeError, "attention_mask must be a torch.Tensor, got list"),
+        (lambda: model(x, torch.ones(2, 4)), ValueError, "attention_mask must have shape (2, 5), got (2, 4)"),
+        *[(lambda m=m: model(x[:, :1], m, cache=cache, input_pos=one), ValueError,
+           f"attention_mask must have shape (2, S) with 4 < S <= 6 {n_s}, got {tuple(m.shape)}")
+          for m in (torch.ones(2, 4), torch.ones(2, 7), torch.ones(2, 6, 1), torch.ones(1, 6))],
+        (lambda: model(x, torch.ones(2, 5, device="meta")), ValueError, "attention_mask is on meta but input_ids is on cpu"),
+        (lambda: model(x, position_ids=[[0, 1, 2, 3, 4]]), TypeError, "position_ids must be a torch.Tensor, got list"),
+        *[(lambda p=p: model(x, position_ids=p), ValueError, f"position_ids must have shape (2, 5), got {tuple(p.shape)}")
+          for p in (torch.arange(4)[None], torch.arange(5)[None, None], torch.arange(5)[None].expand(3, 5))],
+        (lambda: model(x, logits_to_keep=-1), ValueError, "logits_to_keep must be an int >= 0, got -1"),
+        (lambda: model(x, logits_to_keep=1.0), ValueError, "logits_to_keep must be an int >= 0, got 1.0"),
+        (lambda: model(x, labels=[[0]]), TypeError, "labels must be a torch.Tensor, got list"),
+        (lambda: model(x, labels=x[:, :4]), ValueError, "labels must have shape (2, 5) like input_ids, got (2, 4)"),
+        (lambda: model(x, labels=x, logits_to_keep=1), ValueError,
+         "labels need every position's logits: logits_to_keep must be 0 to train"),
+        (lambda: model(x, labels=x.float()), TypeError, "labels must be int64 or int32, got torch.float32"),
+        (lambda: model(a, input_features=feats.repeat(2, 1, 1)), ValueError,
+         "Audio tokens and features mismatch: 4 <sound> tokens but 1500 audio frames"),
+        (lambda: model(a), ValueError,
+         "Audio tokens and features mismatch: 4 <sound> tokens but 0 audio frames (no input_features given)"),
+        (lambda: model(x, input_features_mask=fmask), ValueError, "input_features_mask given without input_features"),
+        (lambda: model.get_audio_features(feats.numpy()), TypeError, "input_features must be a torch.Tensor, got ndarray"),
+        *[(lambda f=f: model(a, input_features=f), ValueError,
+           f"input_features must have shape (n_windows, 128, 3000), got {tuple(f.shape)}")
+          for f in (feats[..., :1500], feats[0], feats[:, :64])],
+        (lambda: model(a, input_features=feats.long()), TypeError, "input_features must be floating point, got torch.int64"),
+        (lambda: model(a, input_features=feats.to("meta")), ValueError,
+         "input_features is on meta but the model is on cpu; move the inputs with .to(device)"),
+        (lambda: model(a, input_features=feats, input_features_mask=[[1]]), TypeError,
+         "input_features_mask must be a torch.Tensor, got list"),
+        (lambda: model(a, input_features=feats, input_features_mask=fmask[:, :100]), ValueError,
+         "input_features_mask must have shape (1, 3000) to match input_features, got (1, 100)"),
+        (lambda: model(a, input_features=feats, input_features_mask=fmask.to("meta")), ValueError,
+         "input_features_mask is on meta but the model is on cpu"),
+        (lambda: model.new_cache(1.0, 8), TypeError, "batch_size must be an int, got float"),
+        (lambda: model.new_cache(1, True), TypeError, "max_len must be an int, got bool"),
+        (lambda: model.new_cache(0, 8), ValueError, "batch_size must be positive, got 0"),
+        (lambda: model.new_cache(1, 0), ValueError, "max_len must be positive, got 0"),
+        (lambda: model.set_attention("flash"), ValueError, "attention backend must be 'sdpa' or 'math', got 'flash'"),
+        (lambda: AudioFlamingo3({}), TypeError, "config must be an AF3Config, got dict"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=f"^{re.escape(message)}$"):
+            call()
+
+    # Just inside each limit: the last vocabulary id, a one-slot cache, the last slot, S = last + 1 and
+    # S = max_len; half-precision features with a bool mask (15 frames: 4 tokens), int32 labels.
+    f15, m15 = features(1, [15])
+    with torch.no_grad():
+        assert model(torch.tensor([[0, 62]])).logits.shape == (1, 2, 64)
+        assert model.new_cache(1, 1).max_len == 1
+        model(x, cache=cache)
+        for s in (5, 6):
+            assert model(x[:, :1], torch.ones(2, s), cache=cache, input_pos=one).logits.shape == (2, 1, 64)
+        assert model(x[:, :1], cache=cache, input_pos=torch.tensor([5])).logits.shape == (2, 1, 64)
+        assert model(a, input_features=f15.half(), input_features_mask=m15.bool()).logits.shape == (1, 4, 64)
+        assert torch.isfinite(model(x, labels=x.int(), logits_to_keep=0).loss)
+
+
+def test_set_attention_picks_the_path(model, monkeypatch) -> None:
+    """'math' keeps every layer off torch's fused kernel, 'sdpa' puts every layer on it; same outputs."""
+    import torch.nn.functional as F
+
+    fused = F.scaled_dot_product_attention
+    calls: list[int] = []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    a = torch.full((1, 4), AUDIO_ID)
+    f15, m15 = features(1, [15])
+    out = {}
+    with torch.no_grad():
+        for backend in ("math", "sdpa"):
+            calls.clear()
+            model.set_attention(backend)
+            out[backend] = model(a, input_features=f15, input_features_mask=m15).logits
+            out[backend + " calls"] = len(calls)
+    assert out["math calls"] == 0 and out["sdpa calls"] == 3  # 1 encoder layer + 2 decoder layers
+    assert torch.allclose(out["math"], out["sdpa"], atol=1e-5)
+
+
+def test_audio_feature_and_cache_size_errors(model) -> None:
+    feats, mask = features(1, [3000])
+    with pytest.raises(ValueError, match=re.escape("input_features_mask must have shape (1, 3000) to match "
+                                                   "input_features, got (1, 100)")):
+        model.get_audio_features(feats, mask[:, :100])
+    # Far past any machine's memory: refused before allocating, with the size and what to change.
+    size = re.escape("a KV cache of 1 x 1,000,000,000,000 positions (max_len) would take 64000.00 GB "
+                     "(64,000,000,000,000 bytes), more than the ")
+    with pytest.raises(ValueError, match=f"^{size}.* of memory on cpu; lower max_len$"):
+        model.new_cache(1, 10**12)
