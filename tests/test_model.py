@@ -307,9 +307,12 @@ def test_generate_delegates(monkeypatch) -> None:
     assert seen["model"] is model and seen["input_ids"] is ids and seen["max_new_tokens"] == 2
 
 
-def test_trainable_parameters_and_activations_kept_as_transformers() -> None:
+@pytest.mark.parametrize("windows_alone", [True, False], ids=["windows-alone", "masked-batch"])
+def test_trainable_parameters_and_activations_kept_as_transformers(windows_alone, monkeypatch) -> None:
     """The position table is frozen as in transformers (and Whisper), everything else trains; a
-    training step runs each layer forward once unless gradient checkpointing is asked for."""
+    training step runs each layer forward once (the encoder's once per window when the CPU runs
+    windows of different lengths alone) unless gradient checkpointing is asked for."""
+    monkeypatch.setattr(af3.encoder, "_CPU_WINDOWS_ALONE", windows_alone)
     hf = tiny_hf_model(seed=5, audio={"encoder_layers": 1}, num_hidden_layers=1)
     ours = hf_to_af3_model(hf).train()
     assert not ours.encoder.embed_positions.weight.requires_grad
@@ -320,7 +323,8 @@ def test_trainable_parameters_and_activations_kept_as_transformers() -> None:
     calls: list[str] = []
     for name, layer in (("encoder", ours.encoder.layers[0]), ("decoder", ours.decoder.layers[0])):
         layer.register_forward_pre_hook(lambda *_, name=name: calls.append(name))
-    b = make_batch([[1600], [3000, 500]], seed=7)  # short windows: the encoder's key mask in play
+    b = make_batch([[1600], [3000, 500]], seed=7)  # short windows: run alone, or the key mask in play
+    encoder_runs = 3 if windows_alone else 1
     # Only weights inside the layers train (as with adapters): no layer input requires grad, the
     # case where reentrant checkpointing would silently give those weights no gradient.
     ours.requires_grad_(False)
@@ -337,7 +341,7 @@ def test_trainable_parameters_and_activations_kept_as_transformers() -> None:
         losses.append(loss.item())
         grads.append(torch.cat([w.grad.flatten() for w in trained]))
         # Each layer runs once, or once more in the backward pass when checkpointing.
-        assert sorted(calls) == sorted(["decoder", "encoder"] * (1 + checkpointing))
+        assert sorted(calls) == sorted((["decoder"] + ["encoder"] * encoder_runs) * (1 + checkpointing))
     assert losses[0] == losses[1]
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
 
