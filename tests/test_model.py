@@ -385,3 +385,21 @@ def test_decode_linear_split_equals_f_linear(shape, bias, monkeypatch):
     assert y.shape == (*shape[:-1], 1024) and y.is_contiguous()
     torch.testing.assert_close(y, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
     assert len(splits) == (x.numel() // 640 <= qwen2.SPLIT_ROWS)  # 5 rows: MKL's own product
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_linear_compiled_form_equals_f_linear(dtype, bias, monkeypatch):
+    # Under torch.compile, qwen2.linear writes few-row products as a multiply and a sum (inductor
+    # fuses them); run that form eagerly here and compare with F.linear in each dtype.
+    from af3 import qwen2
+
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(96, 64, generator=g).to(dtype)
+    b = torch.randn(96, generator=g).to(dtype) if bias else None
+    x = torch.randn(2, 1, 64, generator=g).to(dtype)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    y = qwen2.linear(x, weight, b)
+    assert y.dtype == dtype and y.shape == (2, 1, 96)
+    expected = F.linear(x.float(), weight.float(), None if b is None else b.float())  # fp32 sums, as F.linear's
+    torch.testing.assert_close(y, expected.to(dtype), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-4)
