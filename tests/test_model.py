@@ -346,6 +346,24 @@ def test_trainable_parameters_and_activations_kept_as_transformers(windows_alone
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
 
 
+def test_decoder_checkpointing_trains_weights_inside_layers_when_no_input_needs_grad() -> None:
+    """Text only, every weight frozen but one inside a decoder layer (as with LoRA): the decoder's
+    input then requires no grad, where reentrant checkpointing would give that weight none."""
+    ours = hf_to_af3_model(tiny_hf_model(seed=6, num_hidden_layers=2)).train()
+    ours.requires_grad_(False)
+    weight = ours.decoder.layers[1].mlp.up.weight.requires_grad_(True)
+    ids = torch.tensor([[5, 6, 9, 30, 31, 7], [11, 12, 13, 14, 15, 16]])
+    grads = []
+    for checkpointing in (False, True):
+        weight.grad = None
+        ours.decoder.gradient_checkpointing = checkpointing
+        ours(ids, labels=ids).loss.backward()
+        assert weight.grad is not None, f"no gradient with checkpointing={checkpointing}"
+        grads.append(weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
+
+
 def test_norm_eps_comes_from_the_config() -> None:
     """Every norm takes its eps from the config (the defaults are the real model's, so a norm that
     fell back to torch's own default would go unseen)."""
