@@ -281,3 +281,12 @@ def test_log_mel_bad_input() -> None:
     for windows, error, message in cases:
         with pytest.raises(error, match=f"^{re.escape(message)}$"):
             log_mel_spectrogram(windows)
+
+
+def test_extract_features_with_80_mels_equals_whisper_feature_extractor() -> None:
+    # n_mels reaches the filterbank: 80 bins (Whisper before large-v3) as transformers computes them.
+    clip = speech_like(40_000, 3)
+    ref = transformers.WhisperFeatureExtractor(feature_size=80)(clip, sampling_rate=16_000, return_tensors="pt")
+    ours = extract_features([torch.from_numpy(clip)], n_mels=80)
+    assert ours.input_features.shape == ref["input_features"].shape == (1, 80, 3000)
+    assert (ours.input_features - ref["input_features"]).abs().max().item() <= 1e-4

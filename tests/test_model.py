@@ -315,6 +315,7 @@ def test_trainable_parameters_and_activations_kept_as_transformers(windows_alone
     monkeypatch.setattr(af3.encoder, "_CPU_WINDOWS_ALONE", windows_alone)
     hf = tiny_hf_model(seed=5, audio={"encoder_layers": 1}, num_hidden_layers=1)
     ours = hf_to_af3_model(hf).train()
+    assert ours.encoder.gradient_checkpointing is False and ours.decoder.gradient_checkpointing is False  # until asked
     assert not ours.encoder.embed_positions.weight.requires_grad
     assert not hf.model.audio_tower.embed_positions.weight.requires_grad
     trainable = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (ours, hf)]
