@@ -266,6 +266,9 @@ def test_log_mel_bad_input() -> None:
             call([torch.zeros(10)], None)
         with pytest.raises(ValueError, match="n_mels must be positive, got 0"):
             call([torch.zeros(10)], 0)
+        with pytest.raises(TypeError, match=r"n_mels must be an int \(the encoder's num_mel_bins\), got str"):
+            call([torch.zeros(10)], "80")
+    assert log_mel_spectrogram([torch.zeros(10)], 1)[0].shape == (1, 1, 3000)  # one bin is still a filterbank
     cases = [
         ([torch.zeros(480_001)], ValueError, ("window 0 has 480001 samples, more than one 30 s window (480000); "
          "cut clips with af3.windows.window_ranges or use extract_features")),

@@ -173,6 +173,9 @@ def test_positions_follow_the_mask(model) -> None:
     assert torch.allclose(plain, shifted, atol=1e-5)  # RoPE sees only relative positions
     assert torch.allclose(plain[:, :5], gap[:, :5], atol=1e-6)
     assert not torch.allclose(plain[:, 5], gap[:, 5], atol=1e-3)  # ... and it is in play
+    with torch.no_grad():  # one row of positions serves every row of a batch
+        batch = model(torch.cat([x, x]), position_ids=torch.arange(6)[None]).logits
+    assert torch.allclose(batch, torch.cat([plain, plain]), atol=1e-6)
     assert torch.allclose(padded[:, 2:], plain, atol=1e-5)  # left padding does not shift positions
     assert torch.isfinite(padded).all()
 
