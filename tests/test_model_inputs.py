@@ -315,3 +315,21 @@ def test_audio_feature_and_cache_size_errors(model) -> None:
                      "(64,000,000,000,000 bytes), more than the ")
     with pytest.raises(ValueError, match=f"^{size}.* of memory on cpu; lower max_len$"):
         model.new_cache(1, 10**12)
+
+
+def test_audio_without_a_mask_is_full_windows() -> None:
+    # input_features_mask left out: every window counts as full (3000 frames -> 750 audio tokens),
+    # the same as passing an all-ones mask.
+    torch.manual_seed(0)
+    config = AF3Config(
+        audio=AudioConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+        text=TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=1024),
+        audio_token_id=AUDIO_ID)
+    model = AudioFlamingo3(config).eval()
+    x = torch.cat([ids(1, 3), torch.full((1, 750), AUDIO_ID), ids(1, 2)], 1)
+    feats, mask = features(1, [3000])
+    with torch.no_grad():
+        without = model(x, input_features=feats).logits
+        with_mask = model(x, input_features=feats, input_features_mask=mask).logits
+    assert torch.equal(without, with_mask)
