@@ -14,15 +14,20 @@ from af3.windows import pooled_length, window_token_count
 AUDIO_ID = 63
 
 
-@pytest.fixture(scope="module")
-def model() -> AudioFlamingo3:
+def tiny_model(num_hidden_layers: int = 2, max_position_embeddings: int = 256) -> AudioFlamingo3:
     torch.manual_seed(0)
     config = AF3Config(
         audio=AudioConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
-        text=TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256),
+        text=TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=num_hidden_layers,
+                        num_attention_heads=4, num_key_value_heads=1,
+                        max_position_embeddings=max_position_embeddings),
         audio_token_id=AUDIO_ID)
     return AudioFlamingo3(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> AudioFlamingo3:
+    return tiny_model()
 
 
 def ids(*shape: int) -> torch.Tensor:
@@ -320,13 +325,7 @@ def test_audio_feature_and_cache_size_errors(model) -> None:
 def test_audio_without_a_mask_is_full_windows() -> None:
     # input_features_mask left out: every window counts as full (3000 frames -> 750 audio tokens),
     # the same as passing an all-ones mask.
-    torch.manual_seed(0)
-    config = AF3Config(
-        audio=AudioConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
-        text=TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=1024),
-        audio_token_id=AUDIO_ID)
-    model = AudioFlamingo3(config).eval()
+    model = tiny_model(num_hidden_layers=1, max_position_embeddings=1024)  # room for 750 audio tokens
     x = torch.cat([ids(1, 3), torch.full((1, 750), AUDIO_ID), ids(1, 2)], 1)
     feats, mask = features(1, [3000])
     with torch.no_grad():
