@@ -295,8 +295,10 @@ def _timestamp(seconds: float, comma: str) -> str:
 
 
 def _cue_text(text: str) -> str:
-    """A blank line ends a cue: keep the text's lines, drop its empty ones."""
-    return "\n".join(line for line in text.strip().splitlines() if line.strip())
+    """A blank line ends a cue: keep the text's lines, drop its empty ones. Only \n and \r end
+    a line (str.splitlines would also cut at \x0c, \x1d, \u2028 and others a model can write)."""
+    lines = text.strip().replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "\n".join(line for line in lines if line.strip())
 
 
 def _blocks(text: str) -> list[str]:
