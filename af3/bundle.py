@@ -32,7 +32,7 @@ from af3.checkpoint import (
     resolve_dtype,
 )
 from af3.config import AF3Config, is_int
-from af3.generation import GenerationConfig, generate
+from af3.generation import GenerationConfig, compiled_length, generate
 from af3.longform import (
     CHUNK_SECONDS,
     MARGIN_SECONDS,
@@ -340,7 +340,8 @@ class ChatSession:
                              "(start_chat(max_tokens=...)) or lower max_new_tokens")
         streamer = TextStreamer(bundle.tokenizer, stream) if stream is not None else None
         if self.cache is None:
-            self.cache = bundle.model.new_cache(1, need, dtype=bundle.dtype, device=bundle.device)
+            size = compiled_length(need, self.max_tokens) if bundle.compile else need  # compiled: a few lengths
+            self.cache = bundle.model.new_cache(1, size, dtype=bundle.dtype, device=bundle.device)
         elif need > self.cache.max_len:
             self.cache.grow(min(max(need, 2 * self.cache.max_len), self.max_tokens))
         # A failed turn leaves self.ids as it was; what it wrote past them is written again next time.

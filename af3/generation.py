@@ -243,6 +243,28 @@ def decode_one_token(model: torch.nn.Module, token: torch.Tensor, attention_mask
 
 _compiled: dict[str, Any] = {}  # device type -> compiled decode_one_token
 _compiled_models: weakref.WeakSet = weakref.WeakSet()
+_kept_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled decoding's cache
+
+
+def compiled_length(total: int, limit: int | None) -> int:
+    """Slots a compiled decode attends over for `total` tokens: the next power of two from 256
+    up (at most the model's context `limit`, never fewer than `total`). Each length is compiled
+    once, so prompts of many lengths share a few compiled steps."""
+    slots = max(256, 1 << (total - 1).bit_length())
+    return max(total, min(slots, limit)) if limit is not None else slots
+
+
+def _kept_cache(model: torch.nn.Module, batch: int, slots: int, param: torch.Tensor) -> Any:
+    """The model's cache for compiled decoding, made again only when its shape, dtype or device
+    changes: a CUDA graph is captured for the cache's addresses, and a new cache each call would
+    capture it again each call (and after torch's limit of captures, run without the graph)."""
+    cache = _kept_caches.get(model)
+    if (cache is None or (cache.batch_size, cache.max_len, cache.dtype, cache.device)
+            != (batch, slots, param.dtype, param.device)):
+        _kept_caches.pop(model, None)  # free the old one before making the new one
+        cache = model.new_cache(batch, slots, dtype=param.dtype, device=param.device)
+        _kept_caches[model] = cache
+    return cache
 
 
 def compiled_decode_one_token(model: torch.nn.Module, device: torch.device) -> Any:
@@ -314,21 +336,28 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     own_cache = cache is None
     if own_cache and cached:
         raise ValueError("cached > 0 needs the cache that holds those tokens")
+    # Compiled, the step attends over a length rounded up to a power of two, so that prompts of
+    # other lengths reuse the compiled step (and its CUDA graph) instead of compiling another.
+    slots = compiled_length(total, limit) if compile and own_cache else total
     if own_cache:
         param = next(model.parameters())
         if isinstance(getattr(model, "config", None), AF3Config):  # a crafted max_position_embeddings: not allocated
-            check_fits(kv_cache_bytes(model.config.text, batch, total, param.dtype), param.device,
-                       f"the KV cache for {batch} x {total:,} positions (prompt {prompt_len} + max_new_tokens "
+            check_fits(kv_cache_bytes(model.config.text, batch, slots, param.dtype), param.device,
+                       f"the KV cache for {batch} x {slots:,} positions (prompt {prompt_len} + max_new_tokens "
                        f"{config.max_new_tokens:,})", "lower max_new_tokens")
-        cache = model.new_cache(batch, total, dtype=param.dtype, device=param.device)
+        cache = _kept_cache(model, batch, slots, param) if compile else \
+            model.new_cache(batch, slots, dtype=param.dtype, device=param.device)
     elif cache.max_len < total:
         raise ValueError(f"the cache has room for {cache.max_len} tokens but prompt + max_new_tokens = {total}; "
                          "grow it first (cache.grow) or lower max_new_tokens")
+    elif compile:
+        slots = min(compiled_length(total, limit), cache.max_len)
 
-    # Preallocated outputs and mask: they grow by writing, never by torch.cat.
+    # Preallocated outputs and mask: they grow by writing, never by torch.cat. Slots past the
+    # last token are marked real but stay unseen: a query sees only slots up to its own.
     tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
     tokens[:, :prompt_len] = input_ids
-    mask = torch.ones((batch, total), dtype=attention_mask.dtype, device=device)
+    mask = torch.ones((batch, slots), dtype=attention_mask.dtype, device=device)
     mask[:, :prompt_len] = attention_mask
     positions = positions_from_mask(mask[:, :prompt_len])  # (B, P): left padding does not shift them
     # The repetition penalty's memory, kept up to date one token at a time. Left padding takes

@@ -96,13 +96,17 @@ class KVCache:
     tokens (the attention mask, causal up to the query's slot). A slot written by a turn that
     was then abandoned is simply written again. `grow` makes room for a longer sequence and
     keeps every key and value written so far.
+
+    On CUDA each tensor is marked as having a fixed address, so a compiled decode step that
+    writes it in place can still run as a CUDA graph (torch.compile's CUDA graphs take only
+    inputs at fixed addresses as tensors they may write).
     """
 
     def __init__(self, n_layers: int, batch_size: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None = None):
         shape = (batch_size, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.k = [_fixed(torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_layers)]
+        self.v = [_fixed(torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_layers)]
 
     @property
     def batch_size(self) -> int:
@@ -138,12 +142,19 @@ class KVCache:
             for i, old in enumerate(tensors):
                 new = old.new_zeros(*old.shape[:2], max_len, old.shape[3])
                 new[:, :, :old.shape[2]] = old
-                tensors[i] = new
+                tensors[i] = _fixed(new)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows `rows` (1-D indices), in that order."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
+        self.k = [_fixed(t.index_select(0, rows)) for t in self.k]
+        self.v = [_fixed(t.index_select(0, rows)) for t in self.v]
+
+
+def _fixed(t: torch.Tensor) -> torch.Tensor:
+    """t, marked on CUDA as a tensor whose address stays the same from one call to the next."""
+    if t.is_cuda:
+        torch._dynamo.mark_static_address(t)
+    return t
 
 
 class DecoderAttention(nn.Module):

@@ -8,6 +8,7 @@ sides round at the same places, so the module outputs agree bit for bit.
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,7 @@ from af3.attention import attention, repeat_kv
 from af3.encoder import EncoderLayer, layer_norm
 from af3.projector import Projector
 from af3.qwen2 import DecoderAttention, RMSNorm, apply_rope, causal_mask, rope_cos_sin
-from tests.devices import needs_cuda
+from tests.devices import DEVICES, needs_cuda
 from tests.model_helpers import TINY_AUDIO_ID, hf_to_af3_model, tiny_hf_model
 
 BF16 = torch.bfloat16
@@ -340,9 +341,19 @@ WHOLE_MODEL_MAX_DIFF = 0.0625
 WHOLE_MODEL_MEAN_DIFF = 0.01
 
 
-def test_whole_model_bf16_logits_with_multi_window_audio(wide_bf16):
+def on_device(wide_bf16, device: str):
+    """The fixture's two models and the multi-window inputs, on `device` (copies, off the CPU)."""
     hf, ours = wide_bf16
-    ids, mask, feats, fmask = multi_window_inputs()
+    inputs = multi_window_inputs()
+    if device != "cpu":
+        hf, ours = copy.deepcopy(hf).to(device), copy.deepcopy(ours).to(device)
+        inputs = tuple(t.to(device) for t in inputs)
+    return hf, ours, inputs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_whole_model_bf16_logits_with_multi_window_audio(wide_bf16, device):
+    hf, ours, (ids, mask, feats, fmask) = on_device(wide_bf16, device)
     with torch.no_grad():
         theirs = hf(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask).logits
         mine = ours(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask).logits
@@ -354,11 +365,11 @@ def test_whole_model_bf16_logits_with_multi_window_audio(wide_bf16):
         f"max {diff.max().item()}, mean {diff.mean().item()}")
 
 
-def test_whole_model_bf16_greedy_equals_transformers(wide_bf16):
+@pytest.mark.parametrize("device", DEVICES)
+def test_whole_model_bf16_greedy_equals_transformers(wide_bf16, device):
     from af3.generation import generate
 
-    hf, ours = wide_bf16
-    ids, mask, feats, fmask = multi_window_inputs()
+    hf, ours, (ids, mask, feats, fmask) = on_device(wide_bf16, device)
     kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     theirs = hf.generate(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask, **kw)
     mine = generate(ours, ids, mask, feats, fmask, **kw)

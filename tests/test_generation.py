@@ -3,6 +3,7 @@ model that implements af3's forward + new_cache contract (exact cache bookkeepin
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from af3 import generation, qwen2
 from af3.generation import GenerationConfig, generate, process_scores, seen_mask
 from af3.streaming import TextStreamer
+from tests.devices import needs_cuda
 
 VOCAB = 40
 EOS = 3
@@ -482,6 +484,40 @@ def test_greedy_equals_transformers_single_and_batched(hf_and_af3):
         assert torch.equal(mine[i, ids.shape[1]:ids.shape[1] + len(new)], new)
 
 
+@needs_cuda
+def test_compiled_decode_on_cuda_runs_as_a_cuda_graph_with_the_same_tokens(hf_and_af3, capsys):
+    # On CUDA compile=True captures the decode step as a CUDA graph. The graph may write only
+    # tensors at fixed addresses: the cache's are marked so (unmarked, torch skips the graph and
+    # counts a skip). fp32 greedy tokens equal eager CUDA and transformers on CUDA.
+    from torch._dynamo.utils import counters
+
+    hf, ours = (copy.deepcopy(m).cuda() for m in hf_and_af3)
+    ids, mask, feats, fmask = (t.cuda() for t in audio_batch([400, 160], [[5, 6, 9], [11]]))
+    kw = {"max_new_tokens": 10, "do_sample": False, "repetition_penalty": 1.3, "pad_token_id": PAD}
+    theirs = hf.generate(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask,
+                         eos_token_id=None, **kw)
+    kw["eos_token_id"] = []
+    eager = generate(ours, ids, mask, feats, fmask, **kw)
+    assert torch.equal(eager, theirs)
+    counters.clear()
+    assert torch.equal(generate(ours, ids, mask, feats, fmask, compile=True, **kw), eager)
+    assert torch.equal(generate(ours, ids, mask, feats, fmask, compile=True, **kw), eager)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    ids2, mask2, _, _ = (t.cuda() for t in audio_batch([400, 160], [[5, 6, 9, 4], [11]]))
+    with torch._dynamo.config.patch(error_on_recompile=True):  # another prompt length: the same graph
+        longer = generate(ours, ids2, mask2, feats, fmask, compile=True, **kw)
+    assert torch.equal(longer, generate(ours, ids2, mask2, feats, fmask, **kw))
+
+
+def test_compiled_length_is_a_power_of_two_within_the_context():
+    from af3.generation import compiled_length
+
+    assert [compiled_length(n, 32768) for n in (1, 256, 257, 1000, 1025, 32768)] == [256, 256, 512, 1024, 2048, 32768]
+    assert compiled_length(300, 400) == 400  # capped by the model's context
+    assert compiled_length(300, 200) == 300  # never fewer slots than tokens
+    assert compiled_length(5000, None) == 8192
+
+
 def test_seeded_sampling_equals_transformers(hf_and_af3):
     hf, ours = hf_and_af3
     ids, mask, feats, fmask = audio_batch([400, 800], [[5, 6, 9], [11]], seed=2)
@@ -526,6 +562,11 @@ def test_compiled_decode_gives_the_same_tokens(hf_and_af3, capsys, monkeypatch, 
         assert torch.equal(compiled, eager)
         again = generate(ours, ids, mask, feats, fmask, compile=True, **kw)  # compiled once, said once
         assert torch.equal(again, eager)
+        # Another prompt length (here, one more token of text) reuses the compiled step.
+        ids2, mask2, _, _ = audio_batch([400, 160], [[5, 6, 9, 4], [11]])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            longer = generate(ours, ids2, mask2, feats, fmask, compile=True, **kw)
+        assert torch.equal(longer, generate(ours, ids2, mask2, feats, fmask, **kw))
     finally:
         torch.set_num_threads(threads)
     assert capsys.readouterr().err.count("compiling the decode step") == 1  # said on the first call only
