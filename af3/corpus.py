@@ -219,18 +219,29 @@ def merge(output: Path, items: Sequence[Item]) -> int:
     return sum(1 for it in items if it.index not in records or "error" in records[it.index])
 
 
-def init_distributed() -> torch.device | None:
-    """Join the torch.distributed group torchrun describes (nccl on CUDA, gloo on CPU) and return
-    this rank's device; None when not launched by torchrun (or with one process)."""
+def init_distributed(device: str | torch.device | None = None) -> torch.device | None:
+    """Join the torch.distributed group torchrun describes and return this rank's device; None
+    when not launched by torchrun (or with one process). `device`: the user's choice; None means
+    this rank's GPU (LOCAL_RANK) where there are GPUs, else the CPU. nccl on CUDA, gloo on the CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local)
+        n = torch.cuda.device_count()
+        if device.index >= n:
+            raise ValueError(f"local rank {local} would run on {device}, but this node has {n} GPU(s): start "
+                             f"one process per GPU (torchrun --nproc-per-node {n}), or run on the CPUs "
+                             "(--device cpu)")
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=BARRIER_TIMEOUT)
-        return device
-    dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-    return torch.device("cpu")
+    else:
+        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    return device
 
 
 def _seconds_or_none(audio: str) -> float | None:

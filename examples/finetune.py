@@ -84,14 +84,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import af3
     from af3 import finetune
+    from af3.corpus import init_distributed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    try:  # under torchrun: join the group (nccl on this rank's GPU, gloo on the CPU)
+        rank_device = init_distributed(args.device) if not dist.is_initialized() else None
+    except (ValueError, RuntimeError) as e:
+        print(f"error: cannot start under torchrun: {e}", file=sys.stderr)
+        return 2
     rank = dist.get_rank() if dist.is_initialized() else 0
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
-        return run(args, torch, af3, finetune, world, say)
+        return run(args, torch, af3, finetune, world, say, rank_device)
     except KeyboardInterrupt:
         say("\ninterrupted (continue with --resume)", file=sys.stderr)
         return 130
@@ -100,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def run(args: argparse.Namespace, torch, af3, finetune, world: int, say) -> int:
-    if args.device is not None:
+def run(args: argparse.Namespace, torch, af3, finetune, world: int, say, rank_device) -> int:
+    if rank_device is not None:
+        device = str(rank_device)
+    elif args.device is not None:
         device = args.device
-    elif torch.cuda.is_available():
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     else:
-        device = "cpu"
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
     on_gpu = device.startswith("cuda")
     if on_gpu:
         torch.cuda.set_device(torch.device(device))

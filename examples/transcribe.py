@@ -117,11 +117,15 @@ def run(args: argparse.Namespace) -> int:
     import af3
     from af3.corpus import init_distributed
 
-    rank_device = init_distributed()  # under torchrun: join the group; None otherwise
+    try:
+        rank_device = init_distributed(args.device)  # under torchrun: join the group; None otherwise
+    except (ValueError, RuntimeError) as e:  # too few GPUs for the processes; a device torch does not know
+        print_error(f"cannot start under torchrun: {e}")
+        return CANNOT_START
     if rank_device is not None and args.manifest is None:
         print_error("under torchrun, give the work as --manifest FILE --output FILE")
         return CANNOT_START
-    device, dtype = device_and_dtype(args.device or (None if rank_device is None else str(rank_device)), args.dtype)
+    device, dtype = device_and_dtype(args.device if rank_device is None else str(rank_device), args.dtype)
     try:
         model = af3.load(args.checkpoint, device=device, dtype=dtype, quantize=args.quantize)
     except (OSError, ValueError, TypeError, RuntimeError) as e:

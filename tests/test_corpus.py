@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -164,7 +165,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # On the CPUs with gloo, also on a machine with a GPU (two processes would need two GPUs).
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            *args], check=False, env=env, capture_output=True, text=True, timeout=300)
 
@@ -192,3 +194,30 @@ def test_torchrun_two_processes_equal_one_and_resume_after_a_killed_rank(corpus,
     assert f"({len(done_before)} of 8 done before)" in rerun.stderr
     assert out.read_text() == single.read_text()
     assert not list(tmp_path.glob("out.jsonl.part*"))
+
+
+@pytest.mark.parametrize("device, gpus, local_rank, expected", [
+    (None, 0, 1, ("gloo", "cpu")),
+    (None, 2, 1, ("nccl", "cuda:1")),  # this rank's GPU
+    ("cuda", 2, 1, ("nccl", "cuda:1")),
+    ("cpu", 2, 1, ("gloo", "cpu")),  # the user's choice, though there are GPUs
+    (None, 1, 1, "this node has 1 GPU"),  # two processes, one GPU: said, before joining any group
+])
+def test_init_distributed_picks_the_backend_for_the_device(monkeypatch, device, gpus, local_rank, expected):
+    import af3.corpus
+
+    joined, current = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(af3.corpus.dist, "init_process_group", lambda backend, **kw: joined.append(backend))
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            af3.corpus.init_distributed(device)
+        assert not joined
+        return
+    got = af3.corpus.init_distributed(device)
+    assert (joined, str(got)) == ([expected[0]], expected[1])
+    assert current == ([got] if got.type == "cuda" else [])
