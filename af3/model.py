@@ -134,12 +134,29 @@ class AudioFlamingo3(nn.Module):
         if cache is not None or attention_mask is not None:
             s = cache.max_len if attention_mask is None else attention_mask.shape[1]
             mask = causal_mask(attention_mask, input_pos, s)  # (B or 1, 1, T, S)
-        h = self.decoder(x, position_ids, mask, cache, input_pos)  # (B, T, d)
+        if _rows_alone(x, attention_mask, cache, input_pos):
+            h = self._decode_rows_alone(x, attention_mask, position_ids, cache, input_pos)
+        else:
+            h = self.decoder(x, position_ids, mask, cache, input_pos)  # (B, T, d)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.decoder.logits(h)
         loss = None if labels is None else _next_token_loss(logits, labels, attention_mask)
         return ModelOutput(logits=logits, loss=loss)
+
+    def _decode_rows_alone(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                           cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
+        """The decoder over each left-padded row's real tokens alone, written into its row of the
+        cache: plain causal attention (the CPU kernel skips the masked half) and no work on
+        padding. Padded positions come out zero."""
+        h = torch.zeros_like(x)
+        t = x.shape[1]
+        for b, n in enumerate(attention_mask.count_nonzero(dim=1).tolist()):
+            positions = position_ids if position_ids.shape[0] == 1 else position_ids[b:b + 1]  # (1, T)
+            if n:
+                h[b:b + 1, t - n:] = self.decoder(x[b:b + 1, t - n:], positions[:, t - n:], None, cache.row(b),
+                                                  input_pos[t - n:])
+        return h
 
     def generate(self, **kwargs: Any) -> Any:
         """Autoregressive decoding; see `af3.generation.generate`."""
@@ -304,3 +321,21 @@ def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor,
     if attention_mask is not None:
         shifted = shifted.masked_fill(attention_mask[:, -shifted.shape[1]:] == 0, IGNORE_INDEX)
     return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX)
+
+
+# On the CPU, a prefill from an empty cache of a left-padded batch runs row by row (see
+# `_decode_rows_alone`); elsewhere one masked batch keeps an accelerator busy with fewer launches.
+_CPU_ROWS_ALONE = True
+
+
+def _rows_alone(x: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None,
+                input_pos: torch.Tensor) -> bool:
+    """Whether this call is a CPU prefill from slot 0 of a batch whose rows are left-padded."""
+    if not (_CPU_ROWS_ALONE and x.device.type == "cpu" and cache is not None and attention_mask is not None
+            and x.shape[0] > 1 and x.shape[1] > 1 and attention_mask.shape[1] == x.shape[1]):
+        return False
+    real = attention_mask != 0
+    n = real.sum(dim=1, keepdim=True)
+    left_padded = torch.equal(real, torch.arange(x.shape[1], device=x.device) >= x.shape[1] - n)
+    fresh = int(input_pos[0]) == 0 and int(input_pos[-1]) == x.shape[1] - 1  # slots 0 .. T-1
+    return left_padded and not bool(real.all()) and fresh

@@ -144,6 +144,12 @@ class KVCache:
                 new[:, :, :old.shape[2]] = old
                 tensors[i] = _fixed(new)
 
+    def row(self, b: int) -> KVCache:
+        """A cache over row b alone: views of this one's tensors, so writes land here."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [t[b:b + 1] for t in self.k], [t[b:b + 1] for t in self.v]
+        return view
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows `rows` (1-D indices), in that order."""
         self.k = [_fixed(t.index_select(0, rows)) for t in self.k]
@@ -178,10 +184,11 @@ class DecoderAttention(nn.Module):
         v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, input_pos, k, v)  # (B, nkv, max_len, hd)
-            s = mask.shape[-1]  # the mask says how many slots to attend over
-            k, v = k[:, :, :s].to(q.dtype), v[:, :, :s].to(q.dtype)  # .to: no-op unless the cache's dtype differs
-        # mask None: no padding and no cache, so plain causal attention.
+            k_all, v_all = cache.update(self.layer_idx, input_pos, k, v)  # (B, nkv, max_len, hd)
+            if mask is not None:  # without one, a prefill from empty: the new tokens attend to each other
+                s = mask.shape[-1]  # the mask says how many slots to attend over
+                k, v = k_all[:, :, :s].to(q.dtype), v_all[:, :, :s].to(q.dtype)  # .to: no-op unless dtypes differ
+        # mask None: no padding and nothing cached before these tokens, so plain causal attention.
         y = attention(q, k, v, mask, scale=self.head_dim**-0.5, causal=mask is None, use_sdpa=self.use_sdpa)
         return self.o(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, d)
 
@@ -250,9 +257,9 @@ class Qwen2Decoder(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """x: input embeddings (B, T, d); position_ids (B or 1, T) for RoPE; mask: bool
-        (B or 1, 1, T, S), or None for plain causal attention over the T tokens (no padding, no
-        cache). With a cache, the new keys/values go to slots `input_pos` (T,) and the queries
-        attend over slots [0, S)."""
+        (B or 1, 1, T, S), or None for plain causal attention over the T tokens alone (no padding,
+        and nothing cached before them). With a cache, the new keys/values go to slots `input_pos`
+        (T,) and, with a mask, the queries attend over slots [0, S)."""
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -422,3 +422,47 @@ def test_decode_linear_compiled_form_equals_f_linear(dtype, bias, monkeypatch):
     assert y.dtype == dtype and y.shape == (2, 1, 96)
     expected = F.linear(x.float(), weight.float(), None if b is None else b.float())  # fp32 sums, as F.linear's
     torch.testing.assert_close(y, expected.to(dtype), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-4)
+
+
+def test_cpu_prefill_of_a_left_padded_batch_runs_each_row_alone(monkeypatch):
+    # On the CPU a prefill from slot 0 runs each left-padded row's real tokens alone (plain causal
+    # attention, no padding): the logits and the cache at every real position equal the masked
+    # batch's, and with HF's (compared in the generation parity tests).
+    import af3.model
+
+    model = hf_to_af3_model(tiny_hf_model(seed=3))
+    batch = make_batch([[3000, 1001], [397], [800]], seed=5)
+    batch.pop("labels")
+    t = batch["input_ids"].shape[1]
+    real = batch["attention_mask"].bool()
+    results, calls = {}, []
+    decoder_forward = model.decoder.forward
+    monkeypatch.setattr(model.decoder, "forward", lambda *a, **k: calls.append(a[0].shape) or decoder_forward(*a, **k))
+    for alone in (True, False):
+        monkeypatch.setattr(af3.model, "_CPU_ROWS_ALONE", alone)
+        cache = model.new_cache(3, t + 5)
+        with torch.no_grad():
+            logits = model(**batch, cache=cache).logits
+        slots = [torch.stack(c)[:, :, :, :t].permute(1, 3, 0, 2, 4) for c in (cache.k, cache.v)]  # (B, t, ...)
+        results[alone] = logits[real], slots[0][real], slots[1][real]
+    assert calls[:3] == [(1, int(n), 32) for n in real.sum(1)] and calls[3] == (3, t, 32)  # rows alone, then one batch
+    for got, expected in zip(results[True], results[False]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+
+
+def test_rows_alone_only_for_a_fresh_cpu_prefill_with_left_padding():
+    from af3.model import _rows_alone
+
+    x, cache = torch.zeros(2, 4, 8), object()
+    left, right, full = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), \
+        torch.ones(2, 4)
+    start = torch.arange(4)
+    assert _rows_alone(x, left, cache, start)
+    assert not _rows_alone(x, right, cache, start)  # right padding
+    assert not _rows_alone(x, torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]), cache, start)  # a hole
+    assert not _rows_alone(x, full, cache, start)  # no padding: one batch is as good
+    assert not _rows_alone(x, left, None, start)  # no cache
+    assert not _rows_alone(x, left, cache, start + 3)  # a later turn: earlier slots hold tokens
+    assert not _rows_alone(x[:1], left[:1], cache, start)  # one row
+    assert not _rows_alone(x[:, :1], left[:, :1], cache, start[:1])  # a decode step
+    assert not _rows_alone(x, None, cache, start)
