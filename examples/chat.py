@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="quantize the decoder's linear weights while loading a float checkpoint "
                         "(a checkpoint converted with --quantize needs no flag)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decoding step through torch.compile (CUDA graphs on a GPU): the first "
+                        "tokens wait for the compilation, later ones come 2-3x faster; the same tokens")
     p.add_argument("--max-new-tokens", type=int, default=None, help="per reply (default: the checkpoint's)")
     p.add_argument("--think", action="store_true", help="ask the model to reason before answering")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
@@ -70,7 +73,8 @@ def chat(args: argparse.Namespace) -> int:
         print_error(text if args.audio in text else f"{args.audio}: {text}")
         return 1
     try:
-        model = af3.load(args.checkpoint, device=device, dtype=dtype, quantize=args.quantize)
+        model = af3.load(args.checkpoint, device=device, dtype=dtype, quantize=args.quantize,
+                         compile=args.compile)
     except (OSError, ValueError, TypeError, RuntimeError) as e:
         print_error(f"cannot load checkpoint {args.checkpoint}: {e}", FLAGS)
         return 2

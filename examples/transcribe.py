@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="quantize the decoder's linear weights while loading a float checkpoint "
                         "(a checkpoint converted with --quantize needs no flag)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decoding step through torch.compile (CUDA graphs on a GPU): the first "
+                        "tokens wait for the compilation, later ones come 2-3x faster; the same tokens")
     p.add_argument("--max-new-tokens", type=int, default=None, help="per chunk (default: the checkpoint's setting)")
     p.add_argument("--batch-size", type=int, default=8, help="chunks transcribed together (default 8)")
     p.add_argument("--chunk-seconds", type=float, default=30.0, help="longest chunk, at most 600 (default 30)")
@@ -127,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
         return CANNOT_START
     device, dtype = device_and_dtype(args.device if rank_device is None else str(rank_device), args.dtype)
     try:
-        model = af3.load(args.checkpoint, device=device, dtype=dtype, quantize=args.quantize)
+        model = af3.load(args.checkpoint, device=device, dtype=dtype, quantize=args.quantize,
+                         compile=args.compile)
     except (OSError, ValueError, TypeError, RuntimeError) as e:
         print_error(f"cannot load checkpoint {args.checkpoint}: {e}", FLAGS)
         return CANNOT_START

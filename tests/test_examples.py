@@ -86,6 +86,22 @@ def test_chat_multi_turn_from_piped_questions(files, capsys, monkeypatch):
     assert out.count("af3> ") == 2
 
 
+def test_compile_flag_gives_the_same_transcripts_and_replies(files, capsys, monkeypatch):
+    import af3
+
+    a, b, ckpt = str(files / "a.wav"), str(files / "b.flac"), ["--checkpoint", str(files / "ckpt"), "--greedy"]
+    real_load, compiled = af3.load, []
+    monkeypatch.setattr(af3, "load", lambda *args, **kw: compiled.append(kw.get("compile")) or real_load(*args, **kw))
+    outputs = {}
+    for flags in ([], ["--compile"]):
+        assert example("transcribe").main([a, b, *ckpt, "--json", "--batch-size", "2", *flags]) == 0
+        monkeypatch.setattr(sys, "stdin", io.StringIO("What is it?\nAnd then?\n\n"))
+        assert example("chat").main([a, *ckpt, *flags]) == 0
+        outputs[bool(flags)] = capsys.readouterr().out
+    assert compiled == [False, False, True, True]
+    assert outputs[True] == outputs[False] and outputs[True].count("af3> ") == 2
+
+
 def test_chat_quantize_runs_the_quantized_model(files, capsys, monkeypatch):
     import af3
     from af3.audio import load_audio
