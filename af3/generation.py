@@ -300,7 +300,9 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     the first n tokens of `input_ids` (a multi-turn chat reuses it, so the audio is encoded
     once). `vocab_limit`: ids at or above it are never generated (the unused rows of a padded
     embedding, which the tokenizer cannot decode). `compile=True` runs the decode step through
-    torch.compile (`compiled_decode_one_token`); the tokens are the same.
+    torch.compile (`compiled_decode_one_token`); the tokens are the same. Compiled, the KV cache
+    (rounded up to `compiled_length`) stays with the model for the next call of the same batch
+    size, so a CUDA graph captured over it is replayed rather than captured again.
     """
     config = _resolve_config(model, generation_config, gen)
     input_ids, attention_mask = _check_inputs(input_ids, attention_mask)

@@ -130,13 +130,10 @@ class AudioFlamingo3(nn.Module):
         if position_ids is None:
             position_ids = input_pos[None] if attention_mask is None else \
                 positions_from_mask(attention_mask).index_select(1, input_pos)  # (1 or B, T)
-        mask = None  # without padding or a cache: plain causal attention (SDPA's fastest kernels)
-        if cache is not None or attention_mask is not None:
-            s = cache.max_len if attention_mask is None else attention_mask.shape[1]
-            mask = causal_mask(attention_mask, input_pos, s)  # (B or 1, 1, T, S)
-        if _rows_alone(x, attention_mask, cache, input_pos):
+        if _rows_alone(x, attention_mask, cache, input_pos):  # a CPU prefill of a left-padded batch
             h = self._decode_rows_alone(x, attention_mask, position_ids, cache, input_pos)
         else:
+            mask = _decoder_mask(attention_mask, cache, input_pos)  # (B or 1, 1, T, S) or None
             h = self.decoder(x, position_ids, mask, cache, input_pos)  # (B, T, d)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -321,6 +318,16 @@ def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor,
     if attention_mask is not None:
         shifted = shifted.masked_fill(attention_mask[:, -shifted.shape[1]:] == 0, IGNORE_INDEX)
     return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def _decoder_mask(attention_mask: torch.Tensor | None, cache: KVCache | None,
+                  input_pos: torch.Tensor) -> torch.Tensor | None:
+    """The decoder's attention mask; None without padding or a cache: plain causal attention
+    (SDPA's fastest kernels)."""
+    if cache is None and attention_mask is None:
+        return None
+    s = cache.max_len if attention_mask is None else attention_mask.shape[1]
+    return causal_mask(attention_mask, input_pos, s)  # (B or 1, 1, T, S)
 
 
 # On the CPU, a prefill from an empty cache of a left-padded batch runs row by row (see

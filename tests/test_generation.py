@@ -507,6 +507,9 @@ def test_compiled_decode_on_cuda_runs_as_a_cuda_graph_with_the_same_tokens(hf_an
     with torch._dynamo.config.patch(error_on_recompile=True):  # another prompt length: the same graph
         longer = generate(ours, ids2, mask2, feats, fmask, compile=True, **kw)
     assert torch.equal(longer, generate(ours, ids2, mask2, feats, fmask, **kw))
+    one = generate(ours, ids[1:], mask[1:], feats[1:], fmask[1:], compile=True, **kw)  # another batch size
+    assert torch.equal(one, generate(ours, ids[1:], mask[1:], feats[1:], fmask[1:], **kw))
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
 
 
 def test_compiled_length_is_a_power_of_two_within_the_context():
@@ -567,6 +570,10 @@ def test_compiled_decode_gives_the_same_tokens(hf_and_af3, capsys, monkeypatch, 
         with torch._dynamo.config.patch(error_on_recompile=True):
             longer = generate(ours, ids2, mask2, feats, fmask, compile=True, **kw)
         assert torch.equal(longer, generate(ours, ids2, mask2, feats, fmask, **kw))
+        # Another batch size: a new cache (and step) replaces the kept one.
+        one = generate(ours, ids[1:], mask[1:], feats[1:], fmask[1:], compile=True, **kw)
+        assert torch.equal(one, generate(ours, ids[1:], mask[1:], feats[1:], fmask[1:], **kw))
+        assert generation._kept_caches[ours].batch_size == 1
     finally:
         torch.set_num_threads(threads)
     assert capsys.readouterr().err.count("compiling the decode step") == 1  # said on the first call only
