@@ -19,11 +19,16 @@ FLAGS = {"max_new_tokens": "--max-new-tokens", "max_tokens": "--max-tokens", "ba
          "margin_seconds": "--margin-seconds"}
 
 
-def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, str]:
-    """The defaults the examples share: cuda when available, bfloat16 there and float32 on the CPU."""
+def default_device() -> str:
+    """Where the examples run without --device: cuda when available, else cpu."""
     import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """The defaults the examples share: `default_device()`, bfloat16 there on a GPU and float32 on the CPU."""
+    device = device or default_device()
     return device, dtype or ("bfloat16" if device.startswith("cuda") else "float32")
 
 

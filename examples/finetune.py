@@ -22,6 +22,8 @@ from pathlib import Path
 # Run from a clone without installing: make the repository importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from examples._common import default_device
+
 DTYPES = ("float32", "bfloat16")  # fp16 training would need loss scaling; bf16 does not
 
 
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace, torch, af3, finetune, world: int, say, rank_de
     elif args.device is not None:
         device = args.device
     else:
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        device = "cuda:0" if default_device() == "cuda" else "cpu"
     on_gpu = device.startswith("cuda")
     if on_gpu:
         torch.cuda.set_device(torch.device(device))

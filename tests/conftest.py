@@ -34,3 +34,13 @@ def pytest_collection_modifyitems(config, items):
         return
     rank = {name: i for i, name in enumerate(MUTATION_FILE_ORDER)}
     items.sort(key=lambda item: (rank.get(item.fspath.basename, len(rank)), item.fspath.basename))  # stable
+
+
+@pytest.fixture(autouse=True)
+def examples_default_to_the_cpu(monkeypatch):
+    """The example scripts run on the CPU in tests unless a test names a --device: on a machine
+    with a GPU their default (cuda, bf16) would make their output differ from the CPU-computed
+    expectations the tests compare it with. The GPU path has its own tests."""
+    import examples._common
+
+    monkeypatch.setattr(examples._common, "default_device", lambda: "cpu")

@@ -163,7 +163,7 @@ def test_train_projector_in_full(toy, tmp_path, capsys) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 weights under bf16 autocast); "
                     "the CPU tests cover the same loop in fp32 and CPU bf16")
 def test_bf16_autocast_on_gpu_learns(toy, tmp_path, capsys) -> None:
-    rc = finetune_main(toy, tmp_path / "run", "--steps", "30", "--batch-size", "3", "--lr", "5e-3",
+    rc = finetune_main(toy, tmp_path / "run", "--device", "cuda:0", "--steps", "30", "--batch-size", "3", "--lr", "5e-3",
                        "--lora-dropout", "0", "--lora-targets", "decoder,decoder.lm_head", "--gradient-checkpointing")
     out = capsys.readouterr().out
     assert rc == 0 and "cuda:0, bfloat16" in out, out
