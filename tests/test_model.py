@@ -450,10 +450,13 @@ def test_cpu_prefill_of_a_left_padded_batch_runs_each_row_alone(monkeypatch):
         torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
 
 
-def test_rows_alone_only_for_a_fresh_cpu_prefill_with_left_padding():
+def test_rows_alone_only_for_a_fresh_cpu_prefill_with_left_padding(monkeypatch):
+    import af3.model
     from af3.model import _rows_alone
 
     x, cache = torch.zeros(2, 4, 8), object()
+    assert not _rows_alone(x, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), cache, torch.arange(4))  # too short
+    monkeypatch.setattr(af3.model, "ROWS_ALONE_MIN_TOKENS", 2)
     left, right, full = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), \
         torch.ones(2, 4)
     start = torch.arange(4)
@@ -464,5 +467,5 @@ def test_rows_alone_only_for_a_fresh_cpu_prefill_with_left_padding():
     assert not _rows_alone(x, left, None, start)  # no cache
     assert not _rows_alone(x, left, cache, start + 3)  # a later turn: earlier slots hold tokens
     assert not _rows_alone(x[:1], left[:1], cache, start)  # one row
-    assert not _rows_alone(x[:, :1], left[:, :1], cache, start[:1])  # a decode step
+    assert not _rows_alone(x[:, :1], left[:, :1], cache, start[:1])  # a decode step (one token)
     assert not _rows_alone(x, None, cache, start)
