@@ -180,6 +180,35 @@ def test_sdpa_without_native_gqa_equals_native(monkeypatch):
     assert_bits_equal(attention(q, k, v, mask, scale=HEAD_DIM**-0.5), native)
 
 
+@pytest.mark.parametrize("tq, keys, masked", [(1, 1040, True), (3, 3, False), (4, 500, True)],
+                         ids=["decode-step", "short-causal", "four-rows"])
+def test_few_query_rows_on_the_cpu_are_fp32_math_not_sdpa(monkeypatch, tq, keys, masked):
+    """A decoding step's attention on the CPU (at most FEW_ROWS query rows) is written out in fp32,
+    not SDPA (ten times slower for such rows in bf16). fp32: SDPA's result to float precision.
+    bf16: at least as close to the exact (fp32) result as SDPA's bf16 kernel, and at most one
+    bf16 step from it: af3 deliberately differs from transformers here (README, "bf16")."""
+    import torch.nn.functional as F
+
+    sdpa, calls = F.scaled_dot_product_attention, []
+    q, k, v = randn(2, 28, tq, HEAD_DIM, seed=20), randn(2, 4, keys, HEAD_DIM, seed=21), \
+        randn(2, 4, keys, HEAD_DIM, seed=22)
+    mask = None
+    if masked:  # row 1 left-padded, and the queries see keys up to their own slot
+        mask = (torch.arange(keys)[None, :] <= torch.arange(keys - tq, keys)[:, None])[None, None].repeat(2, 1, 1, 1)
+        mask[1, ..., :keys // 3] = False
+    kw = {"attn_mask": mask, "is_causal": not masked, "scale": HEAD_DIM**-0.5, "enable_gqa": True}
+    exact = sdpa(q, k, v, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    torch.testing.assert_close(attention(q, k, v, mask, scale=HEAD_DIM**-0.5, causal=not masked), exact,
+                               rtol=0, atol=2e-6)
+    q, k, v = q.to(BF16), k.to(BF16), v.to(BF16)
+    mine, theirs = attention(q, k, v, mask, scale=HEAD_DIM**-0.5, causal=not masked), sdpa(q, k, v, **kw)
+    assert not calls
+    exact = sdpa(q.float(), k.float(), v.float(), **kw)
+    assert (mine.float() - exact).abs().max() <= (theirs.float() - exact).abs().max()
+    assert_bf16_rounding_apart(mine, theirs, max_steps=1, max_fraction=0.5)
+
+
 def test_encoder_layer_bf16_equals_transformers():
     """LayerNorms, attention (q scaled before the product, k without bias) and GELU MLP of one
     Whisper-large-v3 block, with keys past a window's valid length masked."""

@@ -297,7 +297,7 @@ def test_set_attention_picks_the_path(model, monkeypatch) -> None:
     fused = F.scaled_dot_product_attention
     calls: list[int] = []
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    a = torch.full((1, 4), AUDIO_ID)
+    a = torch.cat([torch.full((1, 4), AUDIO_ID), torch.tensor([[5, 6, 7, 8]])], dim=1)  # more than FEW_ROWS
     f15, m15 = features(1, [15])
     out = {}
     with torch.no_grad():
