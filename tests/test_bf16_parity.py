@@ -183,10 +183,11 @@ def test_sdpa_without_native_gqa_equals_native(monkeypatch):
 @pytest.mark.parametrize("tq, keys, masked", [(1, 1040, True), (3, 3, False), (4, 500, True)],
                          ids=["decode-step", "short-causal", "four-rows"])
 def test_few_query_rows_on_the_cpu_are_fp32_math_not_sdpa(monkeypatch, tq, keys, masked):
-    """A decoding step's attention on the CPU (at most FEW_ROWS query rows) is written out in fp32,
-    not SDPA (ten times slower for such rows in bf16). fp32: SDPA's result to float precision.
-    bf16: at least as close to the exact (fp32) result as SDPA's bf16 kernel, and at most one
-    bf16 step from it: af3 deliberately differs from transformers here (README, "bf16")."""
+    """A decoding step's attention on the CPU (at most FEW_ROWS query rows) is written out in fp32
+    in half precision (SDPA is ten times slower for such rows in bf16) and under torch.compile
+    (where inductor fuses it). fp32: SDPA's result to float precision. bf16: at least as close
+    to the exact (fp32) result as SDPA's bf16 kernel, and at most one bf16 step from it: af3
+    deliberately differs from transformers here (README, "bf16")."""
     import torch.nn.functional as F
 
     sdpa, calls = F.scaled_dot_product_attention, []
@@ -199,8 +200,14 @@ def test_few_query_rows_on_the_cpu_are_fp32_math_not_sdpa(monkeypatch, tq, keys,
     kw = {"attn_mask": mask, "is_causal": not masked, "scale": HEAD_DIM**-0.5, "enable_gqa": True}
     exact = sdpa(q, k, v, **kw)
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    attention(q, k, v, mask, scale=HEAD_DIM**-0.5, causal=not masked)
+    assert len(calls) == 1  # eager fp32: SDPA
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the form torch.compile traces
     torch.testing.assert_close(attention(q, k, v, mask, scale=HEAD_DIM**-0.5, causal=not masked), exact,
                                rtol=0, atol=2e-6)
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
     q, k, v = q.to(BF16), k.to(BF16), v.to(BF16)
     mine, theirs = attention(q, k, v, mask, scale=HEAD_DIM**-0.5, causal=not masked), sdpa(q, k, v, **kw)
     assert not calls
