@@ -219,10 +219,13 @@ def merge(output: Path, items: Sequence[Item]) -> int:
     return sum(1 for it in items if it.index not in records or "error" in records[it.index])
 
 
-def init_distributed(device: str | torch.device | None = None) -> torch.device | None:
+def init_distributed(device: str | torch.device | None = None,
+                     timeout: datetime.timedelta | None = BARRIER_TIMEOUT) -> torch.device | None:
     """Join the torch.distributed group torchrun describes and return this rank's device; None
     when not launched by torchrun (or with one process). `device`: the user's choice; None means
-    this rank's GPU (LOCAL_RANK) where there are GPUs, else the CPU. nccl on CUDA, gloo on the CPU."""
+    this rank's GPU (LOCAL_RANK) where there are GPUs, else the CPU. nccl on CUDA, gloo on the CPU.
+    `timeout`: how long a collective may wait (a corpus's ranks wait for each other's shares at
+    the end; None: torch's default, for work that meets at every step, such as training)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -238,9 +241,9 @@ def init_distributed(device: str | torch.device | None = None) -> torch.device |
                              f"one process per GPU (torchrun --nproc-per-node {n}), or run on the CPUs "
                              "(--device cpu)")
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=BARRIER_TIMEOUT)
+        dist.init_process_group("nccl", timeout=timeout)
     else:
-        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+        dist.init_process_group("gloo", timeout=timeout)
     return device
 
 

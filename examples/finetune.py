@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:  # under torchrun: join the group (nccl on this rank's GPU, gloo on the CPU)
-        rank_device = init_distributed(args.device) if not dist.is_initialized() else None
+        rank_device = init_distributed(args.device, timeout=None) if not dist.is_initialized() else None
     except (ValueError, RuntimeError) as e:
         print(f"error: cannot start under torchrun: {e}", file=sys.stderr)
         return 2
