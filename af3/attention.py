@@ -40,7 +40,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     h_kv = k.shape[1]
     n_rep = h // h_kv
     if (use_sdpa and q.device.type == "cpu" and tq <= FEW_ROWS
-            and (q.dtype != torch.float32 or torch.compiler.is_compiling())):
+            and (q.dtype in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling())):
         # A decoding step on the CPU. In half precision SDPA's CPU kernel takes ten times its
         # fp32 time for a few query rows (one row over 1040 keys, 14 heads: 682 us in bf16, 71 us
         # in fp32); under torch.compile it stays a separate call, where the written-out form is
@@ -72,16 +72,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 def _attention_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                     n_rep: int) -> torch.Tensor:
-    """`attention` computed in fp32 throughout (as SDPA's fused kernels accumulate), cast back to
-    q's dtype; mask: bool (B or 1, 1, Tq, Tk), or None for none."""
+    """`attention` computed in fp32 (or q's dtype, if wider) throughout, as SDPA's fused kernels
+    accumulate, cast back to q's dtype; mask: bool (B or 1, 1, Tq, Tk), or None for none."""
+    acc = torch.promote_types(q.dtype, torch.float32)
     b, h, tq, hd = q.shape
     h_kv = h // n_rep
     # The n_rep query heads of a key/value head share its keys: (n_rep * Tq) rows against them
     # in one product per head (a broadcast axis instead would make matmul copy the keys n_rep times).
-    qg = q.reshape(b, h_kv, n_rep * tq, hd).float()
-    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (B, H_kv, n_rep * Tq, Tk)
+    qg = q.reshape(b, h_kv, n_rep * tq, hd).to(acc)
+    scores = torch.matmul(qg, k.to(acc).transpose(-1, -2)) * scale  # (B, H_kv, n_rep * Tq, Tk)
     if mask is not None:
         scores = scores.view(b, h_kv, n_rep, tq, -1).masked_fill(~mask[:, :, None], float("-inf"))
         scores = scores.view(b, h_kv, n_rep * tq, -1)
-    out = torch.matmul(torch.softmax(scores, dim=-1), v.float())  # (B, H_kv, n_rep * Tq, hd)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.to(acc))  # (B, H_kv, n_rep * Tq, hd)
     return out.view(b, h, tq, hd).to(q.dtype)

@@ -216,6 +216,19 @@ def test_few_query_rows_on_the_cpu_are_fp32_math_not_sdpa(monkeypatch, tq, keys,
     assert_bf16_rounding_apart(mine, theirs, max_steps=1, max_fraction=0.5)
 
 
+def test_few_query_rows_keep_float64(monkeypatch):
+    """The written-out decoding attention computes in fp32 or wider: float64 stays float64."""
+    import torch.nn.functional as F
+
+    q, k, v = (randn(*shape, seed=seed).double() for shape, seed in (((1, 4, 1, 8), 23), ((1, 2, 5, 8), 24),
+                                                                       ((1, 2, 5, 8), 25)))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    mine = attention(q, k, v, None, scale=0.3)
+    assert mine.dtype == torch.float64
+    torch.testing.assert_close(mine, F.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=True),
+                               rtol=0, atol=1e-12)
+
+
 def test_encoder_layer_bf16_equals_transformers():
     """LayerNorms, attention (q scaled before the product, k without bias) and GELU MLP of one
     Whisper-large-v3 block, with keys past a window's valid length masked."""
