@@ -1,7 +1,8 @@
 """Scaled dot-product attention shared by the encoder and the decoder.
 
 Two paths that compute the same thing: PyTorch's fused `scaled_dot_product_attention` (the
-default) and the plain math written out (what the tests compare against). Masks are boolean,
+default) and the plain math written out (what the tests compare against, and what a decoding
+step on the CPU takes in half precision or compiled). Masks are boolean,
 True where a query may look at a key.
 """
 
@@ -39,17 +40,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     b, h, tq, hd = q.shape
     h_kv = k.shape[1]
     n_rep = h // h_kv
-    if (use_sdpa and q.device.type == "cpu" and tq <= FEW_ROWS
-            and (q.dtype in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling())):
-        # A decoding step on the CPU. In half precision SDPA's CPU kernel takes ten times its
-        # fp32 time for a few query rows (one row over 1040 keys, 14 heads: 682 us in bf16, 71 us
-        # in fp32); under torch.compile it stays a separate call, where the written-out form is
-        # fused into the step. So both write it out, in fp32, and cast back. Eager fp32 keeps
-        # SDPA, which is as fast or faster there (0.39 against 0.42 ms a step at head size 12).
-        if mask is None and causal:
-            mask = torch.ones(tq, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - tq)[None, None]
-        return _attention_fp32(q, k, v, mask, scale, n_rep)
-    if use_sdpa:
+    # A decoding step on the CPU. In half precision SDPA's CPU kernel takes ten times its fp32
+    # time for a few query rows (one row over 1040 keys, 14 heads: 682 us in bf16, 71 us in
+    # fp32); under torch.compile it stays a separate call, where the written-out form is fused
+    # into the step. So both take the written-out form below, in fp32 to the end. Eager fp32
+    # keeps SDPA, which is as fast or faster there (0.39 against 0.42 ms a step at head size 12).
+    few_rows_on_cpu = (q.device.type == "cpu" and tq <= FEW_ROWS
+                       and (q.dtype in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling()))
+    if use_sdpa and not few_rows_on_cpu:
         is_causal = causal and mask is None
         if _SDPA_GQA:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
@@ -57,32 +55,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask,
                                               is_causal=is_causal, scale=scale)
 
-    # Plain math, scores and softmax in fp32. The query heads that share a key/value head are
-    # grouped on their own axis, so the keys and values are never copied.
+    # Written out, scores and softmax in fp32 (or wider). The n_rep query heads of a key/value
+    # head are (n_rep * Tq) rows of one product against its keys, so the keys and values are
+    # never copied (a broadcast head axis would make matmul copy them n_rep times).
     if mask is None and causal:
         mask = torch.ones(tq, k.shape[2], dtype=torch.bool, device=q.device).tril()[None, None]
-    qg = q.view(b, h_kv, n_rep, tq, hd).float()  # (B, H_kv, n_rep, Tq, hd)
-    scores = torch.matmul(qg, k.float()[:, :, None].transpose(-1, -2)) * scale  # (B, H_kv, n_rep, Tq, Tk)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask: (B, 1, 1, Tq, Tk)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v[:, :, None])  # (B, H_kv, n_rep, Tq, hd)
-    return out.reshape(b, h, tq, hd)
-
-
-def _attention_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                    n_rep: int) -> torch.Tensor:
-    """`attention` computed in fp32 (or q's dtype, if wider) throughout, as SDPA's fused kernels
-    accumulate, cast back to q's dtype; mask: bool (B or 1, 1, Tq, Tk), or None for none."""
     acc = torch.promote_types(q.dtype, torch.float32)
-    b, h, tq, hd = q.shape
-    h_kv = h // n_rep
-    # The n_rep query heads of a key/value head share its keys: (n_rep * Tq) rows against them
-    # in one product per head (a broadcast axis instead would make matmul copy the keys n_rep times).
     qg = q.reshape(b, h_kv, n_rep * tq, hd).to(acc)
     scores = torch.matmul(qg, k.to(acc).transpose(-1, -2)) * scale  # (B, H_kv, n_rep * Tq, Tk)
-    if mask is not None:
+    if mask is not None:  # mask: (B or 1, 1, Tq, Tk), the same for each of the n_rep heads
         scores = scores.view(b, h_kv, n_rep, tq, -1).masked_fill(~mask[:, :, None], float("-inf"))
         scores = scores.view(b, h_kv, n_rep * tq, -1)
-    out = torch.matmul(torch.softmax(scores, dim=-1), v.to(acc))  # (B, H_kv, n_rep * Tq, hd)
+    # The 'math' backend weighs the values in their own dtype, as transformers' eager attention
+    # does; a decoding step's fast path stays in fp32 to the end, as SDPA's kernels accumulate.
+    values = acc if use_sdpa else v.dtype
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(values), v.to(values))  # (B, H_kv, n_rep * Tq, hd)
     return out.view(b, h, tq, hd).to(q.dtype)

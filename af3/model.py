@@ -130,8 +130,9 @@ class AudioFlamingo3(nn.Module):
         if position_ids is None:
             position_ids = input_pos[None] if attention_mask is None else \
                 positions_from_mask(attention_mask).index_select(1, input_pos)  # (1 or B, T)
-        if _rows_alone(x, attention_mask, cache, input_pos):  # a CPU prefill of a left-padded batch
-            h = self._decode_rows_alone(x, attention_mask, position_ids, cache, input_pos)
+        lengths = _rows_alone(x, attention_mask, cache, input_pos)  # a CPU prefill of a left-padded batch
+        if lengths is not None:
+            h = self._decode_rows_alone(x, lengths, position_ids, cache, input_pos)
         else:
             mask = _decoder_mask(attention_mask, cache, input_pos)  # (B or 1, 1, T, S) or None
             h = self.decoder(x, position_ids, mask, cache, input_pos)  # (B, T, d)
@@ -141,14 +142,14 @@ class AudioFlamingo3(nn.Module):
         loss = None if labels is None else _next_token_loss(logits, labels, attention_mask)
         return ModelOutput(logits=logits, loss=loss)
 
-    def _decode_rows_alone(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    def _decode_rows_alone(self, x: torch.Tensor, lengths: list[int], position_ids: torch.Tensor,
                            cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
-        """The decoder over each left-padded row's real tokens alone, written into its row of the
-        cache: plain causal attention (the CPU kernel skips the masked half) and no work on
-        padding. Padded positions come out zero."""
+        """The decoder over each left-padded row's real tokens (the last lengths[b] of row b)
+        alone, written into its row of the cache: plain causal attention (the CPU kernel skips
+        the masked half) and no work on padding. Padded positions come out zero."""
         h = torch.zeros_like(x)
         t = x.shape[1]
-        for b, n in enumerate(attention_mask.count_nonzero(dim=1).tolist()):
+        for b, n in enumerate(lengths):
             positions = position_ids if position_ids.shape[0] == 1 else position_ids[b:b + 1]  # (1, T)
             if n:
                 h[b:b + 1, t - n:] = self.decoder(x[b:b + 1, t - n:], positions[:, t - n:], None, cache.row(b),
@@ -340,13 +341,16 @@ ROWS_ALONE_MIN_TOKENS = 256
 
 
 def _rows_alone(x: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None,
-                input_pos: torch.Tensor) -> bool:
-    """Whether this call is a CPU prefill from slot 0 of a batch whose rows are left-padded."""
+                input_pos: torch.Tensor) -> list[int] | None:
+    """Each row's count of real tokens if this call is a CPU prefill from slot 0 of a batch
+    whose rows are left-padded (and run row by row); else None."""
     if not (_CPU_ROWS_ALONE and x.device.type == "cpu" and cache is not None and attention_mask is not None
             and x.shape[0] > 1 and x.shape[1] >= ROWS_ALONE_MIN_TOKENS and attention_mask.shape[1] == x.shape[1]):
-        return False
+        return None
+    t = x.shape[1]
     real = attention_mask != 0
-    n = real.sum(dim=1, keepdim=True)
-    left_padded = torch.equal(real, torch.arange(x.shape[1], device=x.device) >= x.shape[1] - n)
-    fresh = int(input_pos[0]) == 0 and int(input_pos[-1]) == x.shape[1] - 1  # slots 0 .. T-1
-    return left_padded and not bool(real.all()) and fresh
+    n = real.sum(dim=1, keepdim=True)  # (B, 1)
+    left_padded = torch.equal(real, torch.arange(t, device=x.device) >= t - n)
+    fresh = int(input_pos[0]) == 0 and int(input_pos[-1]) == t - 1  # slots 0 .. T-1
+    lengths = n.flatten().tolist()
+    return lengths if left_padded and min(lengths) < t and fresh else None

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples._common import (
+    COMPILE_HELP,
     DEVICE_HELP,
     DTYPE_HELP,
     DTYPE_NAMES,
@@ -39,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="quantize the decoder's linear weights while loading a float checkpoint "
                         "(a checkpoint converted with --quantize needs no flag)")
-    p.add_argument("--compile", action="store_true",
-                   help="run each decoding step through torch.compile (CUDA graphs on a GPU): the first "
-                        "tokens wait for the compilation, later ones come 2-3x faster; the same tokens")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--max-new-tokens", type=int, default=None, help="per reply (default: the checkpoint's)")
     p.add_argument("--think", action="store_true", help="ask the model to reason before answering")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")

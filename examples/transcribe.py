@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples._common import (
+    COMPILE_HELP,
     DEVICE_HELP,
     DTYPE_HELP,
     DTYPE_NAMES,
@@ -63,9 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="quantize the decoder's linear weights while loading a float checkpoint "
                         "(a checkpoint converted with --quantize needs no flag)")
-    p.add_argument("--compile", action="store_true",
-                   help="run each decoding step through torch.compile (CUDA graphs on a GPU): the first "
-                        "tokens wait for the compilation, later ones come 2-3x faster; the same tokens")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--max-new-tokens", type=int, default=None, help="per chunk (default: the checkpoint's setting)")
     p.add_argument("--batch-size", type=int, default=8, help="chunks transcribed together (default 8)")
     p.add_argument("--chunk-seconds", type=float, default=30.0, help="longest chunk, at most 600 (default 30)")

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from af3.config import AF3Config
 from af3.generation import compiled_decode_one_token, decode_one_token, generate
 from af3.model import AudioFlamingo3
-from tests.model_helpers import TINY_AUDIO, TINY_TEXT, af3_config_of
-from weights_convert.names import hf_to_af3
+from tests.bench_mid import bytes_per_token
+from tests.model_helpers import TINY_AUDIO, TINY_TEXT, af3_model_sharing
 
 PAD = 0
 
@@ -73,16 +73,7 @@ def build(device: torch.device, tiny: bool):
         for p in hf.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.02)
-    return hf, share(hf)
-
-
-def share(hf) -> AudioFlamingo3:
-    """af3's model over `hf`'s tensors (load_state_dict with assign: no copy)."""
-    state = {hf_to_af3(name): t for name, t in hf.state_dict().items()}
-    with torch.device("meta"):
-        ours = AudioFlamingo3(af3_config_of(hf))
-    ours.load_state_dict(state, strict=True, assign=True)
-    return ours.eval()
+    return hf, af3_model_sharing(hf)
 
 
 def to_bf16(hf) -> None:
@@ -118,12 +109,6 @@ def timer(device: torch.device):
 def read_bandwidth(device: torch.device, best) -> float:
     x = torch.ones(2**30 if device.type == "cuda" else 2**26, dtype=torch.float32, device=device)
     return x.numel() * 4 / best(x.sum, 5)
-
-
-def decode_bytes_per_token(model: AudioFlamingo3) -> int:
-    """Weights one decode step reads: every decoder tensor but the embedding (one row of it)."""
-    return sum(p.numel() * p.element_size() for name, p in model.decoder.named_parameters()
-               if not name.startswith("embed_tokens"))
 
 
 def audio_prompt(audio_id: int, device: torch.device):
@@ -266,13 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_parity:
         parity(hf, ours, device, "fp32")
     to_bf16(hf)
-    ours = share(hf)  # over the bf16 tensors; the fp32 ones are freed
+    ours = af3_model_sharing(hf)  # over the bf16 tensors; the fp32 ones are freed
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if not args.no_parity:
         parity(hf, ours, device, "bf16")
-    floor = decode_bytes_per_token(ours) / bandwidth
-    print(f"read bandwidth {bandwidth / 1e9:.0f} GB/s; bf16 decoder weights {decode_bytes_per_token(ours) / 1e9:.1f} "
+    floor = bytes_per_token(ours) / bandwidth
+    print(f"read bandwidth {bandwidth / 1e9:.0f} GB/s; bf16 decoder weights {bytes_per_token(ours) / 1e9:.1f} "
           f"GB/token -> floor {floor * 1e3:.2f} ms/token ({1 / floor:.0f} tokens/s)", flush=True)
     seconds = decode_speeds(hf, ours, device, args.prompt, args.steps, not args.no_compile, best,
                             args.profile and device.type == "cuda", args.tuned and not args.no_compile)

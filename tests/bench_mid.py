@@ -28,8 +28,7 @@ import torch.nn.functional as F
 
 from af3.generation import compiled_decode_one_token, decode_one_token
 from af3.model import AudioFlamingo3
-from tests.model_helpers import af3_config_of, tiny_hf_config
-from weights_convert.names import hf_to_af3
+from tests.model_helpers import af3_model_sharing, tiny_hf_config
 
 MID_TEXT = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
             "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
@@ -60,11 +59,7 @@ def build():
 
     torch.manual_seed(0)
     hf = AudioFlamingo3ForConditionalGeneration(tiny_hf_config(audio=MID_AUDIO, **MID_TEXT)).float().eval()
-    state = {hf_to_af3(name): t for name, t in hf.state_dict().items()}
-    with torch.device("meta"):
-        ours = AudioFlamingo3(af3_config_of(hf))
-    ours.load_state_dict(state, strict=True, assign=True)  # the same tensors: no second copy
-    return hf, ours.eval()
+    return hf, af3_model_sharing(hf)  # the same tensors: no second copy
 
 
 def main() -> None:

@@ -57,6 +57,16 @@ def af3_config_of(hf_model) -> AF3Config:
     return config_from_hf(hf_model.config.to_dict())
 
 
+def af3_model_sharing(hf_model) -> AudioFlamingo3:
+    """An af3 AudioFlamingo3 over `hf_model`'s own tensors (no copy: for benchmarks at sizes
+    where two copies would not fit; a change to one model's weights shows in the other)."""
+    state = {hf_to_af3(name): t for name, t in hf_model.state_dict().items()}
+    with torch.device("meta"):
+        model = AudioFlamingo3(af3_config_of(hf_model))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
 def hf_to_af3_model(hf_model) -> AudioFlamingo3:
     """An af3 AudioFlamingo3 holding copies of `hf_model`'s weights (strict load)."""
     config = af3_config_of(hf_model)

@@ -484,31 +484,39 @@ def test_greedy_equals_transformers_single_and_batched(hf_and_af3):
         assert torch.equal(mine[i, ids.shape[1]:ids.shape[1] + len(new)], new)
 
 
-@needs_cuda
-def test_compiled_decode_on_cuda_runs_as_a_cuda_graph_with_the_same_tokens(hf_and_af3, capsys):
-    # On CUDA compile=True captures the decode step as a CUDA graph. The graph may write only
-    # tensors at fixed addresses: the cache's are marked so (unmarked, torch skips the graph and
-    # counts a skip). fp32 greedy tokens equal eager CUDA and transformers on CUDA.
-    from torch._dynamo.utils import counters
-
-    hf, ours = (copy.deepcopy(m).cuda() for m in hf_and_af3)
-    ids, mask, feats, fmask = (t.cuda() for t in audio_batch([400, 160], [[5, 6, 9], [11]]))
+def check_compiled_decoding(hf, ours, device: str = "cpu") -> None:
+    """compile=True gives the greedy tokens of eager decoding and of transformers; a prompt of
+    another length reuses the compiled step (no recompilation); another batch size replaces the
+    cache kept for compiled decoding."""
+    ids, mask, feats, fmask = (t.to(device) for t in audio_batch([400, 160], [[5, 6, 9], [11]]))
     kw = {"max_new_tokens": 10, "do_sample": False, "repetition_penalty": 1.3, "pad_token_id": PAD}
     theirs = hf.generate(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask,
                          eos_token_id=None, **kw)
     kw["eos_token_id"] = []
     eager = generate(ours, ids, mask, feats, fmask, **kw)
     assert torch.equal(eager, theirs)
-    counters.clear()
     assert torch.equal(generate(ours, ids, mask, feats, fmask, compile=True, **kw), eager)
-    assert torch.equal(generate(ours, ids, mask, feats, fmask, compile=True, **kw), eager)
-    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
-    ids2, mask2, _, _ = (t.cuda() for t in audio_batch([400, 160], [[5, 6, 9, 4], [11]]))
-    with torch._dynamo.config.patch(error_on_recompile=True):  # another prompt length: the same graph
+    assert torch.equal(generate(ours, ids, mask, feats, fmask, compile=True, **kw), eager)  # compiled once
+    # Another prompt length (here, one more token of text) reuses the compiled step.
+    ids2, mask2, _, _ = (t.to(device) for t in audio_batch([400, 160], [[5, 6, 9, 4], [11]]))
+    with torch._dynamo.config.patch(error_on_recompile=True):
         longer = generate(ours, ids2, mask2, feats, fmask, compile=True, **kw)
     assert torch.equal(longer, generate(ours, ids2, mask2, feats, fmask, **kw))
-    one = generate(ours, ids[1:], mask[1:], feats[1:], fmask[1:], compile=True, **kw)  # another batch size
+    # Another batch size: a new cache (and step) replaces the kept one.
+    one = generate(ours, ids[1:], mask[1:], feats[1:], fmask[1:], compile=True, **kw)
     assert torch.equal(one, generate(ours, ids[1:], mask[1:], feats[1:], fmask[1:], **kw))
+    assert generation._kept_caches[ours].batch_size == 1
+
+
+@needs_cuda
+def test_compiled_decode_on_cuda_runs_as_a_cuda_graph_with_the_same_tokens(hf_and_af3):
+    # On CUDA compile=True captures the decode step as a CUDA graph. The graph may write only
+    # tensors at fixed addresses: the cache's are marked so (unmarked, torch skips the graph and
+    # counts a skip). fp32 greedy tokens equal eager CUDA and transformers on CUDA.
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    check_compiled_decoding(*(copy.deepcopy(m).cuda() for m in hf_and_af3), device="cuda")
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
 
 
@@ -552,30 +560,11 @@ def test_compiled_decode_gives_the_same_tokens(hf_and_af3, capsys, monkeypatch, 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        ids, mask, feats, fmask = audio_batch([400, 160], [[5, 6, 9], [11]])
-        kw = {"max_new_tokens": 10, "do_sample": False, "repetition_penalty": 1.3, "pad_token_id": PAD}
-        theirs = hf.generate(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask,
-                             eos_token_id=None, **kw)
-        kw["eos_token_id"] = []
-        eager = generate(ours, ids, mask, feats, fmask, **kw)
-        assert torch.equal(eager, theirs)
         capsys.readouterr()
         generation._compiled_models.discard(ours)  # as if this model had never been compiled
-        compiled = generate(ours, ids, mask, feats, fmask, compile=True, **kw)
-        assert torch.equal(compiled, eager)
-        again = generate(ours, ids, mask, feats, fmask, compile=True, **kw)  # compiled once, said once
-        assert torch.equal(again, eager)
-        # Another prompt length (here, one more token of text) reuses the compiled step.
-        ids2, mask2, _, _ = audio_batch([400, 160], [[5, 6, 9, 4], [11]])
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            longer = generate(ours, ids2, mask2, feats, fmask, compile=True, **kw)
-        assert torch.equal(longer, generate(ours, ids2, mask2, feats, fmask, **kw))
-        # Another batch size: a new cache (and step) replaces the kept one.
-        one = generate(ours, ids[1:], mask[1:], feats[1:], fmask[1:], compile=True, **kw)
-        assert torch.equal(one, generate(ours, ids[1:], mask[1:], feats[1:], fmask[1:], **kw))
-        assert generation._kept_caches[ours].batch_size == 1
+        check_compiled_decoding(hf, ours)
     finally:
         torch.set_num_threads(threads)
     assert capsys.readouterr().err.count("compiling the decode step") == 1  # said on the first call only
     with pytest.raises(TypeError, match="compile must be True or False"):
-        generate(ours, ids, compile="yes")
+        generate(ours, torch.tensor([[5, 6, 9]]), compile="yes")
