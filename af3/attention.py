@@ -2,8 +2,8 @@
 
 Two paths that compute the same thing: PyTorch's fused `scaled_dot_product_attention` (the
 default) and the plain math written out (what the tests compare against, and what a decoding
-step on the CPU takes in half precision or compiled). Masks are boolean,
-True where a query may look at a key.
+step on the CPU takes in half precision or compiled). Masks are boolean, True where a query
+may look at a key, or the same as an additive float mask (`additive_mask`).
 """
 
 from __future__ import annotations
@@ -26,28 +26,44 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True where a query may look at a key) as the float mask SDPA adds to the
+    scores: 0 there, -inf elsewhere. SDPA converts a bool mask to this on every call; a model
+    converts its mask once per forward and hands the result to every layer."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
               scale: float, causal: bool = False, use_sdpa: bool = True) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v.
 
     q: (B, H, Tq, hd); k, v: (B, H_kv, Tk, hd) with H a multiple of H_kv (GQA: query head i
-    uses key/value head i // (H / H_kv)); mask: bool (B or 1, 1, Tq, Tk), or None. With mask
-    None, `causal` selects a plain causal mask (Tq == Tk), which lets SDPA pick its fastest
-    kernels. Returns (B, H, Tq, hd).
+    uses key/value head i // (H / H_kv)); mask (B or 1, 1, Tq, Tk): bool, True where a query may
+    look at a key, or its `additive_mask` in q's dtype; or None. With mask None, `causal` selects
+    a plain causal mask (Tq == Tk), which lets SDPA pick its fastest kernels. Returns (B, H, Tq, hd).
     Every query row of the mask must see at least one key (0/0 would be NaN): the mask builders
     (`qwen2.causal_mask`, the encoder's) let a row with nothing to see (padding) see every key.
     """
     b, h, tq, hd = q.shape
     h_kv = k.shape[1]
     n_rep = h // h_kv
-    # A decoding step on the CPU. In half precision SDPA's CPU kernel takes ten times its fp32
-    # time for a few query rows (one row over 1040 keys, 14 heads: 682 us in bf16, 71 us in
-    # fp32); under torch.compile it stays a separate call, where the written-out form is fused
-    # into the step. So both take the written-out form below, in fp32 to the end. Eager fp32
-    # keeps SDPA, which is as fast or faster there (0.39 against 0.42 ms a step at head size 12).
-    few_rows_on_cpu = (q.device.type == "cpu" and tq <= FEW_ROWS
-                       and (q.dtype in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling()))
-    if use_sdpa and not few_rows_on_cpu:
+    # A decoding step on the CPU: a few query rows, each reading every key and value.
+    few_rows_on_cpu = q.device.type == "cpu" and tq <= FEW_ROWS
+    # In half precision SDPA's CPU kernel takes ten times its fp32 time for a few query rows (one
+    # row over 1040 keys, 14 heads: 682 us in bf16, 71 us in fp32); under torch.compile it stays a
+    # separate call, where the written-out form is fused into the step. So both take the
+    # written-out form below, in fp32 to the end.
+    written_fp32 = few_rows_on_cpu and (q.dtype in (torch.bfloat16, torch.float16)
+                                        or torch.compiler.is_compiling())
+    if use_sdpa and few_rows_on_cpu and not written_fp32 and n_rep > 1 and not (causal and mask is None):
+        # The n_rep query heads of a key/value head as n_rep * Tq query rows of one head: SDPA's
+        # CPU kernel reads each head's keys and values once, where with enable_gqa it reads them
+        # once per query head (tiny model's decode step: 35 against 66 us a layer over 1092 keys).
+        rows = q.reshape(b, h_kv, n_rep * tq, hd)  # row r * Tq + i: query i of head r in the group
+        if mask is not None and tq > 1:  # one query row's mask serves every row as it is
+            mask = mask.repeat(1, 1, n_rep, 1)  # (B or 1, 1, n_rep * Tq, Tk)
+        return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale).view(b, h, tq, hd)
+    if use_sdpa and not written_fp32:
         is_causal = causal and mask is None
         if _SDPA_GQA:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
@@ -64,10 +80,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     qg = q.reshape(b, h_kv, n_rep * tq, hd).to(acc)
     scores = torch.matmul(qg, k.to(acc).transpose(-1, -2)) * scale  # (B, H_kv, n_rep * Tq, Tk)
     if mask is not None:  # mask: (B or 1, 1, Tq, Tk), the same for each of the n_rep heads
-        scores = scores.view(b, h_kv, n_rep, tq, -1).masked_fill(~mask[:, :, None], float("-inf"))
-        scores = scores.view(b, h_kv, n_rep * tq, -1)
+        if mask.dtype == torch.bool:
+            mask = additive_mask(mask, acc)
+        scores = (scores.view(b, h_kv, n_rep, tq, -1) + mask[:, :, None]).view(b, h_kv, n_rep * tq, -1)
     # The 'math' backend weighs the values in their own dtype, as transformers' eager attention
     # does; a decoding step's fast path stays in fp32 to the end, as SDPA's kernels accumulate.
-    values = acc if use_sdpa else v.dtype
+    values = acc if written_fp32 else v.dtype
     out = torch.matmul(torch.softmax(scores, dim=-1).to(values), v.to(values))  # (B, H_kv, n_rep * Tq, hd)
     return out.view(b, h, tq, hd).to(q.dtype)

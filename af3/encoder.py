@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from af3.attention import attention
+from af3.attention import additive_mask, attention
 from af3.config import AudioConfig
 from af3.windows import conv_length
 
@@ -123,6 +123,8 @@ class AudioEncoder(nn.Module):
 
     def _blocks(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The transformer blocks over (B, T, d); `mask` (B, 1, 1, T) marks the keys to attend to."""
+        if mask is not None:
+            mask = additive_mask(mask, x.dtype)  # once here, where SDPA would convert it in every layer
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, mask, use_reentrant=False)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from af3.attention import attention
+from af3.attention import additive_mask, attention
 from af3.config import TextConfig
 
 
@@ -71,19 +71,21 @@ class Linear(nn.Linear):
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, T, head_dim) for integer positions (B, T); angles in fp32."""
+    """cos and signed sin (B, T, head_dim) for integer positions (B, T); angles in fp32.
+
+    Rotate-half RoPE pairs element i with i + head_dim/2, at the same angle:
+    x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1). `apply_rope` reads the
+    halves swapped as (x2, x1), so the sign moves into sin: (-sin, sin)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
                                              device=position_ids.device) / head_dim))
     angles = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (B, T, hd): rotate-half pairs i with i + hd/2
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    sin = angles.sin()
+    return torch.cat((angles, angles), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, nh, T, hd) rotated by position; cos/sin (B, T, hd)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """x (B, nh, T, hd) rotated by position; cos, signed sin (B, T, hd) from `rope_cos_sin`."""
+    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]  # roll: (x2, x1)
 
 
 class KVCache:
@@ -261,6 +263,8 @@ class Qwen2Decoder(nn.Module):
         and nothing cached before them). With a cache, the new keys/values go to slots `input_pos`
         (T,) and, with a mask, the queries attend over slots [0, S)."""
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        if mask is not None:
+            mask = additive_mask(mask, x.dtype)  # once here, where SDPA would convert it in every layer
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, cache, input_pos, use_reentrant=False)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import af3.attention
-from af3.attention import attention, repeat_kv
+from af3.attention import additive_mask, attention, repeat_kv
 from af3.encoder import EncoderLayer, layer_norm
 from af3.projector import Projector
 from af3.qwen2 import DecoderAttention, RMSNorm, apply_rope, causal_mask, rope_cos_sin
@@ -109,7 +109,8 @@ def test_rope_bf16_equals_qwen2():
     cos_h, sin_h = rotary(q, positions)
     cos, sin = rope_cos_sin(positions, HEAD_DIM, TEXT["rope_theta"], BF16)
     assert_bits_equal(cos, cos_h)
-    assert_bits_equal(sin, sin_h)
+    half = HEAD_DIM // 2
+    assert_bits_equal(sin, torch.cat((-sin_h[..., :half], sin_h[..., half:]), dim=-1))  # signed (rotate_half's)
     q_h, k_h = apply_rotary_pos_emb(q, k, cos_h, sin_h)
     assert_bits_equal(apply_rope(q, cos, sin), q_h)
     assert_bits_equal(apply_rope(k, cos, sin), k_h)
@@ -199,15 +200,19 @@ def test_few_query_rows_on_the_cpu_are_fp32_math_not_sdpa(monkeypatch, tq, keys,
         mask[1, ..., :keys // 3] = False
     kw = {"attn_mask": mask, "is_causal": not masked, "scale": HEAD_DIM**-0.5, "enable_gqa": True}
     exact = sdpa(q, k, v, **kw)
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    attention(q, k, v, mask, scale=HEAD_DIM**-0.5, causal=not masked)
-    assert len(calls) == 1  # eager fp32: SDPA
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+    for m in (mask, None if mask is None else additive_mask(mask, q.dtype)):
+        calls.clear()
+        torch.testing.assert_close(attention(q, k, v, m, scale=HEAD_DIM**-0.5, causal=not masked), exact,
+                                   rtol=0, atol=2e-6)
+        # eager fp32: SDPA, a masked step with each key/value head's 7 query heads as its rows
+        assert calls == [(2, 4, 7 * tq, HEAD_DIM) if masked else q.shape]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the form torch.compile traces
     torch.testing.assert_close(attention(q, k, v, mask, scale=HEAD_DIM**-0.5, causal=not masked), exact,
                                rtol=0, atol=2e-6)
     monkeypatch.undo()
     calls.clear()
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
     q, k, v = q.to(BF16), k.to(BF16), v.to(BF16)
     mine, theirs = attention(q, k, v, mask, scale=HEAD_DIM**-0.5, causal=not masked), sdpa(q, k, v, **kw)
     assert not calls
