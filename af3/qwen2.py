@@ -71,21 +71,22 @@ class Linear(nn.Linear):
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin (B, T, head_dim) for integer positions (B, T); angles in fp32.
+    """cos and signed sin (B, 1, T, head_dim) for integer positions (B, T), to broadcast over
+    the heads; angles in fp32.
 
     Rotate-half RoPE pairs element i with i + head_dim/2, at the same angle:
     x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1). `apply_rope` reads the
     halves swapped as (x2, x1), so the sign moves into sin: (-sin, sin)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
                                              device=position_ids.device) / head_dim))
-    angles = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    angles = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, hd/2)
     sin = angles.sin()
     return torch.cat((angles, angles), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, nh, T, hd) rotated by position; cos, signed sin (B, T, hd) from `rope_cos_sin`."""
-    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]  # roll: (x2, x1)
+    """x (B, nh, T, hd) rotated by position; cos, signed sin (B, 1, T, hd) from `rope_cos_sin`."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin  # roll: (x2, x1)
 
 
 class KVCache:

@@ -108,9 +108,9 @@ def test_rope_bf16_equals_qwen2():
     k = randn(2, 4, 7, HEAD_DIM, seed=4).to(BF16)
     cos_h, sin_h = rotary(q, positions)
     cos, sin = rope_cos_sin(positions, HEAD_DIM, TEXT["rope_theta"], BF16)
-    assert_bits_equal(cos, cos_h)
+    assert_bits_equal(cos[:, 0], cos_h)  # (B, 1, T, hd): broadcast over heads
     half = HEAD_DIM // 2
-    assert_bits_equal(sin, torch.cat((-sin_h[..., :half], sin_h[..., half:]), dim=-1))  # signed (rotate_half's)
+    assert_bits_equal(sin[:, 0], torch.cat((-sin_h[..., :half], sin_h[..., half:]), dim=-1))  # signed (rotate_half's)
     q_h, k_h = apply_rotary_pos_emb(q, k, cos_h, sin_h)
     assert_bits_equal(apply_rope(q, cos, sin), q_h)
     assert_bits_equal(apply_rope(k, cos, sin), k_h)
