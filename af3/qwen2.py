@@ -56,10 +56,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     xt = x.reshape(rows, k).t().expand(threads, k, rows)  # (threads, K, M), no copy
     y = torch.bmm(weight.view(threads, n // threads, k), xt)  # (threads, N / threads, M)
-    y = y.permute(2, 0, 1).reshape(rows, n).contiguous()  # (M, N)
+    y = y.permute(2, 0, 1).reshape(*x.shape[:-1], n).contiguous()  # (..., N)
     if bias is not None:
         y += bias
-    return y.view(*x.shape[:-1], n)
+    return y
 
 
 class Linear(nn.Linear):
