@@ -18,7 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch.nn.functional as F
+
+from af3.attention import additive_mask, attention
 from af3.generation import compiled_decode_one_token, decode_one_token
+from af3.qwen2 import causal_mask
 from tests.model_helpers import hf_to_af3_model, tiny_hf_model
 from tests.test_model import hf_positions, make_batch
 
@@ -94,10 +98,44 @@ def main() -> None:
         print(f"compiling the decode step took {time.perf_counter() - start:.1f} s")
         rows.append((f"{STEPS} steps, compile=True", rows[-1][1], best_of(lambda: af3_decode(compiled), 5)))
 
+        where_the_time_goes(ours, af3_cache, causal_mask(mask, slots[0], mask.shape[1]), rows[2][2])
+
     for name, t_hf, t_af3 in rows:
         print(f"{name:28s} HF {t_hf * 1000:8.1f} ms   af3 {t_af3 * 1000:8.1f} ms   HF/af3 {t_hf / t_af3:5.2f}x")
     for name, t_hf, t_af3 in rows[2:]:
         print(f"{name:28s} per token: HF {t_hf / STEPS * 1000:.2f} ms, af3 {t_af3 / STEPS * 1000:.2f} ms")
+
+
+def where_the_time_goes(model, cache, mask: torch.Tensor, t_eager: float) -> None:
+    """An eager step's matrix products and attention alone (its modules, its cache, its order,
+    nothing between them), against the whole step; and one layer's attention as af3 calls SDPA
+    (each key/value head's query heads as rows of one head, additive mask) against SDPA with
+    enable_gqa and a bool mask, as transformers calls it."""
+    d, cfg = model.decoder, model.decoder.cfg
+    n, h = mask.shape[0], cfg.num_attention_heads
+    x, xb = torch.zeros(n, 1, cfg.hidden_size), torch.zeros(n, 1, cfg.intermediate_size)
+    q = torch.randn(n, h, 1, cfg.head_dim)
+    bias = additive_mask(mask, x.dtype)
+
+    def products_and_attention():
+        for _ in range(STEPS):
+            for i, layer in enumerate(d.layers):
+                attn, mlp = layer.attn, layer.mlp
+                attn.q(x), attn.k(x), attn.v(x)
+                attention(q, cache.k[i], cache.v[i], bias, scale=1.0)
+                attn.o(x), mlp.gate(x), mlp.up(x), mlp.down(xb)
+            d.logits(x)
+
+    alone = best_of(products_and_attention, 5)
+    print(f"eager step {t_eager / STEPS * 1000:.2f} ms a token; its products and attention alone "
+          f"{alone / STEPS * 1000:.2f} ms ({100 * alone / t_eager:.0f}%); the rest of its operator calls "
+          f"{(t_eager - alone) / STEPS * 1000:.2f} ms")
+    k, v = cache.k[0], cache.v[0]
+    hf_like = best_of(lambda: [F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+                               for _ in range(100)])
+    ours = best_of(lambda: [attention(q, k, v, bias, scale=cfg.head_dim**-0.5) for _ in range(100)])
+    print(f"one layer's decode attention over {k.shape[2]} slots: SDPA with enable_gqa and a bool mask "
+          f"{hf_like * 1e4:.0f} us, af3 {ours * 1e4:.0f} us")
 
 
 if __name__ == "__main__":
