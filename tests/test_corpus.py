@@ -196,6 +196,32 @@ def test_torchrun_two_processes_equal_one_and_resume_after_a_killed_rank(corpus,
     assert not list(tmp_path.glob("out.jsonl.part*"))
 
 
+GROUP_LIFETIME = """
+import os, torch, torch.distributed as dist
+from af3.corpus import init_distributed
+init_distributed("cpu")
+with torch.device("meta"):  # as af3.load builds its model: this imports torch._dynamo
+    torch.nn.Embedding(4, 4)
+dist.all_reduce(torch.ones(1))
+dist.barrier()
+dist.destroy_process_group()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(f"gloo threads left: {sum('gloo' in n for n in names)}", flush=True)  # one write
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+def test_destroying_the_group_ends_its_threads(tmp_path):
+    """Under torchrun, destroy_process_group ends gloo's threads even when the model is built after
+    the group is made. If they outlive it, they can abort the process's exit (SIGABRT, "terminate
+    called without an active exception") as they free the last collectives' tensors."""
+    script = tmp_path / "group.py"
+    script.write_text(GROUP_LIFETIME)
+    run = torchrun(str(script))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("gloo threads left: 0") == 2, run.stdout + run.stderr[-3000:]
+
+
 @pytest.mark.parametrize("device, gpus, local_rank, expected", [
     (None, 0, 1, ("gloo", "cpu")),
     (None, 2, 1, ("nccl", "cuda:1")),  # this rank's GPU
