@@ -122,7 +122,7 @@ def where_the_time_goes(model, cache, mask: torch.Tensor, t_eager: float) -> Non
             for i, layer in enumerate(d.layers):
                 attn, mlp = layer.attn, layer.mlp
                 attn.q(x), attn.k(x), attn.v(x)
-                attention(q, cache.k[i], cache.v[i], bias, scale=1.0)
+                attention(q, cache.k[i], cache.v[i], bias, scale=cfg.head_dim**-0.5)
                 attn.o(x), mlp.gate(x), mlp.up(x), mlp.down(xb)
             d.logits(x)
 
