@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from af3.generation import compiled_decode_one_token, decode_one_token
 from af3.model import AudioFlamingo3
+from af3.qwen2 import linear
 from tests.model_helpers import af3_model_sharing, tiny_hf_config
 
 MID_TEXT = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
@@ -86,30 +87,59 @@ def main() -> None:
         if t_compiled is not None:
             print(f"{'':9s} af3 {t_compiled * 1e3:6.1f} ms/token ({100 * floor / t_compiled:3.0f}% of floor)  "
                   f"HF/af3 {t_hf / t_compiled:.2f}x  compile=True")
-        ups = [layer.mlp.up for layer in ours.decoder.layers]  # 24 matrices: more than the caches hold
-        torch_bw, af3_bw = linear_bandwidth(ups, F.linear), linear_bandwidth(ups, None)
-        print(f"{'':9s} one token through each layer's MLP up matrix in turn: torch's F.linear reads them at "
-              f"{torch_bw / 1e9:.1f} GB/s ({100 * torch_bw / bw:.0f}% of the read bandwidth), af3's linear at "
-              f"{af3_bw / 1e9:.1f} GB/s ({100 * af3_bw / bw:.0f}%)")
+        products_alone([layer.mlp.up for layer in ours.decoder.layers], compile=not args.no_compile)
+
+
+class _Products(torch.nn.Module):
+    """torch.nn.Linear copies of `layers`, applied to one input each: what inductor freezes."""
+
+    def __init__(self, layers: list[torch.nn.Linear]):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(layer.in_features, layer.out_features, bias=False,
+                                                          dtype=layer.weight.dtype) for layer in layers)
+        with torch.no_grad():
+            for mine, layer in zip(self.layers, layers):
+                mine.weight.copy_(layer.weight)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [layer(x) for layer in self.layers]
 
 
 @torch.inference_mode()
-def linear_bandwidth(layers: list[torch.nn.Linear], fn, repeats: int = 5) -> float:
-    """Bytes per second one decode-shaped call (a single token) reads the weights at, through
-    `fn(x, weight)` (None: the layer itself), over `layers` in turn."""
+def products_alone(layers: list[torch.nn.Linear], compile: bool, rounds: int = 3) -> None:
+    """How fast one token's product reads the weights, each kernel alone: one call per matrix
+    over `layers` in turn (24 of them, more than the caches hold), against the read bandwidth
+    measured just before in the same round (the machine's memory speed changes from minute to
+    minute). torch's F.linear, af3's linear (eager: split across threads in fp32), the product
+    compile=True runs (inductor's multiply-and-sum) and, for bf16, F.linear compiled with the
+    weights frozen, where inductor hands it to oneDNN with the weights prepacked for the CPU's
+    bf16 dot-product instructions (the fastest one-row bf16 kernel found here; af3 does not use
+    it, as it keeps a second, packed copy of every weight)."""
     x = torch.randn(1, 1, layers[0].in_features, dtype=layers[0].weight.dtype)
-
-    def run():
-        for layer in layers:
-            fn(x, layer.weight) if fn is not None else layer(x)
-
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    nbytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+    kernels = {"F.linear": lambda: [F.linear(x, layer.weight) for layer in layers],
+               "af3 linear": lambda: [layer(x) for layer in layers]}
+    if compile:
+        kernels["compiled (compile=True's)"] = torch.compile(lambda: [linear(x, layer.weight) for layer in layers])
+        if x.dtype == torch.bfloat16:
+            frozen = torch.compile(_Products(layers))
+            with torch._inductor.config.patch(freezing=True):
+                frozen(x)  # compiles and packs the weights here, with freezing on
+            kernels["oneDNN prepacked"] = lambda: frozen(x)
+    for run in kernels.values():
         run()
-        best = min(best, time.perf_counter() - start)
-    return sum(layer.weight.numel() * layer.weight.element_size() for layer in layers) / best
+    for r in range(rounds):
+        bw = read_bandwidth(2)
+        rates = []
+        for name, run in kernels.items():
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - start)
+            rates.append(f"{name} {nbytes / best / 1e9:.1f} ({100 * nbytes / best / bw:.0f}%)")
+        print(f"{'':9s} products alone, round {r + 1}, GB/s (% of {bw / 1e9:.1f} GB/s read just before): "
+              + ", ".join(rates))
 
 
 @torch.inference_mode()

@@ -4,7 +4,9 @@ Times (1) a prefill forward with audio (encoder + projector + decoder) on a left
 (2) the same for one short clip (af3's encoder skips positions past the longest valid window)
 and (3) 32 greedy decoding steps after a prefill, with each implementation's KV cache (af3 eager,
 and af3 with the decode step compiled; HF eager in both rows). Prints the times and the
-ratio HF / af3 (> 1 means af3 is faster). Run: .venv/bin/python tests/bench_model.py
+ratio HF / af3 (> 1 means af3 is faster), and where an eager step's time goes: its products
+and attention alone, and the same math with q/k/v and gate/up merged and no modules
+(`merged_step`), interleaved with HF's and af3's steps. Run: .venv/bin/python tests/bench_model.py
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from af3.attention import additive_mask, attention
 from af3.generation import compiled_decode_one_token, decode_one_token
-from af3.qwen2 import causal_mask
+from af3.qwen2 import causal_mask, linear, rope_cos_sin
 from tests.model_helpers import hf_to_af3_model, tiny_hf_model
 from tests.test_model import hf_positions, make_batch
 
@@ -99,6 +101,7 @@ def main() -> None:
         rows.append((f"{STEPS} steps, compile=True", rows[-1][1], best_of(lambda: af3_decode(compiled), 5)))
 
         where_the_time_goes(ours, af3_cache, causal_mask(mask, slots[0], mask.shape[1]), rows[2][2])
+        eager_floor(ours, af3_cache, mask, slots, positions, hf_decode, af3_decode)
 
     for name, t_hf, t_af3 in rows:
         print(f"{name:28s} HF {t_hf * 1000:8.1f} ms   af3 {t_af3 * 1000:8.1f} ms   HF/af3 {t_hf / t_af3:5.2f}x")
@@ -136,6 +139,74 @@ def where_the_time_goes(model, cache, mask: torch.Tensor, t_eager: float) -> Non
     ours = best_of(lambda: [attention(q, k, v, bias, scale=cfg.head_dim**-0.5) for _ in range(100)])
     print(f"one layer's decode attention over {k.shape[2]} slots: SDPA with enable_gqa and a bool mask "
           f"{hf_like * 1e4:.0f} us, af3 {ours * 1e4:.0f} us")
+
+
+def eager_floor(model, cache, mask, slots, positions, hf_decode, af3_decode) -> None:
+    """af3's eager step against `merged_step` (the same math and kernels, without what af3
+    keeps for readability and for LoRA and quantization), with the masks and RoPE table made
+    before timing and, second, made in each step as af3 does; all interleaved with HF's step."""
+    n = mask.shape[0]
+    steps = {"merged": merged_step(model, mask, slots), "tables": merged_step(model, mask, slots, per_step=True)}
+    token = torch.zeros(n, 1, dtype=torch.long)
+    for step in steps.values():
+        torch.testing.assert_close(step(token, cache, 0, positions[0]),
+                                   decode_one_token(model, token, mask, cache, slots[0], positions[0]))
+
+    def decode(step):
+        token = torch.zeros(n, 1, dtype=torch.long)
+        for i in range(STEPS):
+            token = step(token, cache, i, positions[i]).argmax(-1, keepdim=True)
+
+    runs = {"HF": hf_decode, "af3": af3_decode, **{k: (lambda s=s: decode(s)) for k, s in steps.items()}}
+    times = {k: [] for k in runs}
+    for _ in range(5):  # interleaved: all see the same machine
+        for k, run in runs.items():
+            times[k].append(best_of(run, 1) / STEPS * 1000)
+    t = {k: min(v) for k, v in times.items()}
+    print(f"eager steps, interleaved, ms a token (HF / that): HF {t['HF']:.2f}; af3 {t['af3']:.2f} "
+          f"({t['HF'] / t['af3']:.2f}x); af3's math with q/k/v and gate/up merged into one product each and "
+          f"no modules {t['merged']:.2f} ({t['HF'] / t['merged']:.2f}x), the same making its mask and RoPE "
+          f"in each step {t['tables']:.2f} ({t['HF'] / t['tables']:.2f}x)")
+
+
+def merged_step(model, attention_mask: torch.Tensor, slots: list[torch.Tensor], per_step: bool = False):
+    """af3's eager decode step, for comparison only, without what af3 keeps for readability and
+    for LoRA and quantization (which replace q, k, v, gate and up one by one): the same math and
+    kernels (the split MLP products, SDPA over grouped rows), with q, k and v, and gate and up,
+    merged into one weight each and no modules; each slot's mask and the RoPE table made in
+    advance (per_step: in each step, as af3 does). step(token (B, 1), cache, i, position_ids
+    (B, 1)) -> float logits (B, V) for the token at slots[i]."""
+    d, cfg = model.decoder, model.decoder.cfg
+    h, h_kv, hd, ff, eps = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                            cfg.intermediate_size, cfg.rms_norm_eps)
+    layers = [(l.attn_norm.weight, torch.cat([l.attn.q.weight, l.attn.k.weight, l.attn.v.weight]),
+               torch.cat([l.attn.q.bias, l.attn.k.bias, l.attn.v.bias]), l.attn.o.weight, l.mlp_norm.weight,
+               torch.cat([l.mlp.gate.weight, l.mlp.up.weight]), l.mlp.down.weight) for l in d.layers]
+    cos, sin = rope_cos_sin(torch.arange(cfg.max_position_embeddings)[None], hd, cfg.rope_theta, torch.float32)
+    cos, sin = cos[0, 0], sin[0, 0]  # (positions, hd)
+    masks = [additive_mask(causal_mask(attention_mask, s, attention_mask.shape[1]), torch.float32) for s in slots]
+
+    def step(token, cache, i, position_ids):
+        x = d.embed_tokens.weight[token[:, 0]]  # (B, d)
+        b = x.shape[0]
+        if per_step:
+            c, s = (t[:, 0] for t in rope_cos_sin(position_ids, hd, cfg.rope_theta, x.dtype))  # (B, 1, hd)
+            m = additive_mask(causal_mask(attention_mask, slots[i], attention_mask.shape[1]), x.dtype)
+        else:
+            c, s, m = cos[position_ids], sin[position_ids], masks[i]
+        for j, (g1, wqkv, bqkv, wo, g2, w13, wd) in enumerate(layers):
+            qkv = linear(F.rms_norm(x, g1.shape, g1, eps), wqkv, bqkv).view(b, h + 2 * h_kv, hd)
+            qk = qkv[:, :h + h_kv] * c + qkv[:, :h + h_kv].roll(hd // 2, -1) * s
+            cache.k[j].index_copy_(2, slots[i], qk[:, h:, None])
+            cache.v[j].index_copy_(2, slots[i], qkv[:, h + h_kv:, None])
+            y = F.scaled_dot_product_attention(qk[:, :h].reshape(b, h_kv, h // h_kv, hd), cache.k[j], cache.v[j],
+                                               attn_mask=m, scale=hd**-0.5)
+            x = x + linear(y.view(b, h * hd), wo)
+            gu = linear(F.rms_norm(x, g2.shape, g2, eps), w13)
+            x = x + linear(F.silu(gu[:, :ff]) * gu[:, ff:], wd)
+        return d.logits(F.rms_norm(x, d.norm.weight.shape, d.norm.weight, eps))
+
+    return step
 
 
 if __name__ == "__main__":
