@@ -182,8 +182,8 @@ def merged_step(model, attention_mask: torch.Tensor, slots: list[torch.Tensor], 
     layers = [(l.attn_norm.weight, torch.cat([l.attn.q.weight, l.attn.k.weight, l.attn.v.weight]),
                torch.cat([l.attn.q.bias, l.attn.k.bias, l.attn.v.bias]), l.attn.o.weight, l.mlp_norm.weight,
                torch.cat([l.mlp.gate.weight, l.mlp.up.weight]), l.mlp.down.weight) for l in d.layers]
-    cos, sin = rope_cos_sin(torch.arange(cfg.max_position_embeddings)[None], hd, cfg.rope_theta, torch.float32)
-    cos, sin = cos[0, 0], sin[0, 0]  # (positions, hd)
+    slots_all = torch.arange(attention_mask.shape[1])[None]  # a position never exceeds its slot
+    cos, sin = (t[0, 0] for t in rope_cos_sin(slots_all, hd, cfg.rope_theta, torch.float32))  # (S, hd)
     masks = [additive_mask(causal_mask(attention_mask, s, attention_mask.shape[1]), torch.float32) for s in slots]
 
     def step(token, cache, i, position_ids):
