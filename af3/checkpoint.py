@@ -29,6 +29,7 @@ from af3.config import (
 )
 from af3.jsonfile import parse_json
 from af3.limits import check_layer_counts
+from af3.qwen2 import merged_groups, parameter_names
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -65,6 +66,10 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
     way in (a checkpoint converted with --quantize says so in its config and needs nothing)."""
     from af3 import quant
     from af3.model import AudioFlamingo3
+    from weights_convert.safetensors_io import (  # (it imports this module)
+        read_header,
+        read_tensor,
+    )
 
     root = Path(root)
     files = weight_files(root)
@@ -110,24 +115,33 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
                          f"{_scheme(config.quantization)} quantization: {_some(not_quantized)}; "
                          "re-convert it with weights_convert")
     on_the_fly = set(quant.replace_linears(model, quantize)) if quantize is not None else set()
-    params = {name for name, _ in model.named_parameters()}  # cast to `dtype`; buffers keep theirs
+    params = parameter_names(model)  # cast to `dtype`; buffers keep theirs
 
     report = _progress_reporter(progress, total_bytes)
+    groups = merged_groups(model)
     state: dict[str, torch.Tensor] = {}
     done = done_bytes = 0
     try:
         for file in files:
-            with _open(file) as f:
+            with _open(file) as f, open(file, "rb") as raw:
+                headers = read_header(file)
                 for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    t = f.get_tensor(name)
+                    # safe_open maps the file. A merged linear's parts are copied into it, and the
+                    # int8/int4 kernels copy weights that are not 64-byte aligned: those are read
+                    # into memory of their own instead, so that no page of the file stays mapped
+                    # for them beside their copy.
+                    own = name in groups or not want_dtype.get(name, torch.float32).is_floating_point
+                    t = read_tensor(raw, headers[name]) if own else f.get_tensor(name)
                     done += 1
                     done_bytes += t.nbytes
                     if name in on_the_fly:
                         prefix = name.removesuffix("weight")
                         for suffix, q in quant.quantize_weight(t.to(device), quantize).items():
                             state[prefix + suffix] = q
+                            _join(state, prefix + suffix, groups)
                     else:
                         state[name] = t.to(device=device, dtype=dtype if name in params else want_dtype[name])
+                        _join(state, name, groups)
                     del t
                     if report is not None:
                         report(done, len(found), done_bytes, total_bytes)
@@ -332,6 +346,19 @@ def check_state(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int
 def _some(items: list[str], n: int = 8) -> str:
     more = f", … ({len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
+
+
+def _join(state: dict[str, torch.Tensor], name: str, groups: dict[str, tuple[str, int, int, int]]) -> None:
+    """Move the part `name` of a merged linear's tensor (attn.q.weight of attn.qkv.weight, say)
+    into its rows of the merged tensor in `state`, made when its first part arrives: a part is
+    held twice only while it is copied, never the model's merged weights."""
+    if name not in groups:
+        return
+    merged, start, stop, rows = groups[name]
+    part = state.pop(name)
+    if merged not in state:
+        state[merged] = part.new_empty((rows, *part.shape[1:]))
+    state[merged][start:stop] = part
 
 
 def _check_nothing_on_meta(model: torch.nn.Module) -> None:

@@ -483,9 +483,10 @@ class _LoraCount:
         import fnmatch
 
         self.params = self.per_layer_rank = 0
-        for name, m in model.named_modules():
+        for name, (module, _, (start, stop)) in lora.adaptable(model).items():
+            m = model.get_submodule(module)
             if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(name, t) for t in targets):
-                self.params += rank * (m.in_features + m.out_features)
+                self.params += rank * (m.in_features + stop - start)
                 if name.startswith("decoder.layers.0."):
                     self.per_layer_rank += rank
 

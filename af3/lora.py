@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from af3.config import is_int, is_number, write_json
+from af3.qwen2 import Merged
 from weights_convert.lora import LoraAdapter
 from weights_convert.names import af3_to_hf, hf_to_af3
 from weights_convert.safetensors_io import read_tensor
@@ -47,49 +48,75 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
 
-class LoRALinear(nn.Module):
-    """A frozen Linear plus a trainable low-rank update.
+class LoRA(nn.Module):
+    """One adapter's update scale * dropout(x) A^T B^T, A (r, in), B (out, r).
 
-    It keeps the Linear's `weight` and `bias` Parameters under the same names, so the model's
-    state-dict names of the base weights do not change (`…attn.q.weight` stays `…attn.q.weight`).
-    The factors are float32 whatever the base dtype (as PEFT does for bf16 / fp16 bases).
-    """
+    The factors are float32 whatever the base dtype (as PEFT does for bf16 / fp16 bases)."""
 
-    def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float = 0.0):
+    def __init__(self, n_in: int, n_out: int, rank: int, scale: float, dropout: float, device: torch.device):
         super().__init__()
-        self.weight, self.bias = base.weight, base.bias
-        self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.scale = rank, scale
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+        self.lora_A = nn.Parameter(torch.empty(rank, n_in, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return y
-        low = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)  # (..., out)
-        return y + (low * self.scale).to(y.dtype)
+        return F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
 
     def delta(self) -> torch.Tensor:
         """scale * B @ A, (out, in) in float32: what merging adds to the weight."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"scale={self.scale:g}, merged={self.merged}")
+        return f"rank={self.rank}, scale={self.scale:g}"
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus trainable low-rank updates: `adapters[part]` adds to the output
+    rows `rows[part]`.
+
+    A plain linear has one part, all of its rows, named as the linear itself (`attn.o`'s part
+    is `o`); a merged one (qwen2.py: `attn.qkv`, `mlp.gate_up`) has one per projection it
+    merges (`q`, `k`, `v`), each adapted or not. It keeps the Linear's `weight` and `bias`
+    Parameters under the same names, so the model's state dict still names the base weights as
+    before (`…attn.q.weight`).
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.adapters = nn.ModuleDict()
+        self.rows: dict[str, tuple[int, int]] = {}
+        self.merged = False
+
+    def add(self, part: str, rows: tuple[int, int], rank: int, scale: float, dropout: float) -> LoRA:
+        adapter = LoRA(self.in_features, rows[1] - rows[0], rank, scale, dropout, self.weight.device)
+        self.adapters[part], self.rows[part] = adapter, rows
+        return adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.merged:
+            for part, adapter in self.adapters.items():
+                start, stop = self.rows[part]
+                y = y + F.pad(adapter(x).to(y.dtype), (start, self.out_features - stop))  # zero on other rows
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged}"
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
              targets: Sequence[str] = DECODER_TARGETS) -> list[str]:
-    """Put a LoRA adapter on every Linear of `model` whose name matches one of `targets`.
+    """Put a LoRA adapter on every linear of `model` whose name matches one of `targets`.
 
     Freezes every other parameter: afterwards only the adapters' A and B train. `targets` are
-    module-name patterns (`*` any run of characters, `decoder.layers.*.attn.q`); every pattern
-    must match at least one module. Returns the names of the adapted modules.
+    name patterns (`*` any run of characters, `decoder.layers.*.attn.q`) over the model's
+    linears, the projections a merged linear holds named apart (`attn.q`, `attn.k`, `attn.v`
+    in `attn.qkv`; `mlp.gate`, `mlp.up` in `mlp.gate_up`), as HF and PEFT name them; every
+    pattern must match at least one. Returns the names of the adapted linears.
     """
     if not is_int(rank) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
@@ -113,17 +140,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     `add_lora`. Returns the names of the adapted modules.
     """
     adapter = LoraAdapter(directory, hf_to_af3)
-    modules = dict(model.named_modules())
+    linears = adaptable(model)
     plan = []
     for target, pair in sorted(adapter.pairs.items()):
         name = target.removesuffix(".weight")
-        module = modules.get(name)
-        if module is None:
+        if name not in linears:
             raise ValueError(f"adapter {directory}: targets {name}, which this model does not have")
-        _check_linear(name, module)
+        _check_linear(model, name, linears[name])
+        module, (start, stop) = model.get_submodule(linears[name][0]), linears[name][2]
         (_, n_in), (n_out, _) = pair.a.shape, pair.b.shape
-        if (n_in, n_out) != (module.in_features, module.out_features):
-            raise ValueError(f"adapter {directory}: {name} takes {module.in_features} -> {module.out_features} "
+        if (n_in, n_out) != (module.in_features, stop - start):
+            raise ValueError(f"adapter {directory}: {name} takes {module.in_features} -> {stop - start} "
                              f"features but the adapter's factors are for {n_in} -> {n_out}")
         plan.append((name, pair))
     _freeze(model)
@@ -135,9 +162,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     return [name for name, _ in plan]
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """The model's LoRA layers by module name, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoRA]:
+    """The model's adapters by the name of the linear each adapts (`…attn.q`), in module order."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            parent = name.rpartition(".")[0]
+            out.update((f"{parent}.{part}" if parent else part, adapter) for part, adapter in m.adapters.items())
+    return out
 
 
 def merge(model: nn.Module) -> None:
@@ -145,20 +177,23 @@ def merge(model: nn.Module) -> None:
 
     In fp32 `unmerge` restores the weight to rounding; in bf16 / fp16 the round trip loses bits.
     """
-    with torch.no_grad():
-        for layer in _layers(model).values():
-            if not layer.merged:
-                layer.weight += layer.delta().to(layer.weight.dtype)
-                layer.merged = True
+    _fold(model, +1)
 
 
 def unmerge(model: nn.Module) -> None:
     """Undo `merge`: W -= scale * B @ A, and the adapters act separately again."""
-    with torch.no_grad():
-        for layer in _layers(model).values():
-            if layer.merged:
-                layer.weight -= layer.delta().to(layer.weight.dtype)
-                layer.merged = False
+    _fold(model, -1)
+
+
+@torch.no_grad()
+def _fold(model: nn.Module, sign: int) -> None:
+    _layers(model)  # raises if there are none
+    for m in model.modules():
+        if isinstance(m, LoRALinear) and m.merged != (sign > 0):
+            for part, adapter in m.adapters.items():
+                start, stop = m.rows[part]
+                m.weight[start:stop] += sign * adapter.delta().to(m.weight.dtype)
+            m.merged = sign > 0
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -242,40 +277,61 @@ def write_folder(directory: str | os.PathLike, overwrite: bool, files: dict[str,
     return directory
 
 
-def _layers(model: nn.Module) -> dict[str, LoRALinear]:
+def _layers(model: nn.Module) -> dict[str, LoRA]:
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA adapters; add them with af3.lora.add_lora or load_adapter")
     return layers
 
 
+def adaptable(model: nn.Module) -> dict[str, tuple[str, str, tuple[int, int]]]:
+    """What a LoRA target may name: every module of the model, a merged linear's projections
+    apart (qwen2.Merged) instead of it -> (the module holding it, its part name there, its
+    output rows)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Merged):
+            for merged, parts in m.parts.items():
+                out.update((f"{name}.{part}", (f"{name}.{merged}", part, rows)) for part, rows in parts.items())
+    merged_linears = {module for module, _, _ in out.values()}
+    for name, m in model.named_modules():  # every other module (`_check_linear` refuses non-linears)
+        if name and name not in merged_linears:
+            out[name] = (name, name.rpartition(".")[2], (0, getattr(m, "out_features", 0)))
+    return out
+
+
 def _match(model: nn.Module, targets: Sequence[str]) -> list[str]:
     if isinstance(targets, str) or not isinstance(targets, Sequence) or not targets:
         raise TypeError(f"targets must be a non-empty list of module-name patterns, got {targets!r}")
-    modules = dict(model.named_modules())
+    linears = adaptable(model)
     names: list[str] = []
     for pattern in targets:
         if not isinstance(pattern, str):
             raise TypeError(f"a target must be a module-name pattern (str), got {pattern!r}")
-        found = [name for name in modules if name and fnmatch.fnmatchcase(name, pattern)]
+        found = [name for name in linears if fnmatch.fnmatchcase(name, pattern)]
         if not found:
             raise ValueError(f"LoRA target {pattern!r} matches no module of the model (module names look "
                              "like 'decoder.layers.0.attn.q', 'encoder.layers.0.attn.o', 'projector.linear1')")
         names += [name for name in found if name not in names]
     for name in names:
-        _check_linear(name, modules[name])
+        _check_linear(model, name, linears[name])
     return names
 
 
-def _check_linear(name: str, module: nn.Module) -> None:
+def _check_linear(model: nn.Module, name: str, where: tuple[str, str, tuple[int, int]]) -> None:
+    module_name, part, _ = where
+    module = model.get_submodule(module_name)
+    held = "" if module_name == name else f" (in {module_name})"
     if isinstance(module, LoRALinear):
-        raise ValueError(f"{name} already has a LoRA adapter")  # noqa: TRY004 (a state, not a type)
+        if part in module.adapters:
+            raise ValueError(f"{name} already has a LoRA adapter")
+        return
     if not isinstance(module, nn.Linear):  # nn.Linear or qwen2.Linear; the quantized ones are not
-        raise TypeError(f"LoRA needs a float nn.Linear, but {name} is a {type(module).__name__}: quantized or "
-                        "other modules cannot take an adapter (load the checkpoint without quantization "
+        raise TypeError(f"LoRA needs a float nn.Linear, but {name}{held} is a {type(module).__name__}: quantized "
+                        "or other modules cannot take an adapter (load the checkpoint without quantization "
                         "to fine-tune it)")
     if not module.weight.is_floating_point():
-        raise TypeError(f"LoRA needs floating-point weights, but {name}.weight is {module.weight.dtype}")
+        raise TypeError(f"LoRA needs floating-point weights, but {name}{held} has {module.weight.dtype}")
 
 
 def _freeze(model: nn.Module) -> None:
@@ -283,9 +339,13 @@ def _freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def _wrap(model: nn.Module, name: str, rank: int, scale: float, dropout: float) -> LoRALinear:
-    parent_name, _, child = name.rpartition(".")
+def _wrap(model: nn.Module, name: str, rank: int, scale: float, dropout: float) -> LoRA:
+    """Add an adapter for the linear `name` (a merged linear's part: to that linear's rows)."""
+    module_name, part, rows = adaptable(model)[name]
+    parent_name, _, child = module_name.rpartition(".")
     parent = model.get_submodule(parent_name)
-    layer = LoRALinear(getattr(parent, child), rank, scale, dropout)
-    setattr(parent, child, layer)
-    return layer
+    layer = getattr(parent, child)
+    if not isinstance(layer, LoRALinear):
+        layer = LoRALinear(layer)
+        setattr(parent, child, layer)
+    return layer.add(part, rows, rank, scale, dropout)

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from af3.config import INT4_GROUP_SIZES, QuantConfig
+from af3.qwen2 import parameter_names, state_names
 
 SCALE_DTYPE = torch.bfloat16  # scales and zeros, on disk and in memory
 COMPUTE_DTYPE = torch.bfloat16  # the activations the CPU kernels are fast with
-DECODER_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+DECODER_LINEARS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")  # q/k/v and gate/up merged (qwen2.py)
 _QUANTIZE_BLOCK_ELEMENTS = 2**22  # weights quantized at a time (16 MB of float32 per work copy)
 _INT4_ROW_CHUNK = 64 * 64  # rows repacked at a time; the CPU layout works in blocks of 64 rows
 
@@ -46,7 +47,7 @@ _INT4_ROW_CHUNK = 64 * 64  # rows repacked at a time; the CPU layout works in bl
 # ---- which layers -----------------------------------------------------------------------------
 
 def quantized_linear_names(model: nn.Module) -> list[str]:
-    """Module names of the linears a quantized AF3 holds in int8/int4, e.g. decoder.layers.0.attn.q."""
+    """Module names of the linears a quantized AF3 holds in int8/int4, e.g. decoder.layers.0.attn.qkv."""
     names = [f"decoder.layers.{i}.{lin}" for i in range(len(model.decoder.layers)) for lin in DECODER_LINEARS]
     if model.decoder.lm_head is not None:  # a tied head is the embedding matrix, which stays float
         names.append("decoder.lm_head")
@@ -57,7 +58,8 @@ def replace_linears(model: nn.Module, qc: QuantConfig) -> list[str]:
     """Swap the decoder's nn.Linear layers for quantized ones (empty, on the same device).
 
     Meant for a model built on the meta device, before its weights are assigned. Returns the
-    names of the weights now quantized (`<module>.weight`).
+    state-dict names of the weights now quantized (`<module>.weight`, a merged linear's parts'
+    names: `attn.q.weight`, `attn.k.weight`, ...).
     """
     names = quantized_linear_names(model)
     for name in names:
@@ -69,7 +71,7 @@ def replace_linears(model: nn.Module, qc: QuantConfig) -> list[str]:
         new = make_linear(qc, old.in_features, old.out_features, old.bias is not None,
                           device=old.weight.device, where=name)
         setattr(parent, attr, new)
-    return [f"{n}.weight" for n in names]
+    return [w for n in names for w in state_names(model, n, "weight")]
 
 
 def make_linear(qc: QuantConfig, in_features: int, out_features: int, bias: bool, *,
@@ -232,7 +234,7 @@ def quantize_weight(w: torch.Tensor, qc: QuantConfig) -> dict[str, torch.Tensor]
 
 # ---- modules ----------------------------------------------------------------------------------
 
-class _QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module):
     """What Int8Linear and Int4Linear share: the bias, the reshape, and no training."""
 
     in_features: int
@@ -258,7 +260,7 @@ class _QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int8Linear(_QuantizedLinear):
+class Int8Linear(QuantizedLinear):
     """y = x @ (q * scales)^T + bias; q int8 (N, K), one bf16 scale per output channel."""
 
     scheme = "int8"
@@ -293,7 +295,7 @@ class Int8Linear(_QuantizedLinear):
         return dequantize_int8(self.weight, self.scales)
 
 
-class Int4Linear(_QuantizedLinear):
+class Int4Linear(QuantizedLinear):
     """y = x @ w^T + bias, w from 4-bit levels in groups of `group_size` inputs (see module doc).
 
     Loaded in the stored layout; `pack_for_kernel()` (af3.load calls it) rearranges the weight
@@ -396,7 +398,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def pack_for_kernels(model: nn.Module) -> None:
     """Make every quantized layer of `model` ready for its device's kernel, one layer at a time."""
     for m in model.modules():
-        if isinstance(m, _QuantizedLinear):
+        if isinstance(m, QuantizedLinear):
             m.pack_for_kernel()
 
 
@@ -424,7 +426,7 @@ def quantize_model(model: nn.Module, qc: QuantConfig) -> nn.Module:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, _QuantizedLinear) for m in model.modules())
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
 # ---- sizes ------------------------------------------------------------------------------------
@@ -440,10 +442,11 @@ def weight_bytes(config, qc: QuantConfig | None, float_dtype: torch.dtype) -> di
 
     with torch.device("meta"):
         model = AudioFlamingo3(config)
-    linears = set(quantized_linear_names(model))
+    linears = {w.removesuffix(".weight") for n in quantized_linear_names(model)
+               for w in state_names(model, n, "weight")}
     if qc is not None:
         replace_linears(model, qc)
-    params = {name for name, _ in model.named_parameters()}  # in float_dtype; buffers keep theirs
+    params = parameter_names(model)  # in float_dtype; buffers keep theirs
     sizes = {"decoder linears": 0, "embeddings": 0, "decoder other": 0, "audio encoder": 0, "projector": 0}
     for name, t in model.state_dict().items():
         module, _, suffix = name.rpartition(".")

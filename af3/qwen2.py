@@ -6,6 +6,8 @@ o bias, SwiGLU MLP, final norm, lm_head (or the embedding matrix when tied).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +24,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)  # x * rsqrt(mean(x^2) + eps), in fp32
+        if x.dtype == torch.float32:  # one kernel: x * rsqrt(mean(x^2) + eps) * weight
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        xf = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)  # normalized in fp32
         return self.weight * xf.to(x.dtype)  # cast back before the gain, as Qwen2 does
 
 
@@ -166,47 +170,132 @@ def _fixed(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class DecoderAttention(nn.Module):
+# Products that read the same input are merged into one weight, gpt-fast style (its `wqkv`):
+# one kernel call reads all of them, where three small ones would each pay a call's overhead
+# (a decode step's products are a few rows each). Checkpoints, state dicts, LoRA targets and
+# PEFT adapters still name HF's separate projections: `Merged.parts` says which rows of a merged weight
+# each one is, `split_state` / `join_state` convert state dicts between the two.
+
+def _parts(*sizes: tuple[str, int]) -> dict[str, tuple[int, int]]:
+    """('q', 3), ('k', 1) -> {'q': (0, 3), 'k': (3, 4)}: each part's rows of the merged weight."""
+    out, start = {}, 0
+    for name, n in sizes:
+        out[name], start = (start, start + n), start + n
+    return out
+
+
+# Tensors of a merged linear (float or quantized, af3/quant.py) whose rows are its outputs.
+ROW_TENSORS = ("weight", "bias", "scales", "zeros")
+
+
+def split_state(module: nn.Module, state: dict, prefix: str, _metadata: Any) -> None:
+    """State-dict hook: a merged linear's tensors as its parts' (views of the same rows; with
+    keep_vars, a Parameter's parts are Parameters)."""
+    for merged, parts in module.parts.items():
+        for suffix in ROW_TENSORS:
+            t = state.pop(f"{prefix}{merged}.{suffix}", None)
+            if t is not None:
+                for name, (start, stop) in parts.items():
+                    part = t[start:stop]
+                    if isinstance(t, nn.Parameter):
+                        part = nn.Parameter(part, requires_grad=t.requires_grad)
+                    state[f"{prefix}{name}.{suffix}"] = part
+
+
+def join_state(module: nn.Module, state: dict, prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook: the parts' tensors, concatenated into the merged linear's."""
+    for merged, parts in module.parts.items():
+        for suffix in ROW_TENSORS:
+            keys = [f"{prefix}{name}.{suffix}" for name in parts]
+            if all(k in state for k in keys):
+                state[f"{prefix}{merged}.{suffix}"] = torch.cat([state.pop(k) for k in keys])
+
+
+def parameter_names(model: nn.Module) -> set[str]:
+    """State-dict names of the model's parameters (its other state-dict entries are buffers)."""
+    return {name for name, t in model.state_dict(keep_vars=True).items() if isinstance(t, nn.Parameter)}
+
+
+def merged_groups(model: nn.Module) -> dict[str, tuple[str, int, int, int]]:
+    """State-dict name of each part tensor of a merged linear -> (the merged tensor's name, the
+    part's first and last + 1 row there, the merged tensor's rows), e.g. '…attn.k.bias' ->
+    ('…attn.qkv.bias', 3584, 4096, 4608)."""
+    groups = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Merged):
+            for merged, parts in module.parts.items():
+                rows = max(stop for _, stop in parts.values())
+                for suffix in ROW_TENSORS:
+                    groups.update((f"{name}.{part}.{suffix}", (f"{name}.{merged}.{suffix}", start, stop, rows))
+                                  for part, (start, stop) in parts.items())
+    return groups
+
+
+def state_names(model: nn.Module, module_name: str, suffix: str) -> list[str]:
+    """State-dict names of the tensor `suffix` of the linear `module_name`: a merged linear's
+    parts' ('…attn.qkv', 'weight' -> '…attn.q.weight', '…attn.k.weight', '…attn.v.weight')."""
+    parent_name, _, attr = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    parts = parent.parts.get(attr) if isinstance(parent, Merged) else None
+    names = [f"{parent_name}.{part}" for part in parts] if parts else [module_name]
+    return [f"{name}.{suffix}" for name in names]
+
+
+class Merged(nn.Module):
+    """A module with merged linears, saved and loaded under their parts' names. `parts`: merged
+    linear's name -> {part name: its rows}, set by the subclass."""
+
+    parts: dict[str, dict[str, tuple[int, int]]]
+
+    def __init__(self):
+        super().__init__()
+        self._register_state_dict_hook(split_state)
+        self._register_load_state_dict_pre_hook(join_state, with_module=True)
+
+
+class DecoderAttention(Merged):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = (cfg.num_attention_heads,
                                                         cfg.num_key_value_heads, cfg.head_dim)
-        d = cfg.hidden_size
-        self.q = Linear(d, self.n_heads * self.head_dim)
-        self.k = Linear(d, self.n_kv_heads * self.head_dim)
-        self.v = Linear(d, self.n_kv_heads * self.head_dim)
-        self.o = Linear(self.n_heads * self.head_dim, d, bias=False)  # Qwen2: no o bias
+        d, q_rows, kv_rows = cfg.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.parts = {"qkv": _parts(("q", q_rows), ("k", kv_rows), ("v", kv_rows))}
+        self.qkv = Linear(d, q_rows + 2 * kv_rows)  # q, k, v (with biases) in one product
+        self.o = Linear(q_rows, d, bias=False)  # Qwen2: no o bias
         self.use_sdpa = True
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, input_pos: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        qkv = self.qkv(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hd)
+        q, k, v = qkv.split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k_all, v_all = cache.update(self.layer_idx, input_pos, k, v)  # (B, nkv, max_len, hd)
             if mask is not None:  # without one, a prefill from empty: the new tokens attend to each other
                 s = mask.shape[-1]  # the mask says how many slots to attend over
-                k, v = k_all[:, :, :s].to(q.dtype), v_all[:, :, :s].to(q.dtype)  # .to: no-op unless dtypes differ
+                k, v = k_all[:, :, :s], v_all[:, :, :s]
+                if k.dtype != q.dtype:  # a cache kept in another dtype than the model's
+                    k, v = k.to(q.dtype), v.to(q.dtype)
         # mask None: no padding and nothing cached before these tokens, so plain causal attention.
         y = attention(q, k, v, mask, scale=self.head_dim**-0.5, causal=mask is None, use_sdpa=self.use_sdpa)
         return self.o(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, d)
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+class MLP(Merged):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one product."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        ff = cfg.intermediate_size
+        self.parts = {"gate_up": _parts(("gate", ff), ("up", ff))}
+        self.gate_up = Linear(cfg.hidden_size, 2 * ff, bias=False)
+        self.down = Linear(ff, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -88,7 +88,7 @@ def main() -> None:
         if t_compiled is not None:
             print(f"{'':9s} af3 {t_compiled * 1e3:6.1f} ms/token ({100 * floor / t_compiled:3.0f}% of floor)  "
                   f"HF/af3 {t_hf / t_compiled:.2f}x  compile=True")
-        products_alone([layer.mlp.up for layer in ours.decoder.layers], compile=not args.no_compile)
+        products_alone([layer.mlp.gate_up for layer in ours.decoder.layers], compile=not args.no_compile)
 
 
 class _Products(torch.nn.Module):

@@ -5,8 +5,8 @@ Times (1) a prefill forward with audio (encoder + projector + decoder) on a left
 and (3) 32 greedy decoding steps after a prefill, with each implementation's KV cache (af3 eager,
 and af3 with the decode step compiled; HF eager in both rows). Prints the times and the
 ratio HF / af3 (> 1 means af3 is faster), and where an eager step's time goes: its products
-and attention alone, and the same math with q/k/v and gate/up merged and no modules
-(`merged_step`), interleaved with HF's and af3's steps. Run: .venv/bin/python tests/bench_model.py
+and attention alone, and the same math and weights written without modules (`flat_step`),
+interleaved with HF's and af3's steps. Run: .venv/bin/python tests/bench_model.py
 """
 
 from __future__ import annotations
@@ -124,9 +124,9 @@ def where_the_time_goes(model, cache, mask: torch.Tensor, t_eager: float) -> Non
         for _ in range(STEPS):
             for i, layer in enumerate(d.layers):
                 attn, mlp = layer.attn, layer.mlp
-                attn.q(x), attn.k(x), attn.v(x)
+                attn.qkv(x)
                 attention(q, cache.k[i], cache.v[i], bias, scale=cfg.head_dim**-0.5)
-                attn.o(x), mlp.gate(x), mlp.up(x), mlp.down(xb)
+                attn.o(x), mlp.gate_up(x), mlp.down(xb)
             d.logits(x)
 
     alone = best_of(products_and_attention, 5)
@@ -142,11 +142,11 @@ def where_the_time_goes(model, cache, mask: torch.Tensor, t_eager: float) -> Non
 
 
 def eager_floor(model, cache, mask, slots, positions, hf_decode, af3_decode) -> None:
-    """af3's eager step against `merged_step` (the same math and kernels, without what af3
-    keeps for readability and for LoRA and quantization), with the masks and RoPE table made
-    before timing and, second, made in each step as af3 does; all interleaved with HF's step."""
+    """af3's eager step against `flat_step` (the same math, weights and kernels, without the
+    modules af3 keeps for readability, LoRA and quantization), with the masks and RoPE table
+    made before timing and, second, made in each step as af3 does; all interleaved with HF's."""
     n = mask.shape[0]
-    steps = {"merged": merged_step(model, mask, slots), "tables": merged_step(model, mask, slots, per_step=True)}
+    steps = {"flat": flat_step(model, mask, slots), "tables": flat_step(model, mask, slots, per_step=True)}
     token = torch.zeros(n, 1, dtype=torch.long)
     for step in steps.values():
         torch.testing.assert_close(step(token, cache, 0, positions[0]),
@@ -164,24 +164,23 @@ def eager_floor(model, cache, mask, slots, positions, hf_decode, af3_decode) -> 
             times[k].append(best_of(run, 1) / STEPS * 1000)
     t = {k: min(v) for k, v in times.items()}
     print(f"eager steps, interleaved, ms a token (HF / that): HF {t['HF']:.2f}; af3 {t['af3']:.2f} "
-          f"({t['HF'] / t['af3']:.2f}x); af3's math with q/k/v and gate/up merged into one product each and "
-          f"no modules {t['merged']:.2f} ({t['HF'] / t['merged']:.2f}x), the same making its mask and RoPE "
+          f"({t['HF'] / t['af3']:.2f}x); af3's math without modules "
+          f"{t['flat']:.2f} ({t['HF'] / t['flat']:.2f}x), the same making its mask and RoPE "
           f"in each step {t['tables']:.2f} ({t['HF'] / t['tables']:.2f}x)")
 
 
-def merged_step(model, attention_mask: torch.Tensor, slots: list[torch.Tensor], per_step: bool = False):
-    """af3's eager decode step, for comparison only, without what af3 keeps for readability and
-    for LoRA and quantization (which replace q, k, v, gate and up one by one): the same math and
-    kernels (the split MLP products, SDPA over grouped rows), with q, k and v, and gate and up,
-    merged into one weight each and no modules; each slot's mask and the RoPE table made in
-    advance (per_step: in each step, as af3 does). step(token (B, 1), cache, i, position_ids
+def flat_step(model, attention_mask: torch.Tensor, slots: list[torch.Tensor], per_step: bool = False):
+    """af3's eager decode step, for comparison only, without the modules af3 keeps for
+    readability and for LoRA and quantization (which replace linears): the same weights (q/k/v
+    and gate/up merged), math and kernels (the split MLP products, SDPA over grouped rows), RoPE
+    applied to q and k in one call; each slot's mask and the RoPE table made in advance
+    (per_step: in each step, as af3 does). step(token (B, 1), cache, i, position_ids
     (B, 1)) -> float logits (B, V) for the token at slots[i]."""
     d, cfg = model.decoder, model.decoder.cfg
     h, h_kv, hd, ff, eps = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                             cfg.intermediate_size, cfg.rms_norm_eps)
-    layers = [(l.attn_norm.weight, torch.cat([l.attn.q.weight, l.attn.k.weight, l.attn.v.weight]),
-               torch.cat([l.attn.q.bias, l.attn.k.bias, l.attn.v.bias]), l.attn.o.weight, l.mlp_norm.weight,
-               torch.cat([l.mlp.gate.weight, l.mlp.up.weight]), l.mlp.down.weight) for l in d.layers]
+    layers = [(l.attn_norm.weight, l.attn.qkv.weight, l.attn.qkv.bias, l.attn.o.weight, l.mlp_norm.weight,
+               l.mlp.gate_up.weight, l.mlp.down.weight) for l in d.layers]
     slots_all = torch.arange(attention_mask.shape[1])[None]  # a position never exceeds its slot
     cos, sin = (t[0, 0] for t in rope_cos_sin(slots_all, hd, cfg.rope_theta, torch.float32))  # (S, hd)
     masks = [additive_mask(causal_mask(attention_mask, s, attention_mask.shape[1]), torch.float32) for s in slots]

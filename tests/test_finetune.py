@@ -220,3 +220,16 @@ def test_schedule_and_order() -> None:
     assert finetune.sample_order(3, 0, 4, 2) == order[4:6]
     with pytest.raises(ValueError, match=r"train must name 'lora' and/or parts of .* got \['head'\]"):
         finetune.TrainConfig(train=("head",))
+
+
+@pytest.mark.parametrize("targets", [lora.DECODER_TARGETS, ("decoder.layers.*.attn.q", "decoder.layers.*.mlp.up")])
+def test_memory_estimate_counts_the_adapters_add_lora_makes(targets) -> None:
+    """The estimate's LoRA parameters are those add_lora creates, the parts of merged linears
+    (attn.qkv, mlp.gate_up) counted at their own sizes."""
+    from tests.model_helpers import hf_to_af3_model, tiny_hf_model
+
+    model = hf_to_af3_model(tiny_hf_model(seed=0))
+    estimate = finetune.memory_estimate(model, rank=4, targets=targets)["lora"]
+    lora.add_lora(model, rank=4, targets=targets)
+    made = sum(p.numel() for a in lora.lora_layers(model).values() for p in (a.lora_A, a.lora_B))
+    assert estimate == made * 4 * 4  # fp32 factors, their gradients and AdamW's two moments

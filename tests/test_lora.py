@@ -17,6 +17,9 @@ from weights_convert.convert import convert
 from weights_convert.names import af3_to_hf, hf_to_af3
 
 EVERY_GROUP = lora.DECODER_TARGETS + lora.ENCODER_ATTENTION_TARGETS + lora.PROJECTOR_TARGETS + ("decoder.lm_head",)
+# Some projections of af3's merged linears and not others (attn.qkv: q and v, not k between them;
+# mlp.gate_up: up, its second half), as PEFT configs often target them.
+SOME_PARTS = ("decoder.layers.*.attn.q", "decoder.layers.*.attn.v", "decoder.layers.*.mlp.up")
 
 
 def randomize(model: nn.Module, seed: int = 0) -> None:
@@ -56,16 +59,19 @@ def test_fresh_adapter_changes_nothing_and_only_adapters_train(hf, batch) -> Non
     names = lora.add_lora(model, rank=4, alpha=8, targets=EVERY_GROUP)
     assert len(names) == 2 * 7 + 2 * 4 + 2 + 1
     assert torch.equal(model(**inputs(batch)).logits, base)  # B = 0: exactly the base model
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{m}.lora_{x}" for m in names for x in "AB"}
+    adapters = lora.lora_layers(model)
+    assert sorted(adapters) == sorted(names)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for a in adapters.values() for p in (a.lora_A, a.lora_B)}
     # The base weights keep their state-dict names.
     assert "decoder.layers.0.attn.q.weight" in model.state_dict()
 
 
-def test_merge_equals_unmerged_and_unmerge_restores(hf, batch) -> None:
+@pytest.mark.parametrize("targets", [EVERY_GROUP, SOME_PARTS], ids=["every-group", "some-parts"])
+def test_merge_equals_unmerged_and_unmerge_restores(hf, batch, targets) -> None:
     model = hf_to_af3_model(hf)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    lora.add_lora(model, rank=4, alpha=8, targets=EVERY_GROUP)
+    lora.add_lora(model, rank=4, alpha=8, targets=targets)
     randomize(model)
     unmerged = model(**inputs(batch)).logits
     assert (unmerged - hf_to_af3_model(hf)(**inputs(batch)).logits).abs().max() > 1e-2  # B acts
@@ -105,11 +111,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf, batch) -> None:
         assert (checkpointed[name] - g).abs().max() <= 1e-5, name
 
 
-def test_saved_adapter_loads_in_hf_peft_with_the_same_logits(hf, batch, tmp_path) -> None:
+@pytest.mark.parametrize("targets", [EVERY_GROUP, SOME_PARTS], ids=["every-group", "some-parts"])
+def test_saved_adapter_loads_in_hf_peft_with_the_same_logits(hf, batch, tmp_path, targets) -> None:
     from peft import PeftModel
 
     model = hf_to_af3_model(hf)
-    lora.add_lora(model, rank=4, alpha=8, targets=EVERY_GROUP)
+    lora.add_lora(model, rank=4, alpha=8, targets=targets)
     randomize(model)
     ours = model(**inputs(batch)).logits
     lora.save_adapter(model, tmp_path / "adapter")
@@ -178,8 +185,9 @@ def test_bad_targets_and_quantized_modules(hf, tmp_path) -> None:
     class Int8Linear(nn.Module):  # what a quantized module looks like to add_lora: not a float nn.Linear
         pass
 
-    model.decoder.layers[0].attn.q = Int8Linear()
-    with pytest.raises(TypeError, match="decoder.layers.0.attn.q is a Int8Linear: quantized"):
+    model.decoder.layers[0].attn.qkv = Int8Linear()
+    with pytest.raises(TypeError, match=r"decoder.layers.0.attn.q \(in decoder.layers.0.attn.qkv\) is a Int8Linear: "
+                                        "quantized"):
         lora.add_lora(model)
     assert not lora.lora_layers(model)  # nothing half-added
     with pytest.raises(ValueError, match="rank must be a positive int, got 0"):

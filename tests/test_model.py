@@ -329,7 +329,7 @@ def test_trainable_parameters_and_activations_kept_as_transformers(windows_alone
     # Only weights inside the layers train (as with adapters): no layer input requires grad, the
     # case where reentrant checkpointing would silently give those weights no gradient.
     ours.requires_grad_(False)
-    trained = [ours.encoder.layers[0].attn.q.weight, ours.decoder.layers[0].attn.q.weight]
+    trained = [ours.encoder.layers[0].attn.q.weight, ours.decoder.layers[0].attn.qkv.weight]
     for w in trained:
         w.requires_grad_(True)
     losses, grads = [], []
@@ -352,7 +352,7 @@ def test_decoder_checkpointing_trains_weights_inside_layers_when_no_input_needs_
     input then requires no grad, where reentrant checkpointing would give that weight none."""
     ours = hf_to_af3_model(tiny_hf_model(seed=6, num_hidden_layers=2)).train()
     ours.requires_grad_(False)
-    weight = ours.decoder.layers[1].mlp.up.weight.requires_grad_(True)
+    weight = ours.decoder.layers[1].mlp.gate_up.weight.requires_grad_(True)
     ids = torch.tensor([[5, 6, 9, 30, 31, 7], [11, 12, 13, 14, 15, 16]])
     grads = []
     for checkpointing in (False, True):

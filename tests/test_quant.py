@@ -29,6 +29,7 @@ from af3.quant import (
     pack_int4,
     quantize_int4,
     quantize_int8,
+    quantize_model,
     quantize_weight,
     unpack_int4,
     weight_bytes,
@@ -246,7 +247,7 @@ def test_converted_equals_quantized_on_load_and_stays_close_to_float(ckpts, sche
     converted = af3.load(ckpts[scheme])
     on_load = af3.load(ckpts["float"], quantize=scheme, group_size=32 if scheme == "int4" else None)
     assert converted.config.quantization == on_load.config.quantization
-    assert isinstance(converted.model.decoder.layers[1].mlp.up, Int8Linear if scheme == "int8" else Int4Linear)
+    assert isinstance(converted.model.decoder.layers[1].mlp.gate_up, Int8Linear if scheme == "int8" else Int4Linear)
     for seconds, seed in ((3.0, 0), (8.0, 1)):
         ref, got = last_logits(float_bundle, seconds, seed), last_logits(converted, seconds, seed)
         assert torch.equal(got, last_logits(on_load, seconds, seed))
@@ -254,11 +255,24 @@ def test_converted_equals_quantized_on_load_and_stays_close_to_float(ckpts, sche
         assert target <= cos < 1.0, cos
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantizing_merged_linears_in_memory_equals_quantizing_each_projection_on_load(ckpts, scheme):
+    """quantize_model quantizes attn.qkv and mlp.gate_up whole; af3.load(quantize=) quantizes q, k,
+    v, gate and up one by one as it reads them and joins the results. Scales per row (int8) and
+    per group of a row's inputs (int4) make both the same tensors, so the same logits."""
+    qc = QuantConfig(scheme, 32 if scheme == "int4" else None)
+    in_memory = af3.load(ckpts["float"])
+    quantize_model(in_memory.model, qc)
+    assert isinstance(in_memory.model.decoder.layers[0].attn.qkv, Int8Linear if scheme == "int8" else Int4Linear)
+    on_load = af3.load(ckpts["float"], quantize=scheme, group_size=qc.group_size)
+    assert torch.equal(last_logits(in_memory), last_logits(on_load))
+
+
 def test_int8_float_parts_follow_dtype(ckpts):
     m = af3.load(ckpts["int8"], dtype="bf16")
     assert m.dtype == torch.bfloat16 and m.model.decoder.embed_tokens.weight.dtype == torch.bfloat16
-    assert m.model.decoder.layers[0].attn.q.weight.dtype == torch.int8
-    assert m.model.decoder.layers[0].attn.q.scales.dtype == torch.bfloat16
+    assert m.model.decoder.layers[0].attn.qkv.weight.dtype == torch.int8
+    assert m.model.decoder.layers[0].attn.qkv.scales.dtype == torch.bfloat16
     ref = last_logits(af3.load(ckpts["int8"]))
     assert float(F.cosine_similarity(ref, last_logits(m), dim=0)) > 0.999
 
@@ -325,7 +339,7 @@ def test_load_arguments_are_checked(ckpts):
 
 
 def test_a_group_size_that_does_not_fit_the_model_is_named(ckpts, tmp_path):
-    with pytest.raises(ValueError, match=r"decoder\.layers\.0\.attn\.q: int4 group size 128 does not divide "
+    with pytest.raises(ValueError, match=r"decoder\.layers\.0\.attn\.qkv: int4 group size 128 does not divide "
                                          r"its 64 inputs; use one of \[32, 64\]"):
         convert(ckpts["hf"], tmp_path / "q4", quantize="int4", group_size=128)
     assert not (tmp_path / "q4").exists()
