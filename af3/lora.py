@@ -8,7 +8,9 @@ with W and b frozen and only A and B trained. B starts at zero, so a fresh adapt
 model's output unchanged; A starts like nn.Linear's weight (Kaiming-uniform), as in PEFT.
 `merge` folds scale * B @ A into W (no extra cost at inference), `unmerge` takes it out again.
 
-Targets are af3 module names, matched with shell-style wildcards (`decoder.layers.*.attn.q`).
+Targets are af3 module names, matched with shell-style wildcards (`decoder.layers.*.attn.q`);
+the projections af3 merges (q/k/v in `attn.qkv`, gate/up in `mlp.gate_up`) are named apart, as
+HF names them, and each adapts its own rows of the merged linear.
 On disk an adapter is what HF PEFT writes for AudioFlamingo3ForConditionalGeneration:
 `adapter_config.json` and `adapter_model.safetensors` with keys
 `base_model.model.<HF module>.lora_A.weight` / `.lora_B.weight`, the HF module names coming from

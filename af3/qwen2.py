@@ -1,7 +1,8 @@
 """The Qwen2 decoder (Qwen2.5-7B in AF3) and its preallocated KV cache.
 
 RMSNorm (fp32 inside), RoPE in rotate-half form, grouped-query attention with q/k/v bias and no
-o bias, SwiGLU MLP, final norm, lm_head (or the embedding matrix when tied).
+o bias, SwiGLU MLP, final norm, lm_head (or the embedding matrix when tied). q/k/v are one
+product and gate/up another (`Merged`), saved and loaded under HF's per-projection names.
 """
 
 from __future__ import annotations

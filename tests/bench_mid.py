@@ -61,7 +61,7 @@ def build():
 
     torch.manual_seed(0)
     hf = AudioFlamingo3ForConditionalGeneration(tiny_hf_config(audio=MID_AUDIO, **MID_TEXT)).float().eval()
-    return hf, af3_model_sharing(hf)  # the same tensors: no second copy
+    return hf, af3_model_sharing(hf)  # the same tensors but the merged q/k/v and gate/up
 
 
 def main() -> None:

@@ -58,8 +58,8 @@ def af3_config_of(hf_model) -> AF3Config:
 
 
 def af3_model_sharing(hf_model) -> AudioFlamingo3:
-    """An af3 AudioFlamingo3 over `hf_model`'s own tensors (no copy: for benchmarks at sizes
-    where two copies would not fit; a change to one model's weights shows in the other)."""
+    """An af3 AudioFlamingo3 over `hf_model`'s own tensors, for benchmarks at large sizes: no
+    copy but of q/k/v and gate/up, which af3 holds merged (joined into new tensors)."""
     state = {hf_to_af3(name): t for name, t in hf_model.state_dict().items()}
     with torch.device("meta"):
         model = AudioFlamingo3(af3_config_of(hf_model))

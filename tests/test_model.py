@@ -282,6 +282,15 @@ def test_state_dict_names_are_the_contract() -> None:
         dec += [f"decoder.layers.0.{m}.weight" for m in ("attn.o", "attn_norm", "mlp_norm", "mlp.gate",
                                                          "mlp.up", "mlp.down")]
         assert sorted(model.state_dict()) == sorted(enc + proj + dec)
+        # In memory q/k/v and gate/up are merged: the state dict's parts are their rows, in order,
+        # and loading joins them back.
+        layer, state = model.decoder.layers[0], model.state_dict()
+        assert torch.equal(layer.attn.qkv.weight, torch.cat([state[f"decoder.layers.0.attn.{m}.weight"] for m in "qkv"]))
+        assert torch.equal(layer.mlp.gate_up.weight, torch.cat([state[f"decoder.layers.0.mlp.{m}.weight"]
+                                                                for m in ("gate", "up")]))
+        fresh = AudioFlamingo3(model.config)
+        fresh.load_state_dict(state, strict=True)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters(), strict=True))
         assert model.encoder.embed_positions.weight.shape == (1500, 16)
         model.new_cache(1, 8)
         assert not list(model.buffers())  # caches live outside the model; nothing to save or re-init
