@@ -174,15 +174,19 @@ def _fixed(t: torch.Tensor) -> torch.Tensor:
 # Products that read the same input are merged into one weight, gpt-fast style (its `wqkv`):
 # one kernel call reads all of them, where three small ones would each pay a call's overhead
 # (a decode step's products are a few rows each). Checkpoints, state dicts, LoRA targets and
-# PEFT adapters still name HF's separate projections: `Merged.parts` says which rows of a merged weight
-# each one is, `split_state` / `join_state` convert state dicts between the two.
+# PEFT adapters still name HF's separate projections: `Merged.parts` says which rows of a
+# merged weight each one is; `split_state` / `join_state` convert state dicts between the two.
 
-def _parts(*sizes: tuple[str, int]) -> dict[str, tuple[int, int]]:
-    """('q', 3), ('k', 1) -> {'q': (0, 3), 'k': (3, 4)}: each part's rows of the merged weight."""
-    out, start = {}, 0
-    for name, n in sizes:
-        out[name], start = (start, start + n), start + n
-    return out
+class Merged(nn.Module):
+    """A module with merged linears, saved and loaded under their parts' names. `parts`: merged
+    linear's name -> {part name: its rows}, set by the subclass."""
+
+    parts: dict[str, dict[str, tuple[int, int]]]
+
+    def __init__(self):
+        super().__init__()
+        self._register_state_dict_hook(split_state)
+        self._register_load_state_dict_pre_hook(join_state, with_module=True)
 
 
 # Tensors of a merged linear (float or quantized, af3/quant.py) whose rows are its outputs.
@@ -191,16 +195,24 @@ ROW_TENSORS = ("weight", "bias", "scales", "zeros")
 
 def split_state(module: nn.Module, state: dict, prefix: str, _metadata: Any) -> None:
     """State-dict hook: a merged linear's tensors as its parts' (views of the same rows; with
-    keep_vars, a Parameter's parts are Parameters)."""
-    for merged, parts in module.parts.items():
-        for suffix in ROW_TENSORS:
-            t = state.pop(f"{prefix}{merged}.{suffix}", None)
-            if t is not None:
-                for name, (start, stop) in parts.items():
-                    part = t[start:stop]
-                    if isinstance(t, nn.Parameter):
-                        part = nn.Parameter(part, requires_grad=t.requires_grad)
-                    state[f"{prefix}{name}.{suffix}"] = part
+    keep_vars, a Parameter's parts are Parameters), in place and in the order separate linears
+    would have (q.weight, q.bias, k.weight, ...)."""
+    merged = {f"{prefix}{name}.{suffix}": name for name in module.parts for suffix in ROW_TENSORS}
+    before = dict(state)
+    state.clear()
+    for key, t in before.items():
+        if key not in merged:
+            state[key] = t
+        elif key.endswith(".weight"):  # every merged linear has a weight: its parts go here
+            name = merged[key]
+            for part, (start, stop) in module.parts[name].items():
+                for suffix in ROW_TENSORS:
+                    whole = before.get(f"{prefix}{name}.{suffix}")
+                    if whole is not None:
+                        piece = whole[start:stop]
+                        if isinstance(whole, nn.Parameter):
+                            piece = nn.Parameter(piece, requires_grad=whole.requires_grad)
+                        state[f"{prefix}{part}.{suffix}"] = piece
 
 
 def join_state(module: nn.Module, state: dict, prefix: str, *_: Any) -> None:
@@ -212,9 +224,12 @@ def join_state(module: nn.Module, state: dict, prefix: str, *_: Any) -> None:
                 state[f"{prefix}{merged}.{suffix}"] = torch.cat([state.pop(k) for k in keys])
 
 
-def parameter_names(model: nn.Module) -> set[str]:
-    """State-dict names of the model's parameters (its other state-dict entries are buffers)."""
-    return {name for name, t in model.state_dict(keep_vars=True).items() if isinstance(t, nn.Parameter)}
+def _parts(*sizes: tuple[str, int]) -> dict[str, tuple[int, int]]:
+    """('q', 3), ('k', 1) -> {'q': (0, 3), 'k': (3, 4)}: each part's rows of the merged weight."""
+    out, start = {}, 0
+    for name, n in sizes:
+        out[name], start = (start, start + n), start + n
+    return out
 
 
 def merged_groups(model: nn.Module) -> dict[str, tuple[str, int, int, int]]:
@@ -242,16 +257,9 @@ def state_names(model: nn.Module, module_name: str, suffix: str) -> list[str]:
     return [f"{name}.{suffix}" for name in names]
 
 
-class Merged(nn.Module):
-    """A module with merged linears, saved and loaded under their parts' names. `parts`: merged
-    linear's name -> {part name: its rows}, set by the subclass."""
-
-    parts: dict[str, dict[str, tuple[int, int]]]
-
-    def __init__(self):
-        super().__init__()
-        self._register_state_dict_hook(split_state)
-        self._register_load_state_dict_pre_hook(join_state, with_module=True)
+def parameter_names(model: nn.Module) -> set[str]:
+    """State-dict names of the model's parameters (its other state-dict entries are buffers)."""
+    return {name for name, t in model.state_dict(keep_vars=True).items() if isinstance(t, nn.Parameter)}
 
 
 class DecoderAttention(Merged):

@@ -55,8 +55,8 @@ def random_model(audio: AudioConfig, text: TextConfig, seed: int = 0) -> AudioFl
     config = AF3Config(audio=audio, text=text, audio_token_id=text.vocab_size - 1, dtype="float32")
     torch.manual_seed(seed)
     model = AudioFlamingo3(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
+    with torch.no_grad():  # in state-dict order, HF's (q, k and v apart): the same draws whatever af3 merges
+        for name, p in model.state_dict().items():  # views of the parameters
             p.copy_(1 + 0.02 * torch.randn_like(p) if "norm" in name else 0.02 * torch.randn_like(p))
     return model
 

@@ -285,6 +285,9 @@ def test_state_dict_names_are_the_contract() -> None:
         # In memory q/k/v and gate/up are merged: the state dict's parts are their rows, in order,
         # and loading joins them back.
         layer, state = model.decoder.layers[0], model.state_dict()
+        assert [k.removeprefix("decoder.layers.0.") for k in state if k.startswith("decoder.layers.0.")] == [
+            "attn_norm.weight", "attn.q.weight", "attn.q.bias", "attn.k.weight", "attn.k.bias", "attn.v.weight",
+            "attn.v.bias", "attn.o.weight", "mlp_norm.weight", "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight"]
         assert torch.equal(layer.attn.qkv.weight, torch.cat([state[f"decoder.layers.0.attn.{m}.weight"] for m in "qkv"]))
         assert torch.equal(layer.mlp.gate_up.weight, torch.cat([state[f"decoder.layers.0.mlp.{m}.weight"]
                                                                 for m in ("gate", "up")]))
