@@ -311,6 +311,11 @@ def _match(model: nn.Module, targets: Sequence[str]) -> list[str]:
         if not isinstance(pattern, str):
             raise TypeError(f"a target must be a module-name pattern (str), got {pattern!r}")
         found = [name for name in linears if fnmatch.fnmatchcase(name, pattern)]
+        merged = sorted({module for module, _, _ in linears.values() if fnmatch.fnmatchcase(module, pattern)})
+        if not found and merged:
+            parts = [name for name, (module, _, _) in linears.items() if module == merged[0]]
+            raise ValueError(f"LoRA target {pattern!r} names {merged[0]}, which merges {', '.join(parts)}: "
+                             "target those (each adapts its own rows)")
         if not found:
             raise ValueError(f"LoRA target {pattern!r} matches no module of the model (module names look "
                              "like 'decoder.layers.0.attn.q', 'encoder.layers.0.attn.o', 'projector.linear1')")

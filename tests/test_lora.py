@@ -179,6 +179,10 @@ def test_bad_targets_and_quantized_modules(hf, tmp_path) -> None:
     model = hf_to_af3_model(hf)
     with pytest.raises(ValueError, match="'decoder.layers.*.attn.qq' matches no module"):
         lora.add_lora(model, targets=("decoder.layers.*.attn.qq",))
+    with pytest.raises(ValueError, match=r"'decoder.layers.\*.attn.qkv' names decoder.layers.0.attn.qkv, which merges "
+                                         r"decoder.layers.0.attn.q, decoder.layers.0.attn.k, decoder.layers.0.attn.v: "
+                                         "target those"):
+        lora.add_lora(model, targets=("decoder.layers.*.attn.qkv",))
     with pytest.raises(TypeError, match="decoder.embed_tokens is a Embedding"):
         lora.add_lora(model, targets=("decoder.embed_tokens",))
 
