@@ -233,3 +233,25 @@ def test_memory_estimate_counts_the_adapters_add_lora_makes(targets) -> None:
     lora.add_lora(model, rank=4, targets=targets)
     made = sum(p.numel() for a in lora.lora_layers(model).values() for p in (a.lora_A, a.lora_B))
     assert estimate == made * 4 * 4  # fp32 factors, their gradients and AdamW's two moments
+
+
+def test_load_parts_reads_parameter_names_and_per_projection_names(tmp_path) -> None:
+    """save_checkpoint names fully trained tensors as the model's parameters (attn.qkv.weight);
+    parts files that name q, k and v apart (as checkpoints do, and af3 did before merging them)
+    load into the same rows."""
+    from safetensors.torch import save_file
+
+    from tests.model_helpers import hf_to_af3_model, tiny_hf_model
+
+    trained = hf_to_af3_model(tiny_hf_model(seed=1))
+    layer = "decoder.layers.0"
+    apart = {k: v.clone() for k, v in trained.state_dict().items() if k.startswith(f"{layer}.attn.")}
+    merged = {f"{layer}.mlp.gate_up.weight": trained.decoder.layers[0].mlp.gate_up.weight.detach().clone()}
+    model = hf_to_af3_model(tiny_hf_model(seed=2))
+    for i, parts in enumerate((apart, merged)):
+        (tmp_path / str(i)).mkdir()
+        save_file(parts, str(tmp_path / str(i) / finetune.PARTS_FILE))
+        assert finetune.load_parts(model, tmp_path / str(i)) == sorted(parts)
+    for name in ("attn.qkv.weight", "attn.qkv.bias", "attn.o.weight", "mlp.gate_up.weight"):
+        assert torch.equal(model.get_parameter(f"{layer}.{name}"), trained.get_parameter(f"{layer}.{name}")), name
+    assert not torch.equal(model.decoder.layers[0].mlp.down.weight, trained.decoder.layers[0].mlp.down.weight)
