@@ -82,24 +82,11 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
     Rotate-half RoPE pairs element i with i + head_dim/2, at the same angle:
     x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1). `apply_rope` reads the
     halves swapped as (x2, x1), so the sign moves into sin: (-sin, sin)."""
-    inv_freq, sign = _rope_frequencies(head_dim, theta, position_ids.device)  # (hd,) each
-    angles = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, hd)
-    return angles.cos().to(dtype), (angles.sin() * sign).to(dtype)
-
-
-_ROPE_FREQUENCIES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _rope_frequencies(head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """theta^(-2i/head_dim) for i and i + head_dim/2 alike, and the sign of each half of sin:
-    made once per device and kept (made again in every decode step, they took 7% of the tiny
-    model's eager step)."""
-    key = (head_dim, theta, device)
-    if key not in _ROPE_FREQUENCIES:
-        half = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-        ones = torch.ones_like(half)
-        _ROPE_FREQUENCIES[key] = torch.cat((half, half)), torch.cat((-ones, ones))
-    return _ROPE_FREQUENCIES[key]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+                                             device=position_ids.device) / head_dim))
+    angles = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, hd/2)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
