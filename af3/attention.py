@@ -47,15 +47,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     b, h, tq, hd = q.shape
     h_kv = k.shape[1]
     n_rep = h // h_kv
-    # A decoding step on the CPU: a few query rows, each reading every key and value. SDPA's CPU
-    # kernel is slower there than the written-out form below, in fp32 to the end: in fp32 by
-    # about 15% over 1000-4000 keys (one row, 8 heads over 2 key/value heads: 44 against 51 us
-    # over 1092 keys, 119 against 137 over 4096), in half precision ten times (one row over 1040
-    # keys, 14 heads: 682 us in bf16, 71 us in fp32); and under torch.compile SDPA stays a
-    # separate call, where the written-out form is fused into the step.
-    written_fp32 = q.device.type == "cpu" and tq <= FEW_ROWS
+    # A decoding step on the CPU: a few query rows, each reading every key and value.
+    few_rows_on_cpu = q.device.type == "cpu" and tq <= FEW_ROWS
+    # In half precision SDPA's CPU kernel takes ten times its fp32 time for a few query rows (one
+    # row over 1040 keys, 14 heads: 682 us in bf16, 71 us in fp32); under torch.compile it stays a
+    # separate call, where the written-out form is fused into the step. So both take the
+    # written-out form below, in fp32 to the end.
+    written_fp32 = few_rows_on_cpu and (q.dtype in (torch.bfloat16, torch.float16)
+                                        or torch.compiler.is_compiling())
     if use_sdpa and not written_fp32:
         is_causal = causal and mask is None
+        if few_rows_on_cpu and n_rep > 1 and not is_causal:
+            # The n_rep query heads of a key/value head as n_rep * Tq query rows of one head:
+            # SDPA's CPU kernel reads each head's keys and values once, where with enable_gqa it
+            # reads them once per query head (tiny model's decode step: 35 against 66 us a layer
+            # over 1092 keys).
+            rows = q.reshape(b, h_kv, n_rep * tq, hd)  # row r * Tq + i: query i of head r in the group
+            if mask is not None and tq > 1:  # one query row's mask serves every row as it is
+                mask = mask.repeat(1, 1, n_rep, 1)  # (B or 1, 1, n_rep * Tq, Tk)
+            return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale).view(b, h, tq, hd)
         if _SDPA_GQA:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                                   enable_gqa=n_rep > 1)

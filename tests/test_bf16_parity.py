@@ -184,11 +184,11 @@ def test_sdpa_without_native_gqa_equals_native(monkeypatch):
 @pytest.mark.parametrize("tq, keys, masked", [(1, 1040, True), (3, 3, False), (4, 500, True)],
                          ids=["decode-step", "short-causal", "four-rows"])
 def test_few_query_rows_on_the_cpu_are_fp32_math_not_sdpa(monkeypatch, tq, keys, masked):
-    """A decoding step's attention on the CPU (at most FEW_ROWS query rows) is written out in fp32,
-    never SDPA: faster in fp32 (over 1000 keys and more), ten times faster in half precision, and
-    fused into the step under torch.compile. fp32: SDPA's result to float precision. bf16: at
-    least as close to the exact (fp32) result as SDPA's bf16 kernel, and at most one bf16 step
-    from it: af3 deliberately differs from transformers here (README, "bf16")."""
+    """A decoding step's attention on the CPU (at most FEW_ROWS query rows) is written out in fp32
+    in half precision (SDPA is ten times slower for such rows in bf16) and under torch.compile
+    (where inductor fuses it). fp32: SDPA's result to float precision. bf16: at least as close
+    to the exact (fp32) result as SDPA's bf16 kernel, and at most one bf16 step from it: af3
+    deliberately differs from transformers here (README, "bf16")."""
     import torch.nn.functional as F
 
     sdpa, calls = F.scaled_dot_product_attention, []
@@ -205,7 +205,8 @@ def test_few_query_rows_on_the_cpu_are_fp32_math_not_sdpa(monkeypatch, tq, keys,
         calls.clear()
         torch.testing.assert_close(attention(q, k, v, m, scale=HEAD_DIM**-0.5, causal=not masked), exact,
                                    rtol=0, atol=2e-6)
-        assert not calls  # eager fp32 too
+        # eager fp32: SDPA, a masked step with each key/value head's 7 query heads as its rows
+        assert calls == [(2, 4, 7 * tq, HEAD_DIM) if masked else q.shape]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the form torch.compile traces
     torch.testing.assert_close(attention(q, k, v, mask, scale=HEAD_DIM**-0.5, causal=not masked), exact,
                                rtol=0, atol=2e-6)
