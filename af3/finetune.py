@@ -255,8 +255,8 @@ def load_parts(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     where = Path(directory) / PARTS_FILE
     if not where.is_file():
         raise FileNotFoundError(f"{where} not found: {directory} holds no fully fine-tuned parts")
-    # By parameter name (what save_checkpoint writes), or by state-dict name, where q/k/v and
-    # gate/up are apart (the state dict's tensors are views of the parameters).
+    # By parameter name (what save_checkpoint writes), or by state-dict name, where q, k and v
+    # are apart (the state dict's tensors are views of the parameters).
     params = {**model.state_dict(), **dict(model.named_parameters())}
     got = load_file(str(where))
     unknown = sorted(set(got) - set(params))

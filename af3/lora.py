@@ -9,8 +9,8 @@ model's output unchanged; A starts like nn.Linear's weight (Kaiming-uniform), as
 `merge` folds scale * B @ A into W (no extra cost at inference), `unmerge` takes it out again.
 
 Targets are af3 module names, matched with shell-style wildcards (`decoder.layers.*.attn.q`);
-the projections af3 merges (q/k/v in `attn.qkv`, gate/up in `mlp.gate_up`) are named apart, as
-HF names them, and each adapts its own rows of the merged linear.
+the projections af3 merges (q, k and v in `attn.qkv`) are named apart, as HF names them, and
+each adapts its own rows of the merged linear.
 On disk an adapter is what HF PEFT writes for AudioFlamingo3ForConditionalGeneration:
 `adapter_config.json` and `adapter_model.safetensors` with keys
 `base_model.model.<HF module>.lora_A.weight` / `.lora_B.weight`, the HF module names coming from
@@ -79,7 +79,7 @@ class LoRALinear(nn.Module):
     rows `rows[part]`.
 
     A plain linear has one part, all of its rows, named as the linear itself (`attn.o`'s part
-    is `o`); a merged one (qwen2.py: `attn.qkv`, `mlp.gate_up`) has one per projection it
+    is `o`); a merged one (qwen2.py: `attn.qkv`) has one per projection it
     merges (`q`, `k`, `v`), each adapted or not. It keeps the Linear's `weight` and `bias`
     Parameters under the same names, so the model's state dict still names the base weights as
     before (`…attn.q.weight`).
@@ -117,8 +117,8 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: floa
     Freezes every other parameter: afterwards only the adapters' A and B train. `targets` are
     name patterns (`*` any run of characters, `decoder.layers.*.attn.q`) over the model's
     linears, the projections a merged linear holds named apart (`attn.q`, `attn.k`, `attn.v`
-    in `attn.qkv`; `mlp.gate`, `mlp.up` in `mlp.gate_up`), as HF and PEFT name them; every
-    pattern must match at least one. Returns the names of the adapted linears.
+    in `attn.qkv`), as HF and PEFT name them; every pattern must match at least one. Returns
+    the names of the adapted linears.
     """
     if not is_int(rank) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")

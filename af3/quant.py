@@ -39,7 +39,7 @@ from af3.qwen2 import parameter_names, state_names
 
 SCALE_DTYPE = torch.bfloat16  # scales and zeros, on disk and in memory
 COMPUTE_DTYPE = torch.bfloat16  # the activations the CPU kernels are fast with
-DECODER_LINEARS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")  # q/k/v and gate/up merged (qwen2.py)
+DECODER_LINEARS = ("attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.down")  # q/k/v merged (qwen2.py)
 _QUANTIZE_BLOCK_ELEMENTS = 2**22  # weights quantized at a time (16 MB of float32 per work copy)
 _INT4_ROW_CHUNK = 64 * 64  # rows repacked at a time; the CPU layout works in blocks of 64 rows
 

@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_parity:
         parity(hf, ours, device, "fp32")
     to_bf16(hf)
-    ours = af3_model_sharing(hf)  # over the bf16 tensors (q/k/v, gate/up joined); the fp32 ones are freed
+    ours = af3_model_sharing(hf)  # over the bf16 tensors (q/k/v joined); the fp32 ones are freed
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if not args.no_parity:

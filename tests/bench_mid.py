@@ -61,7 +61,7 @@ def build():
 
     torch.manual_seed(0)
     hf = AudioFlamingo3ForConditionalGeneration(tiny_hf_config(audio=MID_AUDIO, **MID_TEXT)).float().eval()
-    return hf, af3_model_sharing(hf)  # the same tensors but the merged q/k/v and gate/up
+    return hf, af3_model_sharing(hf)  # the same tensors but the merged q/k/v
 
 
 def main() -> None:
@@ -88,7 +88,7 @@ def main() -> None:
         if t_compiled is not None:
             print(f"{'':9s} af3 {t_compiled * 1e3:6.1f} ms/token ({100 * floor / t_compiled:3.0f}% of floor)  "
                   f"HF/af3 {t_hf / t_compiled:.2f}x  compile=True")
-        products_alone([layer.mlp.gate_up for layer in ours.decoder.layers], compile=not args.no_compile)
+        products_alone([layer.mlp.up for layer in ours.decoder.layers], compile=not args.no_compile)
 
 
 class _Products(torch.nn.Module):

@@ -126,7 +126,7 @@ def where_the_time_goes(model, cache, mask: torch.Tensor, t_eager: float) -> Non
                 attn, mlp = layer.attn, layer.mlp
                 attn.qkv(x)
                 attention(q, cache.k[i], cache.v[i], bias, scale=cfg.head_dim**-0.5)
-                attn.o(x), mlp.gate_up(x), mlp.down(xb)
+                attn.o(x), mlp.gate(x), mlp.up(x), mlp.down(xb)
             d.logits(x)
 
     alone = best_of(products_and_attention, 5)
@@ -172,15 +172,14 @@ def eager_floor(model, cache, mask, slots, positions, hf_decode, af3_decode) -> 
 def flat_step(model, attention_mask: torch.Tensor, slots: list[torch.Tensor], per_step: bool = False):
     """af3's eager decode step, for comparison only, without the modules af3 keeps for
     readability and for LoRA and quantization (which replace linears): the same weights (q/k/v
-    and gate/up merged), math and kernels (the split MLP products, SDPA over grouped rows), RoPE
+    merged), math and kernels (the split MLP products, SDPA over grouped rows), RoPE
     applied to q and k in one call; each slot's mask and the RoPE table made in advance
     (per_step: in each step, as af3 does). step(token (B, 1), cache, i, position_ids
     (B, 1)) -> float logits (B, V) for the token at slots[i]."""
     d, cfg = model.decoder, model.decoder.cfg
-    h, h_kv, hd, ff, eps = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                            cfg.intermediate_size, cfg.rms_norm_eps)
+    h, h_kv, hd, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
     layers = [(l.attn_norm.weight, l.attn.qkv.weight, l.attn.qkv.bias, l.attn.o.weight, l.mlp_norm.weight,
-               l.mlp.gate_up.weight, l.mlp.down.weight) for l in d.layers]
+               l.mlp.gate.weight, l.mlp.up.weight, l.mlp.down.weight) for l in d.layers]
     slots_all = torch.arange(attention_mask.shape[1])[None]  # a position never exceeds its slot
     cos, sin = (t[0, 0] for t in rope_cos_sin(slots_all, hd, cfg.rope_theta, torch.float32))  # (S, hd)
     masks = [additive_mask(causal_mask(attention_mask, s, attention_mask.shape[1]), torch.float32) for s in slots]
@@ -193,7 +192,7 @@ def flat_step(model, attention_mask: torch.Tensor, slots: list[torch.Tensor], pe
             m = additive_mask(causal_mask(attention_mask, slots[i], attention_mask.shape[1]), x.dtype)
         else:
             c, s, m = cos[position_ids], sin[position_ids], masks[i]
-        for j, (g1, wqkv, bqkv, wo, g2, w13, wd) in enumerate(layers):
+        for j, (g1, wqkv, bqkv, wo, g2, wg, wu, wd) in enumerate(layers):
             qkv = linear(F.rms_norm(x, g1.shape, g1, eps), wqkv, bqkv).view(b, h + 2 * h_kv, hd)
             qk = qkv[:, :h + h_kv] * c + qkv[:, :h + h_kv].roll(hd // 2, -1) * s
             cache.k[j].index_copy_(2, slots[i], qk[:, h:, None])
@@ -201,8 +200,8 @@ def flat_step(model, attention_mask: torch.Tensor, slots: list[torch.Tensor], pe
             y = F.scaled_dot_product_attention(qk[:, :h].reshape(b, h_kv, h // h_kv, hd), cache.k[j], cache.v[j],
                                                attn_mask=m, scale=hd**-0.5)
             x = x + linear(y.view(b, h * hd), wo)
-            gu = linear(F.rms_norm(x, g2.shape, g2, eps), w13)
-            x = x + linear(F.silu(gu[:, :ff]) * gu[:, ff:], wd)
+            h2 = F.rms_norm(x, g2.shape, g2, eps)
+            x = x + linear(F.silu(linear(h2, wg)) * linear(h2, wu), wd)
         return d.logits(F.rms_norm(x, d.norm.weight.shape, d.norm.weight, eps))
 
     return step

@@ -59,7 +59,7 @@ def af3_config_of(hf_model) -> AF3Config:
 
 def af3_model_sharing(hf_model) -> AudioFlamingo3:
     """An af3 AudioFlamingo3 over `hf_model`'s own tensors, for benchmarks at large sizes: no
-    copy but of q/k/v and gate/up, which af3 holds merged (joined into new tensors)."""
+    copy but of q, k and v, which af3 holds merged (joined into a new tensor)."""
     state = {hf_to_af3(name): t for name, t in hf_model.state_dict().items()}
     with torch.device("meta"):
         model = AudioFlamingo3(af3_config_of(hf_model))

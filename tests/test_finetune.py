@@ -225,7 +225,7 @@ def test_schedule_and_order() -> None:
 @pytest.mark.parametrize("targets", [lora.DECODER_TARGETS, ("decoder.layers.*.attn.q", "decoder.layers.*.mlp.up")])
 def test_memory_estimate_counts_the_adapters_add_lora_makes(targets) -> None:
     """The estimate's LoRA parameters are those add_lora creates, the parts of merged linears
-    (attn.qkv, mlp.gate_up) counted at their own sizes."""
+    (attn.qkv) counted at their own sizes."""
     from tests.model_helpers import hf_to_af3_model, tiny_hf_model
 
     model = hf_to_af3_model(tiny_hf_model(seed=0))
@@ -246,12 +246,13 @@ def test_load_parts_reads_parameter_names_and_per_projection_names(tmp_path) -> 
     trained = hf_to_af3_model(tiny_hf_model(seed=1))
     layer = "decoder.layers.0"
     apart = {k: v.clone() for k, v in trained.state_dict().items() if k.startswith(f"{layer}.attn.")}
-    merged = {f"{layer}.mlp.gate_up.weight": trained.decoder.layers[0].mlp.gate_up.weight.detach().clone()}
+    merged = {f"{layer}.attn.qkv.weight": trained.decoder.layers[0].attn.qkv.weight.detach().clone(),
+              f"{layer}.mlp.up.weight": trained.decoder.layers[0].mlp.up.weight.detach().clone()}
     model = hf_to_af3_model(tiny_hf_model(seed=2))
     for i, parts in enumerate((apart, merged)):
         (tmp_path / str(i)).mkdir()
         save_file(parts, str(tmp_path / str(i) / finetune.PARTS_FILE))
         assert finetune.load_parts(model, tmp_path / str(i)) == sorted(parts)
-    for name in ("attn.qkv.weight", "attn.qkv.bias", "attn.o.weight", "mlp.gate_up.weight"):
+    for name in ("attn.qkv.weight", "attn.qkv.bias", "attn.o.weight", "mlp.up.weight"):
         assert torch.equal(model.get_parameter(f"{layer}.{name}"), trained.get_parameter(f"{layer}.{name}")), name
     assert not torch.equal(model.decoder.layers[0].mlp.down.weight, trained.decoder.layers[0].mlp.down.weight)

@@ -17,8 +17,8 @@ from weights_convert.convert import convert
 from weights_convert.names import af3_to_hf, hf_to_af3
 
 EVERY_GROUP = lora.DECODER_TARGETS + lora.ENCODER_ATTENTION_TARGETS + lora.PROJECTOR_TARGETS + ("decoder.lm_head",)
-# Some projections of af3's merged linears and not others (attn.qkv: q and v, not k between them;
-# mlp.gate_up: up, its second half), as PEFT configs often target them.
+# Some projections of af3's merged attn.qkv and not others (q and v, not k between them), as PEFT
+# configs often target them, and a plain linear beside them.
 SOME_PARTS = ("decoder.layers.*.attn.q", "decoder.layers.*.attn.v", "decoder.layers.*.mlp.up")
 
 

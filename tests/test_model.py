@@ -282,15 +282,13 @@ def test_state_dict_names_are_the_contract() -> None:
         dec += [f"decoder.layers.0.{m}.weight" for m in ("attn.o", "attn_norm", "mlp_norm", "mlp.gate",
                                                          "mlp.up", "mlp.down")]
         assert sorted(model.state_dict()) == sorted(enc + proj + dec)
-        # In memory q/k/v and gate/up are merged: the state dict's parts are their rows, in order,
-        # and loading joins them back.
+        # In memory q, k and v are merged: the state dict's parts are their rows, in order, and
+        # loading joins them back.
         layer, state = model.decoder.layers[0], model.state_dict()
         assert [k.removeprefix("decoder.layers.0.") for k in state if k.startswith("decoder.layers.0.")] == [
             "attn_norm.weight", "attn.q.weight", "attn.q.bias", "attn.k.weight", "attn.k.bias", "attn.v.weight",
             "attn.v.bias", "attn.o.weight", "mlp_norm.weight", "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight"]
         assert torch.equal(layer.attn.qkv.weight, torch.cat([state[f"decoder.layers.0.attn.{m}.weight"] for m in "qkv"]))
-        assert torch.equal(layer.mlp.gate_up.weight, torch.cat([state[f"decoder.layers.0.mlp.{m}.weight"]
-                                                                for m in ("gate", "up")]))
         fresh = AudioFlamingo3(model.config)
         fresh.load_state_dict(state, strict=True)
         assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters(), strict=True))
@@ -364,7 +362,7 @@ def test_decoder_checkpointing_trains_weights_inside_layers_when_no_input_needs_
     input then requires no grad, where reentrant checkpointing would give that weight none."""
     ours = hf_to_af3_model(tiny_hf_model(seed=6, num_hidden_layers=2)).train()
     ours.requires_grad_(False)
-    weight = ours.decoder.layers[1].mlp.gate_up.weight.requires_grad_(True)
+    weight = ours.decoder.layers[1].mlp.up.weight.requires_grad_(True)
     ids = torch.tensor([[5, 6, 9, 30, 31, 7], [11, 12, 13, 14, 15, 16]])
     grads = []
     for checkpointing in (False, True):

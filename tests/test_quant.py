@@ -247,7 +247,7 @@ def test_converted_equals_quantized_on_load_and_stays_close_to_float(ckpts, sche
     converted = af3.load(ckpts[scheme])
     on_load = af3.load(ckpts["float"], quantize=scheme, group_size=32 if scheme == "int4" else None)
     assert converted.config.quantization == on_load.config.quantization
-    assert isinstance(converted.model.decoder.layers[1].mlp.gate_up, Int8Linear if scheme == "int8" else Int4Linear)
+    assert isinstance(converted.model.decoder.layers[1].attn.qkv, Int8Linear if scheme == "int8" else Int4Linear)
     for seconds, seed in ((3.0, 0), (8.0, 1)):
         ref, got = last_logits(float_bundle, seconds, seed), last_logits(converted, seconds, seed)
         assert torch.equal(got, last_logits(on_load, seconds, seed))
@@ -257,8 +257,8 @@ def test_converted_equals_quantized_on_load_and_stays_close_to_float(ckpts, sche
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantizing_merged_linears_in_memory_equals_quantizing_each_projection_on_load(ckpts, scheme):
-    """quantize_model quantizes attn.qkv and mlp.gate_up whole; af3.load(quantize=) quantizes q, k,
-    v, gate and up one by one as it reads them and joins the results. Scales per row (int8) and
+    """quantize_model quantizes attn.qkv whole; af3.load(quantize=) quantizes q, k and v one by
+    one as it reads them and joins the results. Scales per row (int8) and
     per group of a row's inputs (int4) make both the same tensors, so the same logits."""
     qc = QuantConfig(scheme, 32 if scheme == "int4" else None)
     in_memory = af3.load(ckpts["float"])
