@@ -171,11 +171,12 @@ def _fixed(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-# Products that read the same input are merged into one weight, gpt-fast style (its `wqkv`):
-# one kernel call reads all of them, where three small ones would each pay a call's overhead
-# (a decode step's products are a few rows each). Checkpoints, state dicts, LoRA targets and
-# PEFT adapters still name HF's separate projections: `Merged.parts` says which rows of a
-# merged weight each one is; `split_state` / `join_state` convert state dicts between the two.
+# q, k and v read the same input, so they are one weight, gpt-fast style (its `wqkv`): one
+# kernel call where three small ones would each pay a call's overhead (a decode step's products
+# are a few rows each). Checkpoints, state dicts, LoRA targets and PEFT adapters still name HF's
+# separate projections: `Merged.parts` says which rows of a merged weight each one is;
+# `split_state` / `join_state` convert state dicts between the two. (gate and up stay apart:
+# see MLP.)
 
 class Merged(nn.Module):
     """A module with merged linears, saved and loaded under their parts' names. `parts`: merged
