@@ -29,7 +29,7 @@ from af3.config import (
 )
 from af3.jsonfile import parse_json
 from af3.limits import check_layer_counts
-from af3.qwen2 import merged_groups, parameter_names
+from af3.qwen2 import merged_parts, parameter_names
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -94,8 +94,9 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
                              "quantize=, or quantize the float checkpoint it came from")
         quantize = None
         quant.replace_linears(model, config.quantization)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    want_dtype = {k: v.dtype for k, v in model.state_dict().items()}
+    meta_state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in meta_state.items()}
+    want_dtype = {k: v.dtype for k, v in meta_state.items()}
     not_float: list[str] = []
     not_quantized: list[str] = []
     total_bytes = 0
@@ -118,7 +119,7 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
     params = parameter_names(model)  # cast to `dtype`; buffers keep theirs
 
     report = _progress_reporter(progress, total_bytes)
-    groups = merged_groups(model)
+    parts = merged_parts(model)
     state: dict[str, torch.Tensor] = {}
     done = done_bytes = 0
     try:
@@ -130,7 +131,7 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
                     # int8/int4 kernels copy weights that are not 64-byte aligned: those are read
                     # into memory of their own instead, so that no page of the file stays mapped
                     # for them beside their copy.
-                    own = name in groups or not want_dtype.get(name, torch.float32).is_floating_point
+                    own = _module(name) in parts or not want_dtype.get(name, torch.float32).is_floating_point
                     t = read_tensor(raw, headers[name]) if own else f.get_tensor(name)
                     done += 1
                     done_bytes += t.nbytes
@@ -138,10 +139,10 @@ def load_model(root: str | os.PathLike, config: AF3Config, *, device: torch.devi
                         prefix = name.removesuffix("weight")
                         for suffix, q in quant.quantize_weight(t.to(device), quantize).items():
                             state[prefix + suffix] = q
-                            _join(state, prefix + suffix, groups)
+                            _join(state, prefix + suffix, parts)
                     else:
                         state[name] = t.to(device=device, dtype=dtype if name in params else want_dtype[name])
-                        _join(state, name, groups)
+                        _join(state, name, parts)
                     del t
                     if report is not None:
                         report(done, len(found), done_bytes, total_bytes)
@@ -348,17 +349,22 @@ def _some(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + more
 
 
-def _join(state: dict[str, torch.Tensor], name: str, groups: dict[str, tuple[str, int, int, int]]) -> None:
-    """Move the part `name` of a merged linear's tensor (attn.q.weight of attn.qkv.weight, say)
+def _module(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _join(state: dict[str, torch.Tensor], name: str, parts: dict[str, tuple[str, int, int, int]]) -> None:
+    """Move the tensor `name` of a merged linear's part (attn.q.weight of attn.qkv.weight, say)
     into its rows of the merged tensor in `state`, made when its first part arrives: a part is
     held twice only while it is copied, never the model's merged weights."""
-    if name not in groups:
+    if _module(name) not in parts:
         return
-    merged, start, stop, rows = groups[name]
+    merged, start, stop, rows = parts[_module(name)]
+    key = f"{merged}.{name.rpartition('.')[2]}"
     part = state.pop(name)
-    if merged not in state:
-        state[merged] = part.new_empty((rows, *part.shape[1:]))
-    state[merged][start:stop] = part
+    if key not in state:
+        state[key] = part.new_empty((rows, *part.shape[1:]))
+    state[key][start:stop] = part
 
 
 def _check_nothing_on_meta(model: torch.nn.Module) -> None:

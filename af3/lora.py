@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from af3.config import is_int, is_number, write_json
-from af3.qwen2 import Merged
+from af3.qwen2 import merged_parts
 from weights_convert.lora import LoraAdapter
 from weights_convert.names import af3_to_hf, hf_to_af3
 from weights_convert.safetensors_io import read_tensor
@@ -126,11 +126,11 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: floa
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
     if not is_number(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-    names = _match(model, targets)
+    found = _match(model, targets)
     _freeze(model)
-    for name in names:
-        _wrap(model, name, rank, alpha / rank, dropout)
-    return names
+    for where in found.values():
+        _wrap(model, where, rank, alpha / rank, dropout)
+    return list(found)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
@@ -157,7 +157,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         plan.append((name, pair))
     _freeze(model)
     for name, pair in plan:
-        layer = _wrap(model, name, pair.a.shape[0], pair.scale, 0.0)
+        layer = _wrap(model, linears[name], pair.a.shape[0], pair.scale, 0.0)
         with open(pair.a.path, "rb") as f, torch.no_grad():
             layer.lora_A.copy_(read_tensor(f, pair.a))
             layer.lora_B.copy_(read_tensor(f, pair.b))
@@ -290,19 +290,17 @@ def adaptable(model: nn.Module) -> dict[str, tuple[str, str, tuple[int, int]]]:
     """What a LoRA target may name: every module of the model, a merged linear's projections
     apart (qwen2.Merged) instead of it -> (the module holding it, its part name there, its
     output rows)."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, Merged):
-            for merged, parts in m.parts.items():
-                out.update((f"{name}.{part}", (f"{name}.{merged}", part, rows)) for part, rows in parts.items())
-    merged_linears = {module for module, _, _ in out.values()}
+    out = {name: (merged, name.rpartition(".")[2], (start, stop))
+           for name, (merged, start, stop, _) in merged_parts(model).items()}
+    held = {merged for merged, _, _ in out.values()}
     for name, m in model.named_modules():  # every other module (`_check_linear` refuses non-linears)
-        if name and name not in merged_linears:
+        if name and name not in held:
             out[name] = (name, name.rpartition(".")[2], (0, getattr(m, "out_features", 0)))
     return out
 
 
-def _match(model: nn.Module, targets: Sequence[str]) -> list[str]:
+def _match(model: nn.Module, targets: Sequence[str]) -> dict[str, tuple[str, str, tuple[int, int]]]:
+    """The linears `targets` name, checked, with where `adaptable` says each is."""
     if isinstance(targets, str) or not isinstance(targets, Sequence) or not targets:
         raise TypeError(f"targets must be a non-empty list of module-name patterns, got {targets!r}")
     linears = adaptable(model)
@@ -322,7 +320,7 @@ def _match(model: nn.Module, targets: Sequence[str]) -> list[str]:
         names += [name for name in found if name not in names]
     for name in names:
         _check_linear(model, name, linears[name])
-    return names
+    return {name: linears[name] for name in names}
 
 
 def _check_linear(model: nn.Module, name: str, where: tuple[str, str, tuple[int, int]]) -> None:
@@ -346,9 +344,10 @@ def _freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def _wrap(model: nn.Module, name: str, rank: int, scale: float, dropout: float) -> LoRA:
-    """Add an adapter for the linear `name` (a merged linear's part: to that linear's rows)."""
-    module_name, part, rows = adaptable(model)[name]
+def _wrap(model: nn.Module, where: tuple[str, str, tuple[int, int]], rank: int, scale: float,
+          dropout: float) -> LoRA:
+    """Add an adapter where `adaptable` says a linear is (a merged linear's part: its rows)."""
+    module_name, part, rows = where
     parent_name, _, child = module_name.rpartition(".")
     parent = model.get_submodule(parent_name)
     layer = getattr(parent, child)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from af3.config import INT4_GROUP_SIZES, QuantConfig
-from af3.qwen2 import parameter_names, state_names
+from af3.qwen2 import merged_parts, parameter_names
 
 SCALE_DTYPE = torch.bfloat16  # scales and zeros, on disk and in memory
 COMPUTE_DTYPE = torch.bfloat16  # the activations the CPU kernels are fast with
@@ -54,6 +54,15 @@ def quantized_linear_names(model: nn.Module) -> list[str]:
     return names
 
 
+def quantized_weight_names(model: nn.Module) -> list[str]:
+    """State-dict names of the weights of `quantized_linear_names`: a merged linear's by its
+    parts' names (decoder.layers.0.attn.q.weight, ...k.weight, ...v.weight)."""
+    apart: dict[str, list[str]] = {}
+    for part, (merged, *_) in merged_parts(model).items():
+        apart.setdefault(merged, []).append(part)
+    return [f"{name}.weight" for linear in quantized_linear_names(model) for name in apart.get(linear, [linear])]
+
+
 def replace_linears(model: nn.Module, qc: QuantConfig) -> list[str]:
     """Swap the decoder's nn.Linear layers for quantized ones (empty, on the same device).
 
@@ -61,8 +70,7 @@ def replace_linears(model: nn.Module, qc: QuantConfig) -> list[str]:
     state-dict names of the weights now quantized (`<module>.weight`, a merged linear's parts'
     names: `attn.q.weight`, `attn.k.weight`, ...).
     """
-    names = quantized_linear_names(model)
-    for name in names:
+    for name in quantized_linear_names(model):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, attr)
@@ -71,7 +79,7 @@ def replace_linears(model: nn.Module, qc: QuantConfig) -> list[str]:
         new = make_linear(qc, old.in_features, old.out_features, old.bias is not None,
                           device=old.weight.device, where=name)
         setattr(parent, attr, new)
-    return [w for n in names for w in state_names(model, n, "weight")]
+    return quantized_weight_names(model)
 
 
 def make_linear(qc: QuantConfig, in_features: int, out_features: int, bias: bool, *,
@@ -442,8 +450,7 @@ def weight_bytes(config, qc: QuantConfig | None, float_dtype: torch.dtype) -> di
 
     with torch.device("meta"):
         model = AudioFlamingo3(config)
-    linears = {w.removesuffix(".weight") for n in quantized_linear_names(model)
-               for w in state_names(model, n, "weight")}
+    linears = {w.removesuffix(".weight") for w in quantized_weight_names(model)}
     if qc is not None:
         replace_linears(model, qc)
     params = parameter_names(model)  # in float_dtype; buffers keep theirs

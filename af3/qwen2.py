@@ -196,19 +196,22 @@ ROW_TENSORS = ("weight", "bias", "scales", "zeros")
 
 def split_state(module: nn.Module, state: dict, prefix: str, _metadata: Any) -> None:
     """State-dict hook: a merged linear's tensors as its parts' (views of the same rows; with
-    keep_vars, a Parameter's parts are Parameters), in place and in the order separate linears
-    would have (q.weight, q.bias, k.weight, ...)."""
+    keep_vars, a Parameter's parts are Parameters), in the order separate linears would have
+    (q.weight, q.bias, k.weight, ...). The module's own entries are the last ones in `state`
+    (the hook runs once its children are in): only those are taken out and put back."""
+    own = []
+    while state and next(reversed(state)).startswith(prefix):
+        own.append(state.popitem())
+    own = dict(reversed(own))
     merged = {f"{prefix}{name}.{suffix}": name for name in module.parts for suffix in ROW_TENSORS}
-    before = dict(state)
-    state.clear()
-    for key, t in before.items():
+    for key, t in own.items():
         if key not in merged:
             state[key] = t
         elif key.endswith(".weight"):  # every merged linear has a weight: its parts go here
             name = merged[key]
             for part, (start, stop) in module.parts[name].items():
                 for suffix in ROW_TENSORS:
-                    whole = before.get(f"{prefix}{name}.{suffix}")
+                    whole = own.get(f"{prefix}{name}.{suffix}")
                     if whole is not None:
                         piece = whole[start:stop]
                         if isinstance(whole, nn.Parameter):
@@ -233,29 +236,18 @@ def _parts(*sizes: tuple[str, int]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def merged_groups(model: nn.Module) -> dict[str, tuple[str, int, int, int]]:
-    """State-dict name of each part tensor of a merged linear -> (the merged tensor's name, the
-    part's first and last + 1 row there, the merged tensor's rows), e.g. '…attn.k.bias' ->
-    ('…attn.qkv.bias', 3584, 4096, 4608)."""
-    groups = {}
+def merged_parts(model: nn.Module) -> dict[str, tuple[str, int, int, int]]:
+    """Each projection a merged linear holds, by the module name it has apart -> (the merged
+    linear's name, the projection's first and last + 1 row there, the merged linear's rows),
+    e.g. '…attn.k' -> ('…attn.qkv', 3584, 4096, 4608)."""
+    out = {}
     for name, module in model.named_modules():
         if isinstance(module, Merged):
             for merged, parts in module.parts.items():
                 rows = max(stop for _, stop in parts.values())
-                for suffix in ROW_TENSORS:
-                    groups.update((f"{name}.{part}.{suffix}", (f"{name}.{merged}.{suffix}", start, stop, rows))
-                                  for part, (start, stop) in parts.items())
-    return groups
-
-
-def state_names(model: nn.Module, module_name: str, suffix: str) -> list[str]:
-    """State-dict names of the tensor `suffix` of the linear `module_name`: a merged linear's
-    parts' ('…attn.qkv', 'weight' -> '…attn.q.weight', '…attn.k.weight', '…attn.v.weight')."""
-    parent_name, _, attr = module_name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    parts = parent.parts.get(attr) if isinstance(parent, Merged) else None
-    names = [f"{parent_name}.{part}" for part in parts] if parts else [module_name]
-    return [f"{name}.{suffix}" for name in names]
+                out.update((f"{name}.{part}", (f"{name}.{merged}", start, stop, rows))
+                           for part, (start, stop) in parts.items())
+    return out
 
 
 def parameter_names(model: nn.Module) -> set[str]:
