@@ -233,12 +233,12 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return out.logits[:, -1].float()
 
 
-def decode_one_token(model: torch.nn.Module, token: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
+def decode_one_token(model: torch.nn.Module, token: torch.Tensor, filled: torch.Tensor, cache: Any,
                      input_pos: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """Float logits (B, V) after one token per row, token (B, 1) at slot input_pos (1,), RoPE
-    position position_ids (B, 1); attention_mask (B, S) covers the same S slots every step."""
-    out = model(token, attention_mask, position_ids=position_ids, cache=cache, input_pos=input_pos, check=False)
-    return out.logits[:, -1].float()
+    """Float logits (B, V) after one token per row: token (B, 1) at slot input_pos (1,), RoPE
+    position position_ids (B, 1), attending over the slots `filled` (bool, B x S, the same S
+    every step) marks as holding real tokens, its own included."""
+    return model.decode_step(token, filled, cache, input_pos, position_ids)[:, -1].float()
 
 
 _compiled: dict[str, Any] = {}  # device type -> compiled decode_one_token
@@ -355,13 +355,13 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     elif compile:
         slots = min(compiled_length(total, limit), cache.max_len)
 
-    # Preallocated outputs and mask: they grow by writing, never by torch.cat. Slots past the
-    # last token are marked real but stay unseen: a query sees only slots up to its own.
+    # Preallocated outputs, and the decode steps' mask of the filled slots (the prompt's real
+    # tokens; each step adds its own slot): they grow by writing, never by torch.cat.
     tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
     tokens[:, :prompt_len] = input_ids
-    mask = torch.ones((batch, slots), dtype=attention_mask.dtype, device=device)
-    mask[:, :prompt_len] = attention_mask
-    positions = positions_from_mask(mask[:, :prompt_len])  # (B, P): left padding does not shift them
+    filled = torch.zeros((batch, slots), dtype=torch.bool, device=device)
+    filled[:, :prompt_len] = attention_mask != 0
+    positions = positions_from_mask(attention_mask)  # (B, P): left padding does not shift them
     # The repetition penalty's memory, kept up to date one token at a time. Left padding takes
     # no part (HF's prompt_ignore_length).
     first_real = (attention_mask != 0).int().argmax(dim=1)  # (B,)
@@ -376,7 +376,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     features = {"input_features": input_features, "input_features_mask": input_features_mask}
     features = {k: v for k, v in features.items() if v is not None}
     try:
-        logits = prefill(model, input_ids[:, cached:], mask[:, :prompt_len], features, cache, input_pos,
+        logits = prefill(model, input_ids[:, cached:], attention_mask, features, cache, input_pos,
                          positions[:, cached:])
         n_scores = logits.shape[-1]
         seen = seen_mask(input_ids, n_scores, ignore) if config.repetition_penalty != 1.0 else None
@@ -411,12 +411,13 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
                     keep = unfinished.nonzero().squeeze(1)
                     cache.keep_rows(keep)
                     rows, unfinished, next_ids, position = rows[keep], unfinished[keep], next_ids[keep], position[keep]
-                    mask = mask[keep]
+                    filled = filled[keep]
                     seen = None if seen is None else seen[keep]
             if seen is not None:
                 seen[torch.arange(len(rows), device=device), next_ids] = True
             slot, position = slot + 1, position + 1
-            logits = step_fn(model, next_ids[:, None], mask, cache, slot, position)
+            filled.index_fill_(1, slot, True)
+            logits = step_fn(model, next_ids[:, None], filled, cache, slot, position)
     finally:
         if streamer is not None:
             streamer.end()

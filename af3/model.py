@@ -103,8 +103,7 @@ class AudioFlamingo3(nn.Module):
                 input_features: torch.Tensor | None = None,
                 input_features_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                input_pos: torch.Tensor | None = None, logits_to_keep: int = 0,
-                check: bool = True) -> ModelOutput:
+                input_pos: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """Logits (and loss, with labels) for token ids (B, T) with optional audio.
 
         attention_mask: (B, S) nonzero on real tokens; S = T without a cache. cache: from
@@ -112,13 +111,11 @@ class AudioFlamingo3(nn.Module):
         and the queries attend over slots [0, S) (S = cache.max_len without a mask), causally.
         position_ids (B, T): RoPE positions, by default counted from the mask so left padding
         does not shift them. logits_to_keep: if > 0, logits of the last that many tokens only.
-        `check=False` skips `check_inputs`, for a caller that checked once already (a decoding
-        loop's later steps, where a sampled `<sound>` id is embedded as an ordinary token).
+        Checks its inputs (`check_inputs`); a decoding loop's steps go through `decode_step`.
         """
-        if check:
-            self.check_inputs(input_ids, attention_mask, input_features, input_features_mask, labels,
-                              position_ids=position_ids, cache=cache, input_pos=input_pos,
-                              logits_to_keep=logits_to_keep)
+        self.check_inputs(input_ids, attention_mask, input_features, input_features_mask, labels,
+                          position_ids=position_ids, cache=cache, input_pos=input_pos,
+                          logits_to_keep=logits_to_keep)
         t = input_ids.shape[1]
         x = self.decoder.embed_tokens(input_ids)  # (B, T, d)
         if input_features is not None:
@@ -141,6 +138,15 @@ class AudioFlamingo3(nn.Module):
         logits = self.decoder.logits(h)
         loss = None if labels is None else _next_token_loss(logits, labels, attention_mask)
         return ModelOutput(logits=logits, loss=loss)
+
+    def decode_step(self, token: torch.Tensor, filled: torch.Tensor, cache: KVCache, input_pos: torch.Tensor,
+                    position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, V) of one more token per row, unchecked: a decoding loop's step, after a
+        `forward` that checked the prompt. token (B, 1) goes to cache slot input_pos (1,) at RoPE
+        position position_ids (B, 1), and attends over the slots `filled` (bool, B x S) marks as
+        holding real tokens, its own included. A sampled `<sound>` id is embedded as text."""
+        x = self.decoder.embed_tokens(token)  # (B, 1, d)
+        return self.decoder.logits(self.decoder(x, position_ids, filled[:, None, None, :], cache, input_pos))
 
     def _decode_rows_alone(self, x: torch.Tensor, lengths: list[int], position_ids: torch.Tensor,
                            cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
@@ -167,7 +173,7 @@ class AudioFlamingo3(nn.Module):
                      cache: Any = None, input_pos: Any = None, logits_to_keep: Any = 0) -> None:
         """TypeError/ValueError naming the input for anything `forward` cannot take as given.
 
-        Called by `forward` (unless check=False) and once per call by `generate`, at prefill.
+        Called by `forward`, so once per `generate` call, at prefill (`decode_step` checks nothing).
         Syncs with the device once (to read the ids' range and the slots).
         """
         b, t = self._check_ids(input_ids)

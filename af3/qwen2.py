@@ -32,9 +32,7 @@ class RMSNorm(nn.Module):
 
 
 # `linear` takes products of at most SPLIT_ROWS rows on the CPU (a decode step's) its own way.
-# Eager, only float32 weights of at least SPLIT_MIN_WEIGHT elements: smaller ones sit in cache,
-# where the split's extra calls cost more than they save. Measured on 2 threads.
-SPLIT_ROWS, SPLIT_MIN_WEIGHT = 4, 1 << 18
+SPLIT_ROWS = 4
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,8 +41,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     A decode step multiplies one row per sequence by every weight matrix, so its speed is how
     fast the weights are read. MKL runs such a float32 product on one thread; split into one
     slice of output rows per thread, as a batched product, it reads the weight at the memory's
-    speed (2-3x faster on 2 threads, `tests/bench_mid.py`). Under torch.compile the product is
-    written as a multiply and a sum, which inductor fuses into one kernel that reads the weight
+    speed (2-3x faster on 2 threads, `tests/bench_mid.py`). Small weights are split too: timed
+    alone one runs faster unsplit (it stays in the core's L2 cache), but within a step the other
+    weights push it out, and the tiny model's eager step was 8-11% faster with all its products
+    split (three runs of 15-80 interleaved rounds). Under torch.compile the product is written
+    as a multiply and a sum, which inductor fuses into one kernel that reads the weight
     once on every thread, in any dtype (sums in fp32, as F.linear's). Each output is the same
     dot product summed in another order: equal to F.linear to float precision, not bit for bit.
     """
@@ -56,7 +57,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = (x.float()[..., None, :] * weight.float()).sum(-1)  # (..., N)
         return (y if bias is None else y + bias.float()).to(x.dtype)
     threads = torch.get_num_threads()
-    if (threads == 1 or weight.numel() < SPLIT_MIN_WEIGHT or n % threads or not weight.is_contiguous()
+    if (threads == 1 or n % threads or not weight.is_contiguous()
             or weight.dtype != torch.float32 or x.dtype != torch.float32 or torch.is_grad_enabled()):
         return F.linear(x, weight, bias)
     xt = x.reshape(rows, k).t().expand(threads, k, rows)  # (threads, K, M), no copy
@@ -271,8 +272,9 @@ class DecoderAttention(Merged):
                 cache: KVCache | None, input_pos: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hd)
-        q, k, v = qkv.split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, nqk = self.n_heads, self.n_heads + self.n_kv_heads
+        qk = apply_rope(qkv[:, :nqk], cos, sin)  # q and k, adjacent heads of qkv, rotated at once
+        q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nqk:]
         if cache is not None:
             k_all, v_all = cache.update(self.layer_idx, input_pos, k, v)  # (B, nkv, max_len, hd)
             if mask is not None:  # without one, a prefill from empty: the new tokens attend to each other

@@ -153,7 +153,9 @@ def decode_speeds(hf, ours: AudioFlamingo3, device: torch.device, prompt: int, s
     hf_prefilled = hf(input_ids=ids, use_cache=True).cache
     cache = ours.new_cache(1, prompt + steps)
     ours(ids, cache=cache)
-    mask = torch.ones(1, prompt + steps, dtype=torch.long, device=device)
+    mask = torch.ones(1, prompt + steps, dtype=torch.long, device=device)  # HF's, cut to each step's length
+    filled = torch.zeros(1, prompt + steps, dtype=torch.bool, device=device)  # af3's: the slots holding tokens
+    filled[:, :prompt] = True
     slots = [torch.tensor([prompt + i], device=device) for i in range(steps)]
 
     def hf_decode():
@@ -164,8 +166,10 @@ def decode_speeds(hf, ours: AudioFlamingo3, device: torch.device, prompt: int, s
 
     def af3_decode(step=decode_one_token):
         token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        for i in range(steps):  # each run writes the same slots again
-            token = step(ours, token, mask, cache, slots[i], slots[i][None]).argmax(-1, keepdim=True)
+        filled[:, prompt:] = False  # each run writes the same slots again
+        for i in range(steps):
+            filled.index_fill_(1, slots[i], True)
+            token = step(ours, token, filled, cache, slots[i], slots[i][None]).argmax(-1, keepdim=True)
 
     runs = {"HF (eager)": hf_decode, "af3 eager": af3_decode}
     if compile:

@@ -145,7 +145,9 @@ def measure(hf, ours: AudioFlamingo3, ids: torch.Tensor, steps: int,
     hf_prefilled = hf(input_ids=ids, use_cache=True).cache
     cache = ours.new_cache(1, prompt + steps)
     ours(ids, cache=cache)
-    mask = torch.ones(1, prompt + steps, dtype=torch.long)
+    mask = torch.ones(1, prompt + steps, dtype=torch.long)  # HF's, cut to each step's length
+    filled = torch.zeros(1, prompt + steps, dtype=torch.bool)  # af3's: the slots holding tokens
+    filled[:, :prompt] = True
     slots = [torch.tensor([prompt + i]) for i in range(steps)]
 
     def hf_decode():
@@ -156,8 +158,10 @@ def measure(hf, ours: AudioFlamingo3, ids: torch.Tensor, steps: int,
 
     def af3_decode(step=decode_one_token):
         token = torch.zeros(1, 1, dtype=torch.long)
-        for i in range(steps):  # each run writes the same slots again
-            token = step(ours, token, mask, cache, slots[i], slots[i][None]).argmax(-1, keepdim=True)
+        filled[:, prompt:] = False  # each run writes the same slots again
+        for i in range(steps):
+            filled.index_fill_(1, slots[i], True)
+            token = step(ours, token, filled, cache, slots[i], slots[i][None]).argmax(-1, keepdim=True)
 
     runs = {"hf": hf_decode, "af3": af3_decode}
     if compile:

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from af3 import generation, qwen2
+from af3 import generation
 from af3.generation import GenerationConfig, generate, process_scores, seen_mask
 from af3.streaming import TextStreamer
 from tests.devices import needs_cuda
@@ -25,8 +25,9 @@ PAD = 0
 
 # --------------------------------------------------------------------------------------------
 # A tiny causal LM honouring af3's contract: forward(input_ids, attention_mask, input_features,
-# input_features_mask, position_ids=, cache=, input_pos=, logits_to_keep=, check=) -> .logits;
-# new_cache(B, max_len). The cache is written at input_pos; the mask (B, S) covers slots [0, S).
+# input_features_mask, position_ids=, cache=, input_pos=, logits_to_keep=) -> .logits;
+# decode_step(token, filled, cache, input_pos, position_ids) -> logits; new_cache(B, max_len).
+# The cache is written at input_pos; the mask (B, S) covers slots [0, S).
 
 class FakeCache:
     def __init__(self, batch: int, max_len: int, dim: int, dtype, device) -> None:
@@ -59,13 +60,13 @@ class FakeLM(torch.nn.Module):
                          device or self.embed.device)
 
     def forward(self, input_ids, attention_mask=None, input_features=None, input_features_mask=None,
-                labels=None, position_ids=None, cache=None, input_pos=None, logits_to_keep=0, check=True):
+                labels=None, position_ids=None, cache=None, input_pos=None, logits_to_keep=0, step=False):
         B, T = input_ids.shape
         if input_pos is None:
             input_pos = torch.arange(T)
         self.calls.append({"T": T, "features": input_features is not None, "slot": int(input_pos[0]),
                            "B": B, "S": None if attention_mask is None else attention_mask.shape[1],
-                           "check": check})
+                           "step": step})
         x = self.embed[input_ids]  # (B, T, d)
         if input_features is not None:  # audio shifts every prompt embedding: prefill-only matters
             x = x + input_features.mean() * (x @ self.audio)
@@ -88,6 +89,11 @@ class FakeLM(torch.nn.Module):
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return SimpleNamespace(logits=logits, loss=None)
+
+    def decode_step(self, token, filled, cache, input_pos, position_ids):  # as AudioFlamingo3's: unchecked
+        assert filled.dtype == torch.bool and filled[:, input_pos].all()  # its own slot is filled
+        return self.forward(token, filled.long(), position_ids=position_ids, cache=cache, input_pos=input_pos,
+                            step=True).logits
 
 
 def naive_greedy(model: FakeLM, ids: list[int], n: int, penalty: float = 1.0, features=None) -> list[int]:
@@ -183,9 +189,9 @@ def test_greedy_matches_uncached_reference_and_encodes_audio_once():
     model.calls.clear()
     out = generate(model, torch.tensor([prompt]), input_features=feats, max_new_tokens=6, eos_token_id=[])
     calls = model.calls
-    assert calls[0] == {"T": 5, "features": True, "slot": 0, "B": 1, "S": 5, "check": True}  # checked once
+    assert calls[0] == {"T": 5, "features": True, "slot": 0, "B": 1, "S": 5, "step": False}  # checked once
     # Every decoding step: one token, no audio, no checks, and the same mask span (a static shape).
-    assert all(c == {"T": 1, "features": False, "slot": c["slot"], "B": 1, "S": 11, "check": False}
+    assert all(c == {"T": 1, "features": False, "slot": c["slot"], "B": 1, "S": 11, "step": True}
                for c in calls[1:])
     assert [c["slot"] for c in calls] == [0, 5, 6, 7, 8, 9]
     assert out.shape == (1, 11) and out[0, :5].tolist() == prompt
@@ -549,22 +555,20 @@ def test_model_generate_method_and_text_only(hf_and_af3):
     assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=8, eos_token_id=[]), theirs)
 
 
-@pytest.mark.parametrize("split_min_weight", [qwen2.SPLIT_MIN_WEIGHT, 0], ids=["big-weights-split", "all-split"])
-def test_compiled_decode_gives_the_same_tokens(hf_and_af3, capsys, monkeypatch, split_min_weight):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_decode_gives_the_same_tokens(hf_and_af3, capsys, threads):
     # torch.compile of the decode step (inductor on the CPU, CUDA graphs on CUDA): same tokens as
     # eager and as transformers. The compiled step takes qwen2.linear's multiply-and-sum form;
-    # eager, the tiny weights go through F.linear, or (every weight counted as big) through the
-    # split product on 2 threads.
+    # eager, the products go through F.linear on 1 thread and through the split product on 2.
     hf, ours = hf_and_af3
-    monkeypatch.setattr(qwen2, "SPLIT_MIN_WEIGHT", split_min_weight)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         capsys.readouterr()
         generation._compiled_models.discard(ours)  # as if this model had never been compiled
         check_compiled_decoding(hf, ours)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     assert capsys.readouterr().err.count("compiling the decode step") == 1  # said on the first call only
     with pytest.raises(TypeError, match="compile must be True or False"):
         generate(ours, torch.tensor([[5, 6, 9]]), compile="yes")

@@ -184,11 +184,11 @@ def test_cached_decoding_equals_full_forward(pair) -> None:
                 steps.append(ours(ids[:, i:i + 1], attn[:, :i + 1], cache=cache,
                                   input_pos=torch.tensor([i])).logits)
             cached = torch.cat(steps, dim=1)
-            # A decoding step as generate runs it: static shapes, a mask over every slot, no checks.
-            static = torch.ones(ids.shape[0], t + 4, dtype=attn.dtype)
-            static[:, :t] = attn
-            last = ours(ids[:, -1:], static, cache=cache, input_pos=torch.tensor([t - 1]),
-                        position_ids=hf_positions(attn)[:, -1:], check=False).logits
+            # A decoding step as generate runs it: static shapes, a mask of the filled slots over
+            # every slot, no checks.
+            filled = torch.zeros(ids.shape[0], t + 4, dtype=torch.bool)
+            filled[:, :t] = attn.bool()
+            last = ours.decode_step(ids[:, -1:], filled, cache, torch.tensor([t - 1]), hf_positions(attn)[:, -1:])
         real = attn.bool()
         assert (cached[real] - full[real]).abs().max().item() <= 1e-5
         assert (last - full[:, -1:]).abs().max().item() <= 1e-5
@@ -398,7 +398,7 @@ def test_decode_linear_split_equals_f_linear(shape, bias, monkeypatch):
     from af3 import qwen2
 
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(1024, 640, generator=g)  # 655 360 elements: above SPLIT_MIN_WEIGHT
+    weight = torch.randn(1024, 640, generator=g)
     b = torch.randn(1024, generator=g) if bias else None
     x = torch.randn(*shape, generator=g)
     splits = []
