@@ -271,8 +271,16 @@ def compiled_decode_one_token(model: torch.nn.Module, device: torch.device) -> A
     """`decode_one_token` compiled with torch.compile: CUDA graphs on CUDA ("reduce-overhead"),
     inductor kernels elsewhere. Says so on stderr the first time a model goes through it."""
     if device.type not in _compiled:
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-        _compiled[device.type] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+        if device.type == "cuda":
+            kw = {"mode": "reduce-overhead"}
+        else:
+            # Inductor writes a sum over at most 8 elements (linear's chunk partials) as adds
+            # inlined where the sum is used: there, reading the partials with a stride, it
+            # vectorized the mid model's LM head product across its outputs (transposing tiles
+            # of the weight) and the bf16 step took 56 ms instead of 30. Kept as real sums,
+            # every product reads its weight rows straight (tests/bench_mid.py).
+            kw = {"options": {"unroll_reductions_threshold": 1}}
+        _compiled[device.type] = torch.compile(decode_one_token, fullgraph=True, dynamic=False, **kw)
     if model not in _compiled_models:
         _compiled_models.add(model)
         print("af3: compiling the decode step (the first tokens take a while; later calls are fast)",

@@ -33,6 +33,11 @@ class RMSNorm(nn.Module):
 
 # `linear` takes products of at most SPLIT_ROWS rows on the CPU (a decode step's) its own way.
 SPLIT_ROWS = 4
+# Compiled, inductor sums an fp32 reduction of more than SUM_CHUNK elements through a helper
+# kept in memory (cascade summation), where a shorter one stays in registers: the mid model's
+# 4864-wide MLP down product read at 41% of the bandwidth that way, 66% summed as two chunks
+# (tests/bench_mid.py's kernel lines). So a longer product is summed chunk by chunk.
+SUM_CHUNK = 4096
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,8 +50,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     alone one runs faster unsplit (it stays in the core's L2 cache), but within a step the other
     weights push it out, and the tiny model's eager step was 8-11% faster with all its products
     split (three runs of 15-80 interleaved rounds). Under torch.compile the product is written
-    as a multiply and a sum, which inductor fuses into one kernel that reads the weight
-    once on every thread, in any dtype (sums in fp32, as F.linear's). Each output is the same
+    as a multiply and a sum (in chunks of at most SUM_CHUNK), which inductor fuses into one
+    kernel that reads the weight once on every thread, in any dtype (sums in fp32, as F.linear's). Each output is the same
     dot product summed in another order: equal to F.linear to float precision, not bit for bit.
     """
     n, k = weight.shape
@@ -54,7 +59,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if rows > SPLIT_ROWS or x.device.type != "cpu":
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
-        y = (x.float()[..., None, :] * weight.float()).sum(-1)  # (..., N)
+        c = _chunks(k)
+        xs = x.float().unflatten(-1, (c, k // c))[..., None, :]  # (..., c, 1, K / c)
+        w = weight.float().reshape(n, c, k // c).transpose(0, 1)  # (c, N, K / c), no copy
+        y = (xs * w).sum(-1).sum(-2)  # (..., c, N) partial sums, then (..., N)
         return (y if bias is None else y + bias.float()).to(x.dtype)
     threads = torch.get_num_threads()
     if (threads == 1 or n % threads or not weight.is_contiguous()
@@ -66,6 +74,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         y += bias
     return y
+
+
+def _chunks(k: int) -> int:
+    """The fewest equal chunks of at most SUM_CHUNK elements a reduction of k splits into (1 for
+    k <= SUM_CHUNK, or if no count up to 64 divides k)."""
+    return next((c for c in range(-(-k // SUM_CHUNK), 65) if k % c == 0), 1)
 
 
 class Linear(nn.Linear):

@@ -6,10 +6,12 @@ The model: Qwen2.5-0.5B's decoder dimensions (hidden 896, 24 layers, 14 query / 
 heads, MLP 4864, vocabulary 151 936, untied head as in AF3) and a 4-layer encoder of
 Whisper-large-v3's width, random weights, shared by both implementations (af3's parameters are
 the HF model's tensors). A decode step at this size is bound by reading the weights: the floor
-is (bytes of weights read per token) / (read bandwidth measured here by summing a 1 GiB tensor),
-and the bench prints each implementation's ms/token as a percentage of that floor (100% = as
-fast as reading the weights once). Batch 1, a 64-token text prompt, greedy; af3 eager and with
-its decode step compiled (`compile=True`), HF eager.
+is (bytes of weights read per token) / (read bandwidth, measured by summing a 1 GiB tensor just
+before each timed run: this machine's memory speed changes from minute to minute), and the
+bench prints each run's ms/token as a percentage of its floor (100% = as fast as reading the
+weights once), best run first. Batch 1, a 64-token text prompt, greedy; af3 eager and with its
+decode step compiled (`compile=True`), HF eager. Then each kind of product alone, for the MLP's
+up and down weights (896 and 4864 wide sums), against the bandwidth measured just before.
 """
 
 from __future__ import annotations
@@ -79,16 +81,21 @@ def main() -> None:
         hf.to(dtype)
         ours.to(dtype)
         floor_bytes = bytes_per_token(ours)
-        t_hf, t_af3, t_compiled, bw = measure(hf, ours, ids, args.steps, not args.no_compile)
-        floor = floor_bytes / bw
-        print(f"{dtype_name:9s} weights read/token {floor_bytes / 1e9:.2f} GB, read bandwidth {bw / 1e9:.1f} GB/s "
-              f"-> floor {floor * 1e3:.0f} ms/token")
-        print(f"{'':9s} HF  {t_hf * 1e3:6.1f} ms/token ({100 * floor / t_hf:3.0f}% of floor)")
-        print(f"{'':9s} af3 {t_af3 * 1e3:6.1f} ms/token ({100 * floor / t_af3:3.0f}% of floor)  HF/af3 {t_hf / t_af3:.2f}x")
-        if t_compiled is not None:
-            print(f"{'':9s} af3 {t_compiled * 1e3:6.1f} ms/token ({100 * floor / t_compiled:3.0f}% of floor)  "
-                  f"HF/af3 {t_hf / t_compiled:.2f}x  compile=True")
-        products_alone([layer.mlp.up for layer in ours.decoder.layers], compile=not args.no_compile)
+        rounds = measure(hf, ours, ids, args.steps, not args.no_compile)
+        bws = [bw for runs in rounds.values() for _, bw in runs]
+        print(f"{dtype_name:9s} weights read/token {floor_bytes / 1e9:.2f} GB; read bandwidth, measured before "
+              f"each timed run: {min(bws) / 1e9:.1f}-{max(bws) / 1e9:.1f} GB/s -> floor "
+              f"{floor_bytes / max(bws) * 1e3:.0f}-{floor_bytes / min(bws) * 1e3:.0f} ms/token")
+        t_hf = min(t for t, _ in rounds["HF"])
+        for name, runs in rounds.items():
+            shares = [100 * floor_bytes / bw / t for t, bw in runs]  # each run against its own bandwidth
+            t = min(t for t, _ in runs)
+            print(f"{'':9s} {name:18s} {t * 1e3:6.1f} ms/token (best), {max(shares):3.0f}% of the floor "
+                  f"(best run; runs: {', '.join(f'{x:.0f}' for x in shares)})"
+                  + ("" if name == "HF" else f"  HF/af3 {t_hf / t:.2f}x"))
+        for name in ("up", "down"):
+            print(f"{'':9s} mlp.{name} products alone (24 matrices):")
+            products_alone([getattr(layer.mlp, name) for layer in ours.decoder.layers], compile=not args.no_compile)
 
 
 class _Products(torch.nn.Module):
@@ -132,15 +139,16 @@ def products_alone(layers: list[torch.nn.Linear], compile: bool, rounds: int = 3
         for name, run in kernels.items():
             best = best_of(run, 3)
             rates.append(f"{name} {nbytes / best / 1e9:.1f} ({100 * nbytes / best / bw:.0f}%)")
-        print(f"{'':9s} products alone, round {r + 1}, GB/s (% of {bw / 1e9:.1f} GB/s read just before): "
+        print(f"{'':9s} round {r + 1}, GB/s (% of {bw / 1e9:.1f} GB/s read just before): "
               + ", ".join(rates))
 
 
 @torch.inference_mode()
-def measure(hf, ours: AudioFlamingo3, ids: torch.Tensor, steps: int,
-            compile: bool) -> tuple[float, float, float | None, float]:
-    """Seconds per decode step of HF, af3 and af3 compiled (None if not asked for); best of 3,
-    interleaved; and the read bandwidth."""
+def measure(hf, ours: AudioFlamingo3, ids: torch.Tensor, steps: int, compile: bool,
+            rounds: int = 3) -> dict[str, list[tuple[float, float]]]:
+    """For HF, af3 and af3 compiled (if asked), each timed run's seconds per decode step and the
+    read bandwidth measured just before it; `rounds` runs each, interleaved. The machine's memory
+    speed changes from minute to minute, so each run is set against its own bandwidth."""
     prompt = ids.shape[1]
     hf_prefilled = hf(input_ids=ids, use_cache=True).cache
     cache = ours.new_cache(1, prompt + steps)
@@ -163,20 +171,20 @@ def measure(hf, ours: AudioFlamingo3, ids: torch.Tensor, steps: int,
             filled.index_fill_(1, slots[i], True)
             token = step(ours, token, filled, cache, slots[i], slots[i][None]).argmax(-1, keepdim=True)
 
-    runs = {"hf": hf_decode, "af3": af3_decode}
+    runs = {"HF": hf_decode, "af3": af3_decode}
     if compile:
         compiled = compiled_decode_one_token(ours, torch.device("cpu"))
-        runs["compiled"] = lambda: af3_decode(compiled)
+        runs["af3 compile=True"] = lambda: af3_decode(compiled)
     for run in runs.values():  # warm-up (and compilation)
         run()
-    best, bw = dict.fromkeys(runs, float("inf")), 0.0
-    for _ in range(3):  # interleaved, so all see the same machine load
-        bw = max(bw, read_bandwidth(2))
+    out = {name: [] for name in runs}
+    for _ in range(rounds):  # interleaved, so all see the same machine
         for name, run in runs.items():
+            bw = read_bandwidth(2)
             start = time.perf_counter()
             run()
-            best[name] = min(best[name], (time.perf_counter() - start) / steps)
-    return best["hf"], best["af3"], best.get("compiled"), bw
+            out[name].append(((time.perf_counter() - start) / steps, bw))
+    return out
 
 
 if __name__ == "__main__":

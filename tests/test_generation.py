@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from af3 import generation
+from af3 import generation, qwen2
 from af3.generation import GenerationConfig, generate, process_scores, seen_mask
 from af3.streaming import TextStreamer
 from tests.devices import needs_cuda
@@ -555,12 +555,14 @@ def test_model_generate_method_and_text_only(hf_and_af3):
     assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=8, eos_token_id=[]), theirs)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_compiled_decode_gives_the_same_tokens(hf_and_af3, capsys, threads):
+@pytest.mark.parametrize("threads, sum_chunk", [(1, 4096), (2, 16)])
+def test_compiled_decode_gives_the_same_tokens(hf_and_af3, capsys, monkeypatch, threads, sum_chunk):
     # torch.compile of the decode step (inductor on the CPU, CUDA graphs on CUDA): same tokens as
-    # eager and as transformers. The compiled step takes qwen2.linear's multiply-and-sum form;
-    # eager, the products go through F.linear on 1 thread and through the split product on 2.
+    # eager and as transformers. The compiled step takes qwen2.linear's multiply-and-sum form,
+    # here in one sum or (sum_chunk 16) in chunks; eager, the products go through F.linear on
+    # 1 thread and through the split product on 2.
     hf, ours = hf_and_af3
+    monkeypatch.setattr(qwen2, "SUM_CHUNK", sum_chunk)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -418,11 +418,15 @@ def test_decode_linear_split_equals_f_linear(shape, bias, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_decode_linear_compiled_form_equals_f_linear(dtype, bias, monkeypatch):
+@pytest.mark.parametrize("sum_chunk", [4096, 16], ids=["one-sum", "4-chunks"])
+def test_decode_linear_compiled_form_equals_f_linear(dtype, bias, sum_chunk, monkeypatch):
     # Under torch.compile, qwen2.linear writes few-row products as a multiply and a sum (inductor
-    # fuses them); run that form eagerly here and compare with F.linear in each dtype.
+    # fuses them), longer ones summed in chunks; run that form eagerly here and compare with
+    # F.linear in each dtype.
     from af3 import qwen2
 
+    monkeypatch.setattr(qwen2, "SUM_CHUNK", sum_chunk)
+    assert qwen2._chunks(64) == (1 if sum_chunk == 4096 else 4)
     g = torch.Generator().manual_seed(1)
     weight = torch.randn(96, 64, generator=g).to(dtype)
     b = torch.randn(96, generator=g).to(dtype) if bias else None
@@ -432,6 +436,14 @@ def test_decode_linear_compiled_form_equals_f_linear(dtype, bias, monkeypatch):
     assert y.dtype == dtype and y.shape == (2, 1, 96)
     expected = F.linear(x.float(), weight.float(), None if b is None else b.float())  # fp32 sums, as F.linear's
     torch.testing.assert_close(y, expected.to(dtype), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-4)
+
+
+def test_compiled_sums_are_chunked_to_at_most_sum_chunk():
+    from af3.qwen2 import SUM_CHUNK, _chunks
+
+    assert SUM_CHUNK == 4096
+    # the mid model's and AF3's MLP down products; short ones; a length no count up to 64 divides
+    assert [_chunks(k) for k in (4864, 18944, 3584, 4096, 4099)] == [2, 8, 1, 1, 1]
 
 
 def test_cpu_prefill_of_a_left_padded_batch_runs_each_row_alone(monkeypatch):
