@@ -145,7 +145,7 @@ def products_alone(layers: list[torch.nn.Linear], compile: bool, rounds: int = 3
 
 @torch.inference_mode()
 def measure(hf, ours: AudioFlamingo3, ids: torch.Tensor, steps: int, compile: bool,
-            rounds: int = 3) -> dict[str, list[tuple[float, float]]]:
+            rounds: int = 5) -> dict[str, list[tuple[float, float]]]:
     """For HF, af3 and af3 compiled (if asked), each timed run's seconds per decode step and the
     read bandwidth measured just before it; `rounds` runs each, interleaved. The machine's memory
     speed changes from minute to minute, so each run is set against its own bandwidth."""
