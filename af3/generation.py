@@ -236,8 +236,9 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
 def decode_one_token(model: torch.nn.Module, token: torch.Tensor, filled: torch.Tensor, cache: Any,
                      input_pos: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """Float logits (B, V) after one token per row: token (B, 1) at slot input_pos (1,), RoPE
-    position position_ids (B, 1), attending over the slots `filled` (bool, B x S, the same S
-    every step) marks as holding real tokens, its own included."""
+    position position_ids (B, 1), attending over the slots `filled` (B x S, the same S every
+    step; an attention mask over the cache) marks nonzero as holding real tokens, its own
+    included."""
     return model.decode_step(token, filled, cache, input_pos, position_ids)[:, -1].float()
 
 
@@ -367,7 +368,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     # tokens; each step adds its own slot): they grow by writing, never by torch.cat.
     tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
     tokens[:, :prompt_len] = input_ids
-    filled = torch.zeros((batch, slots), dtype=torch.bool, device=device)
+    # Integers, as an attention mask: a compiled CPU step given a bool mask ran 6-10% slower.
+    filled = torch.zeros((batch, slots), dtype=torch.long, device=device)
     filled[:, :prompt_len] = attention_mask != 0
     positions = positions_from_mask(attention_mask)  # (B, P): left padding does not shift them
     # The repetition penalty's memory, kept up to date one token at a time. Left padding takes
@@ -424,7 +426,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
             if seen is not None:
                 seen[torch.arange(len(rows), device=device), next_ids] = True
             slot, position = slot + 1, position + 1
-            filled.index_fill_(1, slot, True)
+            filled.index_fill_(1, slot, 1)
             logits = step_fn(model, next_ids[:, None], filled, cache, slot, position)
     finally:
         if streamer is not None:

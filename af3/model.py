@@ -143,10 +143,12 @@ class AudioFlamingo3(nn.Module):
                     position_ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1, V) of one more token per row, unchecked: a decoding loop's step, after a
         `forward` that checked the prompt. token (B, 1) goes to cache slot input_pos (1,) at RoPE
-        position position_ids (B, 1), and attends over the slots `filled` (bool, B x S) marks as
-        holding real tokens, its own included. A sampled `<sound>` id is embedded as text."""
+        position position_ids (B, 1), and attends over the slots `filled` (B x S, an attention
+        mask over the cache) marks nonzero as holding real tokens, its own included. A sampled
+        `<sound>` id is embedded as text."""
         x = self.decoder.embed_tokens(token)  # (B, 1, d)
-        return self.decoder.logits(self.decoder(x, position_ids, filled[:, None, None, :], cache, input_pos))
+        mask = (filled != 0)[:, None, None, :]  # (B, 1, 1, S)
+        return self.decoder.logits(self.decoder(x, position_ids, mask, cache, input_pos))
 
     def _decode_rows_alone(self, x: torch.Tensor, lengths: list[int], position_ids: torch.Tensor,
                            cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:

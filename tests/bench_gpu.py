@@ -154,8 +154,8 @@ def decode_speeds(hf, ours: AudioFlamingo3, device: torch.device, prompt: int, s
     cache = ours.new_cache(1, prompt + steps)
     ours(ids, cache=cache)
     mask = torch.ones(1, prompt + steps, dtype=torch.long, device=device)  # HF's, cut to each step's length
-    filled = torch.zeros(1, prompt + steps, dtype=torch.bool, device=device)  # af3's: the slots holding tokens
-    filled[:, :prompt] = True
+    filled = torch.zeros(1, prompt + steps, dtype=torch.long, device=device)  # af3's: the slots holding tokens
+    filled[:, :prompt] = 1
     slots = [torch.tensor([prompt + i], device=device) for i in range(steps)]
 
     def hf_decode():
@@ -166,9 +166,9 @@ def decode_speeds(hf, ours: AudioFlamingo3, device: torch.device, prompt: int, s
 
     def af3_decode(step=decode_one_token):
         token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        filled[:, prompt:] = False  # each run writes the same slots again
+        filled[:, prompt:] = 0  # each run writes the same slots again
         for i in range(steps):
-            filled.index_fill_(1, slots[i], True)
+            filled.index_fill_(1, slots[i], 1)
             token = step(ours, token, filled, cache, slots[i], slots[i][None]).argmax(-1, keepdim=True)
 
     runs = {"HF (eager)": hf_decode, "af3 eager": af3_decode}

@@ -154,8 +154,8 @@ def measure(hf, ours: AudioFlamingo3, ids: torch.Tensor, steps: int, compile: bo
     cache = ours.new_cache(1, prompt + steps)
     ours(ids, cache=cache)
     mask = torch.ones(1, prompt + steps, dtype=torch.long)  # HF's, cut to each step's length
-    filled = torch.zeros(1, prompt + steps, dtype=torch.bool)  # af3's: the slots holding tokens
-    filled[:, :prompt] = True
+    filled = torch.zeros(1, prompt + steps, dtype=torch.long)  # af3's: the slots holding tokens
+    filled[:, :prompt] = 1
     slots = [torch.tensor([prompt + i]) for i in range(steps)]
 
     def hf_decode():
@@ -166,9 +166,9 @@ def measure(hf, ours: AudioFlamingo3, ids: torch.Tensor, steps: int, compile: bo
 
     def af3_decode(step=decode_one_token):
         token = torch.zeros(1, 1, dtype=torch.long)
-        filled[:, prompt:] = False  # each run writes the same slots again
+        filled[:, prompt:] = 0  # each run writes the same slots again
         for i in range(steps):
-            filled.index_fill_(1, slots[i], True)
+            filled.index_fill_(1, slots[i], 1)
             token = step(ours, token, filled, cache, slots[i], slots[i][None]).argmax(-1, keepdim=True)
 
     runs = {"HF": hf_decode, "af3": af3_decode}

@@ -86,15 +86,15 @@ def main() -> None:
         af3_cache = ours.new_cache(n, t + STEPS)
         ours(**b, cache=af3_cache)
         mask = torch.cat([attn, torch.ones(n, STEPS, dtype=attn.dtype)], 1)  # real tokens, for causal_mask
-        filled = torch.cat([attn.bool(), torch.zeros(n, STEPS, dtype=torch.bool)], 1)
+        filled = torch.cat([attn, torch.zeros(n, STEPS, dtype=attn.dtype)], 1)
         slots = [torch.tensor([t + i]) for i in range(STEPS)]
         positions = [pos[:, -1:] + 1 + i for i in range(STEPS)]
 
         def af3_decode(step=decode_one_token):
             token = torch.zeros(n, 1, dtype=torch.long)
-            filled[:, t:] = False  # each run writes the same slots again
+            filled[:, t:] = 0  # each run writes the same slots again
             for i in range(STEPS):
-                filled.index_fill_(1, slots[i], True)
+                filled.index_fill_(1, slots[i], 1)
                 token = step(ours, token, filled, af3_cache, slots[i], positions[i]).argmax(-1, keepdim=True)
 
         rows.append((f"{STEPS} cached decoding steps", best_of(hf_decode, 5), best_of(af3_decode, 5)))
@@ -152,7 +152,7 @@ def eager_floor(model, cache, mask, slots, positions, hf_decode, af3_decode) -> 
     n = mask.shape[0]
     steps = {"flat": flat_step(model, mask, slots), "tables": flat_step(model, mask, slots, per_step=True)}
     token = torch.zeros(n, 1, dtype=torch.long)
-    filled = mask.bool() & (torch.arange(mask.shape[1]) <= slots[0])  # as generate has it at the first step
+    filled = mask * (torch.arange(mask.shape[1]) <= slots[0])  # as generate has it at the first step
     for step in steps.values():
         torch.testing.assert_close(step(token, cache, 0, positions[0]),
                                    decode_one_token(model, token, filled, cache, slots[0], positions[0]))

@@ -91,8 +91,8 @@ class FakeLM(torch.nn.Module):
         return SimpleNamespace(logits=logits, loss=None)
 
     def decode_step(self, token, filled, cache, input_pos, position_ids):  # as AudioFlamingo3's: unchecked
-        assert filled.dtype == torch.bool and filled[:, input_pos].all()  # its own slot is filled
-        return self.forward(token, filled.long(), position_ids=position_ids, cache=cache, input_pos=input_pos,
+        assert filled.dtype == torch.long and filled[:, input_pos].all()  # its own slot is filled
+        return self.forward(token, filled, position_ids=position_ids, cache=cache, input_pos=input_pos,
                             step=True).logits
 
 

@@ -186,8 +186,8 @@ def test_cached_decoding_equals_full_forward(pair) -> None:
             cached = torch.cat(steps, dim=1)
             # A decoding step as generate runs it: static shapes, a mask of the filled slots over
             # every slot, no checks.
-            filled = torch.zeros(ids.shape[0], t + 4, dtype=torch.bool)
-            filled[:, :t] = attn.bool()
+            filled = torch.zeros(ids.shape[0], t + 4, dtype=torch.long)
+            filled[:, :t] = attn
             last = ours.decode_step(ids[:, -1:], filled, cache, torch.tensor([t - 1]), hf_positions(attn)[:, -1:])
         real = attn.bool()
         assert (cached[real] - full[real]).abs().max().item() <= 1e-5
