@@ -32,6 +32,7 @@ import soundfile
 import torch
 import torchaudio
 
+from af3.config import is_real
 from af3.frontend import MAX_SECONDS, SAMPLING_RATE
 
 MAX_CHANNELS = 16  # a 2-D array with more "channels" than this is more likely a batch of clips
@@ -72,11 +73,10 @@ def load_audio(source: AudioSource, sampling_rate: int | None = None, *,
     """
     if sampling_rate is not None:
         sampling_rate = _check_rate(sampling_rate)
-    if isinstance(download_deadline, bool) or not isinstance(download_deadline, (int, float)) \
-            or not download_deadline > 0:
+    if not is_real(download_deadline) or not download_deadline > 0:
         raise ValueError(f"download_deadline must be a positive number of seconds, got {download_deadline!r}")
     if max_seconds is not None:
-        if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float, np.integer, np.floating)):
+        if not is_real(max_seconds):
             raise TypeError(f"max_seconds must be a number or None, got {type(max_seconds).__name__}")
         if not max_seconds > 0:
             raise ValueError(f"max_seconds must be positive or None, got {max_seconds!r}")
@@ -94,7 +94,7 @@ def load_audio(source: AudioSource, sampling_rate: int | None = None, *,
 
 
 def _check_rate(rate: Any) -> int:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
+    if not is_real(rate):
         raise TypeError(f"sampling_rate must be a number, got {type(rate).__name__}")
     if not (rate > 0 and float(rate).is_integer()):
         raise ValueError(f"sampling_rate must be a positive whole number of Hz, got {rate!r}")
@@ -412,7 +412,7 @@ def iter_audio(source: AudioSource, block_seconds: float = BLOCK_SECONDS, *,
     whole file resampled at once (to float rounding). The source is opened here, so a missing
     or undecodable file fails at the call; a file corrupt further in fails at that block.
     """
-    if isinstance(block_seconds, bool) or not isinstance(block_seconds, (int, float)) or not block_seconds > 0:
+    if not is_real(block_seconds) or not block_seconds > 0:
         raise ValueError(f"block_seconds must be a positive number, got {block_seconds!r}")
     if sampling_rate is not None:
         sampling_rate = _check_rate(sampling_rate)

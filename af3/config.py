@@ -309,6 +309,11 @@ def is_integer(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def is_real(v: Any) -> bool:
+    """A real number (an int, a float, or numpy's scalar of either) and not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def is_number(v: Any) -> bool:
     """A finite int or float, and not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

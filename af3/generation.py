@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 import sys
 import weakref
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from af3.config import AF3Config, is_int, is_integer, write_json
+from af3.config import AF3Config, is_int, is_integer, is_real, write_json
 from af3.jsonfile import parse_json
 from af3.limits import check_fits, kv_cache_bytes
 from af3.qwen2 import positions_from_mask
@@ -56,7 +55,7 @@ class GenerationConfig:
                 setattr(self, name, int(value))
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
-            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            if is_real(value):
                 setattr(self, name, float(value))
         self.eos_token_id = _as_id_list(self.eos_token_id, "eos_token_id")
         for name in ("pad_token_id", "bos_token_id"):
@@ -77,7 +76,7 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_real(value):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}")

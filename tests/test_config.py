@@ -194,3 +194,12 @@ def test_save_is_atomic(tmp_path, monkeypatch) -> None:
         assert path.read_text() == before  # the old file, whole; nothing beside it
         assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
+
+
+def test_is_real_takes_numbers_and_numpy_scalars_but_not_bools():
+    import numpy as np
+
+    from af3.config import is_real
+
+    assert [is_real(v) for v in (1, 1.5, np.float32(2), np.int64(3))] == [True] * 4
+    assert [is_real(v) for v in (True, np.bool_(False), "1", None, [1.0])] == [False] * 5
