@@ -48,7 +48,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     h_kv = k.shape[1]
     n_rep = h // h_kv
     # A decoding step on the CPU: a few query rows, each reading every key and value.
-    few_rows_on_cpu = q.device.type == "cpu" and tq <= FEW_ROWS
+    few_rows_on_cpu = q.is_cpu and tq <= FEW_ROWS
     # In half precision SDPA's CPU kernel takes ten times its fp32 time for a few query rows (one
     # row over 1040 keys, 14 heads: 682 us in bf16, 71 us in fp32); under torch.compile it stays a
     # separate call, where the written-out form is fused into the step. So both take the

@@ -56,7 +56,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     n, k = weight.shape
     rows = x.numel() // k
-    if rows > SPLIT_ROWS or x.device.type != "cpu":
+    if rows > SPLIT_ROWS or not x.is_cpu:
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
         c = _chunks(k)
@@ -152,8 +152,10 @@ class KVCache:
         """Write k, v (B, kv_heads, T, hd) of `layer` at slots `input_pos` (T,); return the whole
         layer's keys and values (B, kv_heads, max_len, hd)."""
         k_all, v_all = self.k[layer], self.v[layer]
-        k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
-        v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
+        if k.dtype != k_all.dtype:  # a cache kept in another dtype than the model's
+            k, v = k.to(k_all.dtype), v.to(v_all.dtype)
+        k_all.index_copy_(2, input_pos, k)
+        v_all.index_copy_(2, input_pos, v)
         return k_all, v_all
 
     def grow(self, max_len: int) -> None:
