@@ -51,8 +51,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     weights push it out, and the tiny model's eager step was 8-11% faster with all its products
     split (three runs of 15-80 interleaved rounds). Under torch.compile the product is written
     as a multiply and a sum (in chunks of at most SUM_CHUNK), which inductor fuses into one
-    kernel that reads the weight once on every thread, in any dtype (sums in fp32, as F.linear's). Each output is the same
-    dot product summed in another order: equal to F.linear to float precision, not bit for bit.
+    kernel that reads the weight once on every thread, in any dtype (sums in fp32, as
+    F.linear's). Each output is the same dot product summed in another order: equal to F.linear
+    to float precision, not bit for bit.
     """
     n, k = weight.shape
     rows = x.numel() // k
