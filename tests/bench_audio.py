@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from af3.audio import load_audio
 from af3.frontend import SAMPLING_RATE
+from tests.timing import best, interleaved
 
 CASES = [("30 s, 16 kHz mono", 16_000, 1, 30), ("30 s, 44.1 kHz stereo", 44_100, 2, 30),
          ("5 min, 48 kHz mono", 48_000, 1, 300), ("10 min, 44.1 kHz stereo", 44_100, 2, 600)]
@@ -35,12 +35,6 @@ def whole(path: Path) -> torch.Tensor:
     return mono if rate == SAMPLING_RATE else torchaudio.functional.resample(mono, rate, SAMPLING_RATE)
 
 
-def best_of(fn, path: Path, times: list[float]) -> None:
-    t0 = time.perf_counter()
-    fn(path)
-    times.append(time.perf_counter() - t0)
-
-
 def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,13 +42,11 @@ def main() -> None:
             path = Path(tmp) / f"{rate}-{channels}-{seconds}.flac"
             soundfile.write(path, (rng.standard_normal((rate * seconds, channels)) * 0.1).astype(np.float32),
                             rate, subtype="PCM_16")
-            blocks, at_once = [], []
-            for _ in range(5):
-                best_of(load_audio, path, blocks)
-                best_of(whole, path, at_once)
+            t = best(interleaved({"blocks": lambda p=path: load_audio(p), "whole": lambda p=path: whole(p)}, 5,
+                                 warm_up=False))
             diff = float((load_audio(path) - whole(path)).abs().max())
-            print(f"{name:26s} load_audio {min(blocks) * 1e3:7.0f} ms   whole file {min(at_once) * 1e3:7.0f} ms   "
-                  f"ratio {min(blocks) / min(at_once):.2f}   max |difference| {diff:.1e}")
+            print(f"{name:26s} load_audio {t['blocks'] * 1e3:7.0f} ms   whole file {t['whole'] * 1e3:7.0f} ms   "
+                  f"ratio {t['blocks'] / t['whole']:.2f}   max |difference| {diff:.1e}")
 
 
 if __name__ == "__main__":

@@ -8,16 +8,19 @@ Run: .venv/bin/python tests/bench_mel.py
 
 from __future__ import annotations
 
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from af3.frontend import MAX_SAMPLES, N_MELS, SAMPLING_RATE
 from af3.mel import extract_features
 from af3.windows import window_ranges
+from tests.timing import best, interleaved, median
 
 ROUNDS = 11
 
@@ -36,19 +39,13 @@ def main() -> None:
         return extract_features([clip]).input_features
 
     diff = (hf() - af3()).abs().max().item()  # also the warm-up: caches, allocator, thread pool
-    times: dict[str, list[float]] = {"hf": [], "af3": []}
-    for _ in range(ROUNDS):
-        for name, fn in (("hf", hf), ("af3", af3)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    best = {name: min(t) for name, t in times.items()}
-    median = {name: statistics.median(t) for name, t in times.items()}
+    times = interleaved({"hf": hf, "af3": af3}, ROUNDS, warm_up=False)
+    fast, mid = best(times), median(times)
     print(f"10 min of audio (20 windows), torch threads {torch.get_num_threads()}, max |diff| {diff:.2e}, "
           f"{ROUNDS} interleaved rounds")
-    print(f"HF WhisperFeatureExtractor: best {best['hf'] * 1e3:7.1f} ms  median {median['hf'] * 1e3:7.1f} ms")
-    print(f"af3 extract_features:       best {best['af3'] * 1e3:7.1f} ms  median {median['af3'] * 1e3:7.1f} ms")
-    print(f"speed-up (HF / af3): best {best['hf'] / best['af3']:.2f}x  median {median['hf'] / median['af3']:.2f}x")
+    print(f"HF WhisperFeatureExtractor: best {fast['hf'] * 1e3:7.1f} ms  median {mid['hf'] * 1e3:7.1f} ms")
+    print(f"af3 extract_features:       best {fast['af3'] * 1e3:7.1f} ms  median {mid['af3'] * 1e3:7.1f} ms")
+    print(f"speed-up (HF / af3): best {fast['hf'] / fast['af3']:.2f}x  median {mid['hf'] / mid['af3']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from af3.generation import compiled_decode_one_token, decode_one_token
 from af3.model import AudioFlamingo3
 from af3.qwen2 import linear
-from tests.bench_model import best_of
 from tests.model_helpers import af3_model_sharing, tiny_hf_config
+from tests.timing import best_of
 
 MID_TEXT = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
             "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,

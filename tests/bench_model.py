@@ -27,20 +27,12 @@ from af3.generation import compiled_decode_one_token, decode_one_token
 from af3.qwen2 import causal_mask, linear, rope_cos_sin
 from tests.model_helpers import hf_to_af3_model, tiny_hf_model
 from tests.test_model import hf_positions, make_batch
+from tests.timing import best, best_of, interleaved
 
 AUDIO = {"d_model": 256, "encoder_layers": 4, "encoder_attention_heads": 4, "encoder_ffn_dim": 1024}
 TEXT = {"vocab_size": 160, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
         "num_attention_heads": 8, "num_key_value_heads": 2}
 STEPS = 32
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -62,11 +54,12 @@ def main() -> None:
         def af3_prefill(cache=None):
             return ours(**b, cache=cache)
 
-        rows = [("prefill (audio + text)", best_of(hf_prefill), best_of(af3_prefill))]
-
         short = make_batch([[500]], seed=1)  # one 5 s clip
         del short["labels"]
-        rows.append(("prefill, one 5 s clip", best_of(lambda: hf(**short)), best_of(lambda: ours(**short))))
+        prefill = best(interleaved({"HF": hf_prefill, "af3": af3_prefill}, 3))
+        clip = best(interleaved({"HF": lambda: hf(**short), "af3": lambda: ours(**short)}, 3))
+        rows = [("prefill (audio + text)", prefill["HF"], prefill["af3"]),
+                ("prefill, one 5 s clip", clip["HF"], clip["af3"])]
 
         # Decoding alone: each run restarts from a prefilled cache (the prefill is not timed).
         hf_prefilled = hf_prefill().cache
@@ -97,12 +90,13 @@ def main() -> None:
                 filled.index_fill_(1, slots[i], 1)
                 token = step(ours, token, filled, af3_cache, slots[i], positions[i]).argmax(-1, keepdim=True)
 
-        rows.append((f"{STEPS} cached decoding steps", best_of(hf_decode, 5), best_of(af3_decode, 5)))
         compiled = compiled_decode_one_token(ours, torch.device("cpu"))
         start = time.perf_counter()
         af3_decode(compiled)  # compiles
         print(f"compiling the decode step took {time.perf_counter() - start:.1f} s")
-        rows.append((f"{STEPS} steps, compile=True", rows[-1][1], best_of(lambda: af3_decode(compiled), 5)))
+        decode = best(interleaved({"HF": hf_decode, "af3": af3_decode, "compiled": lambda: af3_decode(compiled)}, 5))
+        rows += [(f"{STEPS} cached decoding steps", decode["HF"], decode["af3"]),
+                 (f"{STEPS} steps, compile=True", decode["HF"], decode["compiled"])]
 
         where_the_time_goes(ours, af3_cache, causal_mask(mask, slots[0], mask.shape[1]), rows[2][2])
         eager_floor(ours, af3_cache, mask, slots, positions, hf_decode, af3_decode)
@@ -138,9 +132,10 @@ def where_the_time_goes(model, cache, mask: torch.Tensor, t_eager: float) -> Non
           f"{alone / STEPS * 1000:.2f} ms ({100 * alone / t_eager:.0f}%); the rest of its operator calls "
           f"{(t_eager - alone) / STEPS * 1000:.2f} ms")
     k, v = cache.k[0], cache.v[0]
-    hf_like = best_of(lambda: [F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-                               for _ in range(100)])
-    ours = best_of(lambda: [attention(q, k, v, bias, scale=cfg.head_dim**-0.5) for _ in range(100)])
+    t = best(interleaved({
+        "HF": lambda: [F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True) for _ in range(100)],
+        "af3": lambda: [attention(q, k, v, bias, scale=cfg.head_dim**-0.5) for _ in range(100)]}, 3))
+    hf_like, ours = t["HF"], t["af3"]
     print(f"one layer's decode attention over {k.shape[2]} slots: SDPA with enable_gqa and a bool mask "
           f"{hf_like * 1e4:.0f} us, af3 {ours * 1e4:.0f} us")
 
@@ -163,11 +158,7 @@ def eager_floor(model, cache, mask, slots, positions, hf_decode, af3_decode) -> 
             token = step(token, cache, i, positions[i]).argmax(-1, keepdim=True)
 
     runs = {"HF": hf_decode, "af3": af3_decode, **{k: (lambda s=s: decode(s)) for k, s in steps.items()}}
-    times = {k: [] for k in runs}
-    for _ in range(5):  # interleaved: all see the same machine
-        for k, run in runs.items():
-            times[k].append(best_of(run, 1) / STEPS * 1000)
-    t = {k: min(v) for k, v in times.items()}
+    t = {k: v / STEPS * 1000 for k, v in best(interleaved(runs, 5)).items()}
     print(f"eager steps, interleaved, ms a token (HF / that): HF {t['HF']:.2f}; af3 {t['af3']:.2f} "
           f"({t['HF'] / t['af3']:.2f}x); af3's math without modules "
           f"{t['flat']:.2f} ({t['HF'] / t['flat']:.2f}x), the same making its mask and RoPE "

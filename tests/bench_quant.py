@@ -33,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import af3.quant
 from af3.config import AF3Config, AudioConfig, QuantConfig, TextConfig
+from af3.generation import decode_one_token
 from af3.model import AudioFlamingo3
 from af3.quant import quantize_model, quantized_linear_names, weight_bytes
 from af3.windows import pooled_length
+from tests.timing import interleaved
 
 GB = 10**9
 TINY = (AudioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
@@ -289,17 +291,27 @@ def decode_speed(dims: tuple, steps: int = 16, repeats: int = 3) -> None:
     models = {"fp32": base, "bf16": copy.deepcopy(base).to(torch.bfloat16)}
     for name in ("int8", "int4 g128"):
         models[name] = quantize_model(copy.deepcopy(models["bf16"]), SCHEMES[name])
-    ids = torch.randint(0, 150000, (1, 64), generator=torch.Generator().manual_seed(0))
-    best = {k: float("inf") for k in models}
+    prompt = 64
+    ids = torch.randint(0, 150000, (1, prompt), generator=torch.Generator().manual_seed(0))
+    slots = [torch.tensor([prompt + i]) for i in range(steps)]  # one past the prompt, then on
+
+    def decoding(m: AudioFlamingo3):
+        """`steps` decode steps as `generate` runs them, after a prompt prefilled once (untimed):
+        each call writes the same cache slots again."""
+        cache = m.new_cache(1, prompt + steps)
+        m(ids, cache=cache)
+        filled = torch.zeros(1, prompt + steps, dtype=torch.long)  # the slots holding tokens
+
+        def run():
+            filled[:, :prompt], filled[:, prompt:] = 1, 0
+            for slot in slots:
+                filled.index_fill_(1, slot, 1)
+                decode_one_token(m, torch.tensor([[7]]), filled, cache, slot, slot[None])
+        return run
+
     with torch.inference_mode():
-        for _ in range(repeats):
-            for name, m in models.items():
-                cache = m.new_cache(1, 64 + steps + 1)
-                m(ids, cache=cache, logits_to_keep=1)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    m(torch.tensor([[7]]), cache=cache, logits_to_keep=1)
-                best[name] = min(best[name], (time.perf_counter() - t0) / steps)
+        times = interleaved({name: decoding(m) for name, m in models.items()}, repeats)
+    best = {name: min(t) / steps for name, t in times.items()}
     print(f"\nmid model decode only, {torch.get_num_threads()} threads, best of {repeats} x {steps} steps:")
     for name, t in best.items():
         print(f"  {name:9s} {1 / t:6.2f} tokens/s ({t * 1e3:.0f} ms/step)")

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from af3.tokenizer import Tokenizer
+from tests.timing import best, interleaved
 from tests.tiny_tokenizer import write_tiny_tokenizer
 
 TARGET_BYTES = 2_000_000
@@ -57,15 +58,6 @@ def english_prose(target: int = TARGET_BYTES) -> list[str]:
     return list(dict.fromkeys(parts))  # each docstring once
 
 
-def best_of(fn, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main() -> None:
     if len(sys.argv) > 1:
         path = Path(sys.argv[1])
@@ -83,23 +75,25 @@ def main() -> None:
     mb = len(text.encode()) / 1e6
     print(f"tokenizer: {path}\ntext: {mb:.2f} MB of English prose (stdlib docstrings, {len(paragraphs)} paragraphs)")
 
-    ours_load = best_of(lambda: Tokenizer.from_file(path))
-    hf_load = best_of(lambda: tokenizers.Tokenizer.from_file(str(path)))
+    load = best(interleaved({"af3": lambda: Tokenizer.from_file(path),
+                             "HF": lambda: tokenizers.Tokenizer.from_file(str(path))}, 3))
     ours, hf = Tokenizer.from_file(path), tokenizers.Tokenizer.from_file(str(path))
 
     # Per paragraph, the way prompts arrive; one thread each (HF's encode_batch would use all cores).
     start = time.perf_counter()
     ids = [ours.encode(p) for p in paragraphs]
     cold = time.perf_counter() - start
-    warm = best_of(lambda: [ours.encode(p) for p in paragraphs])
-    hf_time = best_of(lambda: [hf.encode(p, add_special_tokens=False) for p in paragraphs])
     if ids != [e.ids for e in hf.encode_batch(paragraphs, add_special_tokens=False)]:
         sys.exit("MISMATCH: af3 and HF give different ids on the benchmark text")
-    one_ours = best_of(lambda: ours.encode(text), repeat=1)
-    one_hf = best_of(lambda: hf.encode(text, add_special_tokens=False), repeat=1)
     flat = [i for row in ids for i in row]
-    ours_decode = best_of(lambda: ours.decode(flat))
-    hf_decode = best_of(lambda: hf.decode(flat, skip_special_tokens=False))
+    t = best(interleaved({"af3": lambda: [ours.encode(p) for p in paragraphs],
+                          "HF": lambda: [hf.encode(p, add_special_tokens=False) for p in paragraphs],
+                          "af3 one string": lambda: ours.encode(text),
+                          "HF one string": lambda: hf.encode(text, add_special_tokens=False),
+                          "af3 decode": lambda: ours.decode(flat),
+                          "HF decode": lambda: hf.decode(flat, skip_special_tokens=False)}, 3, warm_up=False))
+    ours_load, hf_load, warm, hf_time = load["af3"], load["HF"], t["af3"], t["HF"]
+    one_ours, one_hf, ours_decode, hf_decode = t["af3 one string"], t["HF one string"], t["af3 decode"], t["HF decode"]
 
     rows = [("load tokenizer.json (s)", ours_load, hf_load, hf_load / ours_load),
             ("encode, cold cache (MB/s)", mb / cold, mb / hf_time, hf_time / cold),
