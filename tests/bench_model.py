@@ -4,9 +4,10 @@ Times (1) a prefill forward with audio (encoder + projector + decoder) on a left
 (2) the same for one short clip (af3's encoder skips positions past the longest valid window)
 and (3) 32 greedy decoding steps after a prefill, with each implementation's KV cache (af3 eager,
 and af3 with the decode step compiled; HF eager in both rows), HF and af3 interleaved, best of
-3 or 5 rounds. Prints the times and the ratio HF / af3 (> 1 means af3 is faster), and where an eager step's time goes: its products
-and attention alone, and the same math and weights written without modules (`flat_step`),
-interleaved with HF's and af3's steps. Run: .venv/bin/python tests/bench_model.py
+3 or 5 rounds. Prints the times and the ratio HF / af3 (> 1 means af3 is faster), and where an
+eager step's time goes: its products and attention alone, and the same math and weights
+written without modules (`flat_step`), interleaved with HF's and af3's steps.
+Run: .venv/bin/python tests/bench_model.py
 """
 
 from __future__ import annotations
