@@ -226,7 +226,7 @@ def quantize_weight(w: torch.Tensor, qc: QuantConfig) -> dict[str, torch.Tensor]
     """One float weight (N, K) -> its stored tensors, keyed by suffix ("weight", "scales"[, "zeros"]).
 
     Rows are quantized a block at a time (each row on its own), so that the float32 work
-    copies stay small whatever the size of the weight: the real LM head is 152064 x 3584.
+    copies stay small whatever the size of the weight: the real LM head is 151672 x 3584.
     """
     n, k = w.shape
     out = {suffix: torch.empty(shape, dtype=dt, device=w.device)

@@ -46,7 +46,7 @@ TINY = (AudioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, 
 MID = (AudioConfig(num_hidden_layers=4),
        TextConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096))
-REAL = AF3Config(text=TextConfig(vocab_size=151936))  # nvidia/audio-flamingo-3-hf's dimensions
+REAL = AF3Config()  # nvidia/audio-flamingo-3-hf's dimensions (the defaults: vocabulary 151 672)
 SCHEMES = {"int8": QuantConfig("int8"), "int4 g32": QuantConfig("int4", 32),
            "int4 g64": QuantConfig("int4", 64), "int4 g128": QuantConfig("int4", 128)}
 GREEDY = 32

@@ -82,7 +82,7 @@ def test_full_size_af3_maps_name_for_name_and_shape_for_shape() -> None:
     hf_config = AudioFlamingo3Config(
         audio_config={"d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20,
                       "encoder_ffn_dim": 5120, "num_mel_bins": 128, "max_source_positions": 1500},
-        text_config={"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 3584,
+        text_config={"model_type": "qwen2", "vocab_size": 151672, "hidden_size": 3584,
                      "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
                      "num_key_value_heads": 4, "max_position_embeddings": 32768, "rope_theta": 1e6,
                      "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
