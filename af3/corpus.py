@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from af3.config import is_int
+from af3.jsonfile import parse_json
 from af3.longform import (
     CHUNK_SECONDS,
     MARGIN_SECONDS,
@@ -70,10 +71,7 @@ def read_manifest(path: str | os.PathLike) -> list[Item]:
                 items.append(Item(len(items), line))
                 continue
             where = f"{path}, line {lineno}"
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            entry = parse_json(line, where)
             if not isinstance(entry, dict) or not isinstance(entry.get("audio"), str) or not entry["audio"]:
                 raise ValueError(f"{where}: a JSON line needs \"audio\": a path (and may have \"prompt\", \"id\")")
             prompt, id_ = entry.get("prompt"), entry.get("id")
@@ -120,8 +118,8 @@ def read_records(output: Path, items: Sequence[Item]) -> dict[int, dict]:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
+                    record = parse_json(line, f"{path}, line {lineno}")
+                except ValueError:
                     if path == output:
                         raise ValueError(f"{output}, line {lineno}: not a JSON record; --output names an existing "
                                          "file that is not af3's results; choose another name") from None

@@ -16,7 +16,6 @@ relative to the manifest's folder. Nothing here needs a library beyond torch and
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -127,12 +126,7 @@ def read_manifest(path: str | os.PathLike, processor: Any) -> list[Example]:
 
 
 def _check_example(number: int, line: str, root: Path, processor: Any) -> Example:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    except RecursionError:
-        raise ValueError("not valid JSON (nested too deeply)") from None
+    record = parse_json(line, "")  # the caller names the file and line
     messages = record.get("messages") if isinstance(record, dict) else record
     check_conversation(messages)
     if not any(m["role"] == "assistant" for m in messages):

@@ -3,7 +3,8 @@
 `json.loads` lets two things through as tracebacks rather than "invalid file": nesting deep
 enough to exhaust the recursion limit (`[` x 100 000 gives RecursionError) and integers too
 long to convert (Python's 4300-digit limit, whose message names neither the file nor the key).
-Every JSON reader in af3 and weights_convert goes through `parse_json`, which turns both into a
+Every JSON reader in af3 and weights_convert goes through `parse_json` (the JSON-lines files a
+line at a time: corpus manifests and results, fine-tuning manifests), which turns both into a
 ValueError naming the file (and the key of a long integer).
 """
 
@@ -16,17 +17,18 @@ from typing import Any
 
 
 def parse_json(data: bytes | str, where: str) -> Any:
-    """Parse JSON text; a ValueError starting with `where` (the file) for anything that is not
-    valid JSON, is nested too deeply, or holds an integer longer than Python converts (4300 digits;
-    the error then names the key it was under)."""
+    """Parse JSON text; a ValueError starting with `where` (the file; "" when the caller names it)
+    for anything that is not valid JSON, is nested too deeply, or holds an integer longer than
+    Python converts (4300 digits; the error then names the key it was under)."""
+    prefix = f"{where}: " if where else ""
     try:
         return json.loads(data)
     except RecursionError:
-        raise ValueError(f"{where}: not valid JSON (nested too deeply)") from None
+        raise ValueError(f"{prefix}not valid JSON (nested too deeply)") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and int()'s digit limit
         digits = re.search(r"value has (\d+) digits", str(e))
         reason = f"an integer of {digits.group(1)} digits{_field_of_long_integer(data)}" if digits else str(e)
-        raise ValueError(f"{where}: not valid JSON ({reason})") from None
+        raise ValueError(f"{prefix}not valid JSON ({reason})") from None
 
 
 def read_json_file(path: str | Path) -> Any:

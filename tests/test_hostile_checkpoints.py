@@ -295,3 +295,34 @@ def test_nested_json_in_a_manifest_or_trainer_state_names_the_file(tiny, tmp_pat
     (tmp_path / "run" / "checkpoint-000010" / STATE_FILE).write_text(NESTED)
     with pytest.raises(ValueError, match=rf"checkpoint-000010/{STATE_FILE}: not valid JSON \(nested too deeply\)"):
         latest_checkpoint(tmp_path / "run")
+
+
+def test_nested_or_huge_json_in_corpus_files_names_the_file_and_line(tmp_path) -> None:
+    """Corpus manifests and results are read a line at a time: a line nested past the recursion
+    limit, or holding a 5000-digit integer, is a ValueError naming the file and line (not a
+    RecursionError); in a part file a killed rank left, such a line is skipped like a half line."""
+    from af3.corpus import Item, part_path, read_manifest, read_records
+
+    manifest = tmp_path / "m.jsonl"
+    for line, reason in (('{"audio": ' + NESTED, r"nested too deeply"), ('{"audio": "a.wav", "id": ' + "9" * 5000 + "}",
+                                                         r"an integer of 5000 digits, in 'id'")):
+        manifest.write_text('a.wav\n' + line + "\n")
+        with pytest.raises(ValueError, match=rf"m\.jsonl, line 2: not valid JSON \({reason}\)"):
+            read_manifest(manifest)
+    items = [Item(0, "a.wav"), Item(1, "b.wav")]
+    out = tmp_path / "out.jsonl"
+    good = json.dumps({"index": 1, "id": "b.wav", "audio": "b.wav", "text": "hi"})
+    part_path(out, 1).write_text(NESTED + "\n" + good + "\n")
+    assert read_records(out, items) == {1: json.loads(good)}
+    out.write_text(NESTED + "\n")
+    with pytest.raises(ValueError, match=r"out\.jsonl, line 1: not a JSON record"):
+        read_records(out, items)
+
+
+def test_a_5000_digit_integer_in_a_finetuning_manifest_names_the_line(tiny, tmp_path) -> None:
+    from af3.finetune import read_manifest
+
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text('{"messages": [], "x": ' + "9" * 5000 + "}\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl:1: not valid JSON \(an integer of 5000 digits, in 'x'\)"):
+        read_manifest(manifest, af3.load(tiny["af3"]).processor)
