@@ -38,11 +38,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """softmax(q k^T * scale, masked) v.
 
     q: (B, H, Tq, hd); k, v: (B, H_kv, Tk, hd) with H a multiple of H_kv (GQA: query head i
-    uses key/value head i // (H / H_kv)); mask (B or 1, 1, Tq, Tk): bool, True where a query may
+    uses key/value head i // (H / H_kv)); mask (B or 1, 1, Tq or 1, Tk): bool, True where a query may
     look at a key, or its `additive_mask` in q's dtype; or None. With mask None, `causal` selects
     a plain causal mask (Tq == Tk), which lets SDPA pick its fastest kernels. Returns (B, H, Tq, hd).
-    Every query row of the mask must see at least one key (0/0 would be NaN): the mask builders
-    (`qwen2.causal_mask`, the encoder's) let a row with nothing to see (padding) see every key.
+    Every query row of the mask must see at least one key (0/0 would be NaN): `qwen2.causal_mask`
+    lets a row with nothing to see (padding) see every key, and the encoder's mask always leaves
+    a window's first frame visible.
     """
     b, h, tq, hd = q.shape
     h_kv = k.shape[1]

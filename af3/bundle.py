@@ -133,7 +133,7 @@ class AF3:
     def __repr__(self) -> str:
         return f"AF3(device={self.device}, dtype={self.dtype})"
 
-    # ---- the three calls ---------------------------------------------------------------------
+    # ---- transcription, chat and generation --------------------------------------------------
 
     def transcribe(self, audio: Any, prompt: str | Sequence[str | None] | None = None, *,
                    batch_size: int = 8, chunk_seconds: float = CHUNK_SECONDS,
@@ -255,7 +255,8 @@ class AF3:
         return ChatSession(self, audio, system=system, max_tokens=max_tokens)
 
     def check_generation(self, **gen: Any) -> GenerationConfig:
-        """The generation settings a call with `**gen` would use; unknown or bad ones raise ValueError."""
+        """The generation settings a call with `**gen` would use; an unknown name or a bad value raises
+        ValueError, a value of the wrong type TypeError."""
         return _check_gen(gen, base=self.generation_config)
 
     # ---- helpers ----------------------------------------------------------------------------

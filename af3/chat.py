@@ -47,7 +47,8 @@ def render_conversation(messages: list[Message], *, add_generation_prompt: bool 
     """Render one conversation as AF3's prompt string (one `audio_token` per audio item).
 
     The audio placeholders of a message come first, then its text items in order, as in the
-    checkpoint's template. Raises ValueError (naming the message and item) for malformed input.
+    checkpoint's template. Malformed input raises TypeError (a wrong type) or ValueError, naming
+    the message and item.
     """
     check_conversation(messages)
     parts = []

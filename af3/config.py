@@ -38,8 +38,9 @@ FORMAT_VERSION = 2  # bump when the JSON we write changes incompatibly
 READ_VERSIONS = (1, 2)
 FRONTEND_V1 = {"sampling_rate": SAMPLING_RATE, "n_fft": N_FFT, "hop_length": HOP_LENGTH,
                "chunk_length": CHUNK_LENGTH, "max_windows": MAX_WINDOWS}  # and num_mel_bins = audio's
-# The mel filter bank, (N_FFT // 2 + 1, num_mel_bins) float64, is built before any audio is seen
-# (AF3's: 0.2 MB): a num_mel_bins asking for more than this is refused, not allocated.
+# The mel filter bank, (N_FFT // 2 + 1, num_mel_bins) float64, follows from the config alone
+# (AF3's: 0.2 MB): a num_mel_bins asking for more than this is refused when the config is read,
+# before anything is allocated.
 MAX_MEL_FILTER_BYTES = 2**30
 
 

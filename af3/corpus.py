@@ -7,7 +7,8 @@ A manifest holds one path per line, or JSON lines {"audio": path, "prompt": ...,
 (prompt and id optional; other keys are ignored). The output holds one JSON record per
 manifest line, in manifest order:
     {"index": 0, "id": ..., "audio": ..., "text": ..., "segments": [{"start": ..., "end": ..., "text": ...}]}
-or, for a recording that failed, {"index": ..., "id": ..., "audio": ..., "error": "AudioError: ..."}.
+or, for a recording that failed, {"index": ..., "id": ..., "audio": ..., "error": "AudioError: ..."};
+"prompt" too when the manifest line has one, and "id" is the audio path when it has none.
 Records are appended and flushed as each recording finishes, so a killed run loses only the
 recordings in flight; a rerun reads what is there, skips what succeeded and retries what failed.
 Under torchrun every rank takes a share of the clips balanced by total duration (torch.distributed:

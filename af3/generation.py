@@ -156,7 +156,8 @@ def _as_id_list(value: Any, name: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Logits processing, in HF's order. Every function takes and returns float scores (B, V).
+# Logits processing, in HF's order: float scores (B, V) in and out (`seen_mask` makes the
+# repetition penalty's mask of the ids seen so far).
 
 def seen_mask(ids: torch.Tensor, vocab: int, ignore: torch.Tensor | None = None) -> torch.Tensor:
     """Bool (B, vocab): which ids occur in `ids` (B, T), positions marked in `ignore` (B, T) left out

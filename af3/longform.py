@@ -8,7 +8,7 @@ where the audio has no pause. Every chunk becomes a `Segment` whose times are th
     audio ─ iter_audio (blocks) ─ iter_chunks (quiet cuts) ─ batches of chunks ─ model ─ Segments
 
 The audio is read block by block, so memory holds one block and one batch of chunks, however
-long the recording. Segments are written as txt, SRT or WebVTT here, and read back.
+long the recording. Segments are written as txt, SRT or WebVTT here; SRT and WebVTT are read back.
 """
 
 from __future__ import annotations

@@ -176,7 +176,8 @@ class AudioFlamingo3(nn.Module):
         """TypeError/ValueError naming the input for anything `forward` cannot take as given.
 
         Called by `forward`, so once per `generate` call, at prefill (`decode_step` checks nothing).
-        Syncs with the device once (to read the ids' range and the slots).
+        Reads a few numbers back from the device (the ids' range, the slots, with audio the frame
+        count): once per call, never per step.
         """
         b, t = self._check_ids(input_ids)
         device = input_ids.device
@@ -331,8 +332,8 @@ def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor,
 
 def _decoder_mask(attention_mask: torch.Tensor | None, cache: KVCache | None,
                   input_pos: torch.Tensor) -> torch.Tensor | None:
-    """The decoder's attention mask; None without padding or a cache: plain causal attention
-    (SDPA's fastest kernels)."""
+    """The decoder's attention mask; None without an attention mask and a cache: plain causal
+    attention (SDPA's fastest kernels)."""
     if cache is None and attention_mask is None:
         return None
     s = cache.max_len if attention_mask is None else attention_mask.shape[1]

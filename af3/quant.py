@@ -398,7 +398,8 @@ class Int4Linear(QuantizedLinear):
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """`t`, or a copy of it in fresh memory when its data do not start on a 64-byte boundary:
-    the CPU int8 kernel crashes (SIGSEGV) on activations or weights at 16-byte offsets."""
+    the CPU int8 kernel crashes (SIGSEGV) on activations or weights at 16-byte offsets (the CPU
+    int4 kernel's inputs are aligned the same way)."""
     t = t.contiguous()
     return t if t.data_ptr() % 64 == 0 else t.clone()
 

@@ -2,7 +2,8 @@
 
 RMSNorm (fp32 inside), RoPE in rotate-half form, grouped-query attention with q/k/v bias and no
 o bias, SwiGLU MLP, final norm, lm_head (or the embedding matrix when tied). q/k/v are one
-product (`Merged`), saved and loaded under HF's per-projection names.
+product (`Merged`), saved and loaded as separate projections (`attn.q`, `attn.k`, `attn.v`:
+HF's q_proj, k_proj, v_proj, weights_convert/names.py).
 """
 
 from __future__ import annotations

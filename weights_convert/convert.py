@@ -334,7 +334,7 @@ def _check_settings(source: Source) -> None:
 def _check_tied(lm_head: TensorInfo, embed: TensorInfo | None) -> None:
     """A tied model has no lm_head of its own: the copy in SRC may go only if it is the same tensor."""
     if embed is None:
-        return  # reported as missing by check_names
+        return  # reported as missing by check_state
     with open(lm_head.path, "rb") as f:
         head = read_tensor(f, lm_head)
     with open(embed.path, "rb") as f:

@@ -28,8 +28,6 @@ AF3_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-# The tokens af3's Tokenizer pads and stops with (its defaults).
-
 # generation_config.json: keys that would change what `generate` returns, with the value that
 # leaves it unchanged. Those af3 reads (sampling, eos, pad, max_new_tokens) are not listed.
 _GENERATION_NO_OP = {

@@ -1,6 +1,6 @@
 """Find out which checkpoint layout a directory holds, and list its tensors and settings.
 
-Two layouts are read (see ../shared/DESIGN.md):
+Two layouts are read (README.md, "The real model"):
 
 - "hf": what transformers writes for `nvidia/audio-flamingo-3-hf`: `config.json` with
   `audio_config` and `text_config`, `model.safetensors` or an index + shards, `tokenizer.json`,

@@ -1,4 +1,5 @@
-"""Merge a PEFT LoRA adapter into the weights it targets: W += (alpha / r) * B @ A.
+"""Merge a PEFT LoRA adapter into the weights it targets: W += (alpha / r) * B @ A
+(alpha / sqrt(r) with rsLoRA).
 
 A PEFT adapter directory holds `adapter_config.json` (r, lora_alpha, target_modules, ...) and
 `adapter_model.safetensors` with, per targeted Linear, `base_model.model.<module>.lora_A.weight`
@@ -102,7 +103,8 @@ class LoraAdapter:
             raise ValueError(f"{weights}: no LoRA tensors found")
 
     def delta(self, name: str) -> torch.Tensor | None:
-        """(alpha / r) * B @ A for the weight `name` (af3 name) in float32, or None if untouched."""
+        """scale * B @ A (scale alpha / r, or alpha / sqrt(r) with rsLoRA) for the weight `name`
+        (af3 name) in float32, or None if untouched."""
         pair = self.pairs.get(name)
         if pair is None:
             return None

@@ -30,7 +30,7 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 2**20  # safetensors itself refuses headers over 100 MB
+_MAX_HEADER = 100_000_000  # safetensors itself refuses longer headers (its MAX_HEADER_SIZE)
 
 
 @dataclass(frozen=True)
