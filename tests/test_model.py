@@ -416,6 +416,39 @@ def test_decode_linear_split_equals_f_linear(shape, bias, monkeypatch):
     assert len(splits) == (x.numel() // 640 <= qwen2.SPLIT_ROWS)  # 5 rows: MKL's own product
 
 
+@pytest.mark.parametrize("case", ["one thread", "odd rows", "strided weight", "bf16", "mixed dtypes", "grad"])
+def test_decode_linear_leaves_to_f_linear_what_the_split_cannot_take(case, monkeypatch):
+    # The split needs 2+ threads, a contiguous fp32 weight whose rows divide among them, fp32
+    # input and no autograd (training keeps F.linear's backward); anything else is F.linear's,
+    # a mixed-dtype call included (which F.linear refuses).
+    from af3 import qwen2
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(1023 if case == "odd rows" else 1024, 640, generator=g)
+    if case == "strided weight":
+        weight = torch.randn(640, 1024, generator=g).t()
+    x = torch.randn(2, 1, 640, generator=g)
+    if case in ("bf16", "mixed dtypes"):
+        weight = weight.bfloat16()
+    if case == "bf16":
+        x = x.bfloat16()
+    splits = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: splits.append(1) or real_bmm(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if case == "one thread" else 2)
+    try:
+        with torch.inference_mode(case != "grad"), torch.set_grad_enabled(case == "grad"):
+            if case == "mixed dtypes":
+                with pytest.raises(RuntimeError):
+                    qwen2.linear(x, weight)
+            else:
+                torch.testing.assert_close(qwen2.linear(x, weight), F.linear(x, weight))
+    finally:
+        torch.set_num_threads(threads)
+    assert not splits
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("sum_chunk", [4096, 16], ids=["one-sum", "4-chunks"])
@@ -430,12 +463,13 @@ def test_decode_linear_compiled_form_equals_f_linear(dtype, bias, sum_chunk, mon
     g = torch.Generator().manual_seed(1)
     weight = torch.randn(96, 64, generator=g).to(dtype)
     b = torch.randn(96, generator=g).to(dtype) if bias else None
-    x = torch.randn(2, 1, 64, generator=g).to(dtype)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    y = qwen2.linear(x, weight, b)
-    assert y.dtype == dtype and y.shape == (2, 1, 96)
-    expected = F.linear(x.float(), weight.float(), None if b is None else b.float())  # fp32 sums, as F.linear's
-    torch.testing.assert_close(y, expected.to(dtype), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-4)
+    for shape in ((2, 1, 64), (3, 64)):  # a decode step's (B, 1, d), and rows without a time axis
+        x = torch.randn(*shape, generator=g).to(dtype)
+        y = qwen2.linear(x, weight, b)
+        assert y.dtype == dtype and y.shape == (*shape[:-1], 96)
+        expected = F.linear(x.float(), weight.float(), None if b is None else b.float())  # fp32 sums, as F.linear's
+        torch.testing.assert_close(y, expected.to(dtype), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-4)
 
 
 def test_compiled_sums_are_chunked_to_at_most_sum_chunk():
