@@ -28,6 +28,7 @@ AF3_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
 # generation_config.json: keys that would change what `generate` returns, with the value that
 # leaves it unchanged. Those af3 reads (sampling, eos, pad, max_new_tokens) are not listed.
 _GENERATION_NO_OP = {
