@@ -109,8 +109,11 @@ def part_path(output: Path, rank: int) -> Path:
 def read_records(output: Path, items: Sequence[Item]) -> dict[int, dict]:
     """Records already written (the output of an earlier run, and every part file), by manifest index.
 
-    A success beats a failure; a record whose audio is not the manifest's at that index (the
-    manifest changed) is not counted. A half-written last line (a killed run) is skipped.
+    A success beats a failure. The output is rewritten from these when the run ends, so it must
+    hold this manifest's results only: any other line (another file, another manifest's results,
+    this one's before lines were inserted) is a ValueError, and the file is left as it is. In a
+    part file (af3's own) a half-written line from a killed run, or a record of another
+    manifest, is skipped.
     """
     found: dict[int, dict] = {}
     paths = [output] if output.exists() else []
@@ -127,6 +130,10 @@ def read_records(output: Path, items: Sequence[Item]) -> dict[int, dict]:
                     continue  # the half line a killed rank left
                 index = record.get("index") if isinstance(record, dict) else None
                 if not is_int(index) or not 0 <= index < len(items) or record.get("audio") != items[index].audio:
+                    if path == output:
+                        raise ValueError(f"{output}, line {lineno}: not a result of this manifest's entry "
+                                         f"{index if is_int(index) else '?'}; --output names an existing file that "
+                                         "holds other results (or the manifest changed); choose another name")
                     continue
                 if "error" not in record or "error" in found.get(index, {"error": ""}):
                     found[index] = record

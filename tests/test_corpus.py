@@ -140,6 +140,15 @@ def test_corpus_refuses_outputs_it_would_clobber(corpus, tmp_path):
     with pytest.raises(ValueError, match="not a JSON record; --output names an existing file"):
         transcribe_corpus(m, root / "manifest.txt", other, log=io.StringIO(), **RUN)
     assert other.read_text() == "my own notes\n"
+    # JSON lines that are not this manifest's results: a fine-tuning manifest, another corpus's
+    # results. The run would rewrite the file with its own records; it refuses and leaves it.
+    for text in ('{"messages": [{"role": "user", "content": "hi"}]}\n',
+                 '{"index": 0, "id": "x", "audio": "elsewhere.wav", "text": "hello"}\n',
+                 '{"index": 99, "id": "x", "audio": "a.wav", "text": "hello"}\n'):
+        other.write_text(text)
+        with pytest.raises(ValueError, match="line 1: not a result of this manifest's entry"):
+            transcribe_corpus(m, root / "manifest.txt", other, log=io.StringIO(), **RUN)
+        assert other.read_text() == text
     with pytest.raises(ValueError, match="is the manifest itself"):
         transcribe_corpus(m, root / "manifest.txt", root / "manifest.txt", log=io.StringIO(), **RUN)
     with pytest.raises(ValueError, match="unknown generation argument"):
