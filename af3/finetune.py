@@ -28,13 +28,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from af3 import lora
 from af3.audio import load_audio
 from af3.chat import AUDIO_KEYS, check_conversation
-from af3.config import is_int
+from af3.config import is_int, is_number
 from af3.frontend import MAX_SECONDS, SAMPLING_RATE
 from af3.jsonfile import parse_json
 from af3.processor import IGNORE_INDEX
@@ -44,6 +45,10 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PARTS_FILE = "trained_parts.safetensors"  # full fine-tuning: the trained tensors, af3 names
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class DivergedError(ValueError):
+    """The training loss became nan or inf."""
 
 
 class ManifestError(ValueError):
@@ -73,9 +78,15 @@ class TrainConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not self.lr > 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("lr must be > 0 and warmup_steps, weight_decay, max_grad_norm >= 0, got "
-                             f"{self.lr}, {self.warmup_steps}, {self.weight_decay}, {self.max_grad_norm}")
+        for name in ("lr", "weight_decay", "max_grad_norm", "lora_alpha", "lora_dropout"):
+            value = getattr(self, name)
+            if not is_number(value):  # nan or inf would train to nan weights, and save them
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("lr must be > 0 and weight_decay, max_grad_norm >= 0, got "
+                             f"{self.lr}, {self.weight_decay}, {self.max_grad_norm}")
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         self.train, self.lora_targets = tuple(self.train), tuple(self.lora_targets)
         unknown = [t for t in self.train if t != "lora" and t not in PARTS]
         if unknown or not self.train:
@@ -252,7 +263,7 @@ def load_parts(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     # By parameter name (what save_checkpoint writes), or by state-dict name, where q, k and v
     # are apart (the state dict's tensors are views of the parameters).
     params = {**model.state_dict(), **dict(model.named_parameters())}
-    got = load_file(str(where))
+    got = _read(where)
     unknown = sorted(set(got) - set(params))
     if unknown:
         raise ValueError(f"{where}: tensors {unknown[:3]} are not parameters of this model")
@@ -285,17 +296,17 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     with torch.no_grad():
         if "lora" in config.train:
             expected = lora.adapter_tensors(model)
-            got = load_file(str(directory / lora.WEIGHTS_FILE))
+            got = _read(directory / lora.WEIGHTS_FILE)
             _check_keys(directory / lora.WEIGHTS_FILE, set(got), set(expected))
             for k, v in got.items():
                 expected[k].copy_(v)
         parts = [n for n in trained if ".lora_" not in n]
         if parts:
-            got = load_file(str(directory / PARTS_FILE))
+            got = _read(directory / PARTS_FILE)
             _check_keys(directory / PARTS_FILE, set(got), set(parts))
             for k, v in got.items():
                 params[k].copy_(v)
-    flat = load_file(str(directory / OPTIMIZER_FILE))
+    flat = _read(directory / OPTIMIZER_FILE)
     by_param = {}
     for i, name in enumerate(trained):
         entries = {key[len(name) + 1:]: v for key, v in flat.items() if key.rpartition(".")[0] == name}
@@ -303,6 +314,16 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
             by_param[i] = entries
     optimizer.load_state_dict({"state": by_param, "param_groups": optimizer.state_dict()["param_groups"]})
     return int(state["step"])
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file a run wrote; a missing or damaged one is named."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:  # cut short, or not safetensors at all
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _check_keys(where: Path, got: set, expected: set) -> None:
@@ -391,6 +412,10 @@ def train(model: nn.Module, processor: Any, train_set: list[Example], config: Tr
         loss_value = float(loss_sum) / n_targets
         tokens_seen += int(totals[config.grad_accum:].sum())
         done = step + 1
+        if not math.isfinite(loss_value):  # the weights just stepped on it: stop, save nothing
+            raise DivergedError(f"step {done}: the loss is {loss_value}, so training diverged; nothing more was "
+                                "saved (checkpoints written before are kept): lower the learning rate, or "
+                                "look for a bad example")
         if done % run.log_every == 0 or done == config.steps:
             elapsed = time.perf_counter() - t0
             eta = elapsed / (done - start) * (config.steps - done)

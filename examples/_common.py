@@ -6,6 +6,8 @@ this file as `examples._common`.
 
 from __future__ import annotations
 
+import argparse
+import math
 import re
 import sys
 
@@ -19,6 +21,22 @@ COMPILE_HELP = ("run each decoding step through torch.compile (CUDA graphs on a 
 FLAGS = {"max_new_tokens": "--max-new-tokens", "max_tokens": "--max-tokens", "batch_size": "--batch-size",
          "dtype": "--dtype", "device": "--device", "seed": "--seed", "chunk_seconds": "--chunk-seconds",
          "margin_seconds": "--margin-seconds"}
+
+
+def seed(text: str) -> int:
+    """argparse type for --seed: an int that torch's generators take, [-2**63, 2**64)."""
+    value = int(text)
+    if not -2**63 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**64), got {text}")
+    return value
+
+
+def finite(text: str) -> float:
+    """argparse type for a float setting: nan and inf are refused (they would train to nan weights)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def default_device() -> str:
@@ -43,8 +61,9 @@ def as_flags(message: str, flags: tuple[str, ...]) -> str:
         if flag not in flags:
             continue
         message = re.sub(rf"\w+\({name}=\.\.\.\)", flag, message)  # start_chat(max_tokens=...)
-        message = re.sub(rf"\b{name}=(\S+?)([,;)]|\s|$)", rf"{flag} \1\2", message)  # max_new_tokens=256
-        message = re.sub(rf"\b{name}\b", flag, message)
+        # Not inside a flag already written (--device): "-" is not a word character.
+        message = re.sub(rf"(?<![\w-]){name}=(\S+?)([,;)]|\s|$)", rf"{flag} \1\2", message)  # max_new_tokens=256
+        message = re.sub(rf"(?<![\w-]){name}\b", flag, message)
     return message
 
 

@@ -25,6 +25,7 @@ from examples._common import (
     DTYPE_NAMES,
     device_and_dtype,
     print_error,
+    seed,
 )
 
 END_HINT = "(an empty line or Ctrl-D ends the chat)"
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None, help="per reply (default: the checkpoint's)")
     p.add_argument("--think", action="store_true", help="ask the model to reason before answering")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (the same replies to the same questions)")
+    p.add_argument("--seed", type=seed, default=None, help="seed for sampling (the same replies to the same questions)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="most tokens the whole chat may hold (default: the model's context); the cache grows as needed")
     args = p.parse_args(argv)

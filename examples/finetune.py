@@ -22,7 +22,7 @@ from pathlib import Path
 # Run from a clone without installing: make the repository importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples._common import default_device
+from examples._common import default_device, finite, seed
 
 DTYPES = ("float32", "bfloat16")  # fp16 training would need loss scaling; bf16 does not
 
@@ -37,26 +37,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train", default="lora",
                    help="comma-separated: 'lora' and/or parts trained in full: encoder, projector, decoder")
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-alpha", type=finite, default=16.0)
+    p.add_argument("--lora-dropout", type=finite, default=0.05)
     p.add_argument("--lora-targets", default="decoder",
                    help="comma-separated groups (decoder, encoder-attention, projector) or module patterns "
                         "such as 'decoder.layers.*.attn.q'")
     p.add_argument("--batch-size", type=int, default=1, help="conversations per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the manifest, when --steps is not given")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
+    p.add_argument("--epochs", type=finite, default=1.0, help="passes over the manifest, when --steps is not given")
+    p.add_argument("--lr", type=finite, default=1e-4, help="peak AdamW learning rate")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then cosine decay to 0")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)")
+    p.add_argument("--weight-decay", type=finite, default=0.0)
+    p.add_argument("--max-grad-norm", type=finite, default=1.0, help="gradient clipping (0: none)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute encoder/decoder layer activations in the backward pass (less memory)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only the final one)")
     p.add_argument("--eval-every", type=int, default=0, help="eval loss every N steps (0: at the end)")
     p.add_argument("--log-every", type=int, default=1, help="progress line every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="frozen weights' dtype; bfloat16 also runs the forward pass under bf16 autocast "
@@ -115,7 +115,18 @@ def run(args: argparse.Namespace, torch, af3, finetune, world: int, say, rank_de
         device = "cuda:0" if default_device() == "cuda" else "cpu"
     on_gpu = device.startswith("cuda")
     if on_gpu:
-        torch.cuda.set_device(torch.device(device))
+        if not torch.cuda.is_available():
+            say(f"error: --device {device}: CUDA is not available here (use --device cpu)", file=sys.stderr)
+            return 2
+        try:
+            cuda = torch.device(device)
+            if cuda.index is None:  # "cuda": the current GPU, named so that set_device takes it
+                cuda = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(cuda)
+        except (RuntimeError, ValueError) as e:
+            say(f"error: --device {device}: {e}", file=sys.stderr)
+            return 2
+        device = str(cuda)
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
     try:
         config = finetune.TrainConfig(
@@ -126,6 +137,10 @@ def run(args: argparse.Namespace, torch, af3, finetune, world: int, say, rank_de
             seed=args.seed)
     except ValueError as e:
         say(f"error: {e}", file=sys.stderr)
+        return 2
+    problem = output_problem(Path(args.output))
+    if problem:
+        say(f"error: --output {args.output}: {problem}", file=sys.stderr)
         return 2
     try:
         m = af3.load(args.checkpoint, device=device, dtype=getattr(torch, dtype))
@@ -152,10 +167,24 @@ def run(args: argparse.Namespace, torch, af3, finetune, world: int, say, rank_de
         finetune.train(m.model, m.processor, train_set, config, run_settings, eval_set=eval_set,
                        gradient_checkpointing=args.gradient_checkpointing,
                        autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
-    except (FileExistsError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError) as e:  # OSError: a checkpoint that cannot be written or read
         say(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def output_problem(output: Path) -> str | None:
+    """Why checkpoints could not be written under `output`, checked before any training; or None."""
+    if output.exists() and not output.is_dir():
+        return "exists and is not a folder"
+    folder = output
+    while not folder.exists():  # the nearest folder that exists: the run creates the rest
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write in {folder}"
+    return None
 
 
 if __name__ == "__main__":

@@ -17,7 +17,12 @@ from pathlib import Path
 # Run from a clone without installing: make the repository importable. torch loads after --help.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples._common import DEVICE_HELP, DTYPE_NAMES, device_and_dtype, print_error
+from examples._common import (
+    DEVICE_HELP,
+    device_and_dtype,
+    finite,
+    print_error,
+)
 
 FLAGS = ("--dtype", "--device")
 
@@ -28,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("target", help="the assistant's reply to learn")
     p.add_argument("--checkpoint", required=True, help="af3 checkpoint directory")
     p.add_argument("--prompt", default="Transcribe the input speech.", help="the user's instruction")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
+    p.add_argument("--lr", type=finite, default=1e-5, help="AdamW learning rate (default 1e-5)")
     p.add_argument("--device", default=None, help=DEVICE_HELP)
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
-                   help="weights dtype (default float32: a plain, exact step; bfloat16 halves the memory)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32",
+                   help="weights dtype (default float32: a plain, exact step; bfloat16 halves the memory; "
+                        "float16 would need loss scaling, so it is not offered)")
     args = p.parse_args(argv)
     if not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")

@@ -37,6 +37,7 @@ from examples._common import (
     as_flags,
     device_and_dtype,
     print_error,
+    seed,
 )
 
 FLAGS = ("--max-new-tokens", "--batch-size", "--seed", "--dtype", "--device", "--chunk-seconds", "--margin-seconds")
@@ -71,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--margin-seconds", type=float, default=2.0,
                    help="how far before a chunk boundary a cut may move to a quiet point (default 2)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the checkpoint's sampling")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    p.add_argument("--seed", type=seed, default=None, help="seed for sampling (reproducible output)")
     args = p.parse_args(argv)
     if args.json:
         if args.format not in (None, "jsonl"):

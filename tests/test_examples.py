@@ -340,3 +340,23 @@ def test_make_install_says_what_it_is_doing(tmp_path):
     big = next(i for i, line in enumerate(lines) if "pip install" in line and ".[test]" in line)
     said = " ".join(line for line in lines[:big] if line.startswith("echo"))
     assert "5.7 GB" in said and "torch" in said and "--quiet" not in lines[big]
+
+
+def test_a_library_keyword_becomes_the_flag_once():
+    # "device=" became "--device" and then, matched again inside it, "----device".
+    common = example("_common")
+    assert common.as_flags("CUDA is not available; use device='cpu'", ("--device",)) == \
+        "CUDA is not available; use --device 'cpu'"
+    assert common.as_flags("seed=3, then seed and dtype", ("--seed", "--dtype")) == "--seed 3, then --seed and --dtype"
+
+
+@pytest.mark.parametrize("name, extra", [("chat", ["--seed", str(2**64)]), ("transcribe", ["--seed", str(-2**63 - 1)]),
+                                         ("train_step", ["Hello.", "--lr", "inf"]),
+                                         ("train_step", ["Hello.", "--dtype", "float16"])])
+def test_seeds_out_of_range_non_finite_rates_and_float16_training_are_usage_errors(files, capsys, name, extra):
+    # A 2**64 seed was a traceback (chat) or blamed on the audio file (transcribe); training at
+    # lr inf or in float16 (no loss scaling) ended in nan with exit 0.
+    with pytest.raises(SystemExit) as e:
+        example(name).main([str(files / "a.wav"), *extra, "--checkpoint", str(files / "ckpt")])
+    assert e.value.code == 2
+    assert extra[-2] in capsys.readouterr().err

@@ -256,3 +256,56 @@ def test_load_parts_reads_parameter_names_and_per_projection_names(tmp_path) -> 
     for name in ("attn.qkv.weight", "attn.qkv.bias", "attn.o.weight", "mlp.up.weight"):
         assert torch.equal(model.get_parameter(f"{layer}.{name}"), trained.get_parameter(f"{layer}.{name}")), name
     assert not torch.equal(model.decoder.layers[0].mlp.down.weight, trained.decoder.layers[0].mlp.down.weight)
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--lr", "nan"), ("--max-grad-norm", "nan"),
+                                         ("--weight-decay", "nan"), ("--epochs", "inf"), ("--lora-alpha", "inf"),
+                                         ("--seed", str(2**64))])
+def test_non_finite_settings_and_out_of_range_seeds_are_usage_errors(toy, tmp_path, capsys, flag, value) -> None:
+    # nan or inf trained to nan adapters and saved them with exit 0; a 2**64 seed was a traceback.
+    with pytest.raises(SystemExit) as e:
+        finetune_main(toy, tmp_path / "run", flag, value)
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["lr", "weight_decay", "max_grad_norm", "lora_alpha", "lora_dropout"])
+def test_train_config_refuses_nan_and_inf(name) -> None:
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            finetune.TrainConfig(**{name: value})
+
+
+def test_a_diverged_run_stops_and_saves_nothing_more(toy, tmp_path, capsys) -> None:
+    # lr 1e30: the first step's update is huge, and the second step's loss is nan or inf.
+    rc = finetune_main(toy, tmp_path / "run", "--steps", "3", "--lr", "1e30", "--max-grad-norm", "0",
+                       "--save-every", "1")
+    captured = capsys.readouterr()
+    assert rc == 2, captured.out
+    assert re.search(r"error: step \d: the loss is (nan|inf), so training diverged", captured.err), captured.err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-000001"]  # before it diverged
+
+
+def test_output_and_device_problems_are_found_before_loading(toy, tmp_path, capsys, monkeypatch) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for output, says in ((a_file, "exists and is not a folder"), (a_file / "sub", f"{a_file} is not a folder")):
+        assert finetune_main(toy, output) == 2
+        assert f"--output {output}: {says}" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert finetune_main(toy, tmp_path / "run", "--device", "cuda") == 2
+    assert "--device cuda: CUDA is not available here" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_checkpoint_file_is_named_on_resume(toy, tmp_path, capsys) -> None:
+    assert finetune_main(toy, tmp_path / "run", "--steps", "2", "--save-every", "1") == 0
+    shutil.rmtree(tmp_path / "run" / "final")
+    adapter = tmp_path / "run" / "checkpoint-000001" / lora.WEIGHTS_FILE
+    adapter.write_bytes(adapter.read_bytes()[:100])  # cut short
+    capsys.readouterr()
+    assert finetune_main(toy, tmp_path / "run", "--steps", "2", "--save-every", "1", "--resume") == 2
+    assert f"error: {adapter}: not a readable safetensors file" in capsys.readouterr().err
+    adapter.unlink()
+    assert finetune_main(toy, tmp_path / "run", "--steps", "2", "--save-every", "1", "--resume") == 2
+    assert f"error: {adapter} not found" in capsys.readouterr().err
