@@ -126,7 +126,10 @@ class GenerationConfig:
         if not path.is_file():
             raise FileNotFoundError(f"generation config {path} does not exist")
         d = parse_json(path.read_bytes(), f"generation config {path}")
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:  # a bad value: say which file holds it
+            raise type(e)(f"generation config {path}: {e}") from None
 
 
 def _check_int(value: Any, name: str) -> int:

@@ -56,7 +56,12 @@ def as_flags(message: str, flags: tuple[str, ...]) -> str:
     """`message` with the Python keywords that are flags of this script written as those flags.
 
     "lower max_new_tokens" -> "lower --max-new-tokens"; "start_chat(max_tokens=...)" -> "--max-tokens".
+    What follows a JSON file's name ("generation_config.json: max_new_tokens must be >= 1") is
+    about that file's keys, and stays as it is.
     """
+    head, sep, tail = message.partition(".json: ")
+    if sep:
+        return as_flags(head, flags) + sep + tail
     for name, flag in FLAGS.items():
         if flag not in flags:
             continue

@@ -360,3 +360,16 @@ def test_seeds_out_of_range_non_finite_rates_and_float16_training_are_usage_erro
         example(name).main([str(files / "a.wav"), *extra, "--checkpoint", str(files / "ckpt")])
     assert e.value.code == 2
     assert extra[-2] in capsys.readouterr().err
+
+
+def test_a_bad_generation_config_names_its_file_not_a_flag(files, tmp_path, capsys):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(files / "ckpt", ckpt)
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    (ckpt / "generation_config.json").write_text(json.dumps({**gen, "max_new_tokens": -5}))
+    assert example("transcribe").main([str(files / "a.wav"), "--checkpoint", str(ckpt)]) == 101
+    err = capsys.readouterr().err
+    assert f"generation config {ckpt / 'generation_config.json'}: max_new_tokens must be >= 1, got -5" in err, err
+    assert "--max-new-tokens" not in err
