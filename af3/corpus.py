@@ -164,8 +164,12 @@ def transcribe_corpus(bundle: Any, manifest: str | os.PathLike, output: str | os
     items = read_manifest(manifest)
     if output.resolve() == Path(manifest).resolve():
         raise ValueError(f"--output {output} is the manifest itself; name another file")
+    if output.is_dir():
+        raise IsADirectoryError(f"output {output} is a folder; name a file for the results")
     if not output.parent.is_dir():
-        raise FileNotFoundError(f"output folder not found: {output.parent}")
+        missing = not output.parent.exists()
+        raise (FileNotFoundError if missing else NotADirectoryError)(
+            f"output {output}: {output.parent} {'does not exist' if missing else 'is not a folder'}")
 
     plan: list[Any] = [None]
     if rank == 0:  # one reading of the disk, shared, so every rank splits the same work

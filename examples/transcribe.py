@@ -160,7 +160,8 @@ def run_manifest(model, args: argparse.Namespace, chunking: dict, gen: dict) -> 
         failed = transcribe_corpus(model, args.manifest, args.output, batch_size=args.batch_size,
                                    **chunking, **gen)
     except (OSError, ValueError) as e:  # the manifest or the output, before any work
-        print(error_line(args.manifest, e), file=sys.stderr)
+        named = args.output if str(e).startswith(f"output {args.output}") else args.manifest
+        print(error_line(named, e), file=sys.stderr)
         return CANNOT_START
     if failed:
         print(f"{failed} recording(s) failed; their records in {args.output} say why", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,13 @@ def test_corpus_refuses_outputs_it_would_clobber(corpus, tmp_path):
         with pytest.raises(ValueError, match="line 1: not a result of this manifest's entry"):
             transcribe_corpus(m, root / "manifest.txt", other, log=io.StringIO(), **RUN)
         assert other.read_text() == text
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, error, says in ((tmp_path, IsADirectoryError, "is a folder; name a file"),
+                             (a_file / "r.jsonl", NotADirectoryError, f"{a_file} is not a folder"),
+                             (tmp_path / "nope" / "r.jsonl", FileNotFoundError, "does not exist")):
+        with pytest.raises(error, match=f"output {re.escape(str(out))}.*{re.escape(says)}"):
+            transcribe_corpus(m, root / "manifest.txt", out, log=io.StringIO(), **RUN)
     with pytest.raises(ValueError, match="is the manifest itself"):
         transcribe_corpus(m, root / "manifest.txt", root / "manifest.txt", log=io.StringIO(), **RUN)
     with pytest.raises(ValueError, match="unknown generation argument"):
