@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from af3.config import is_int
-from af3.jsonfile import parse_json
+from af3.jsonfile import check_utf8, parse_json
 from af3.longform import (
     CHUNK_SECONDS,
     MARGIN_SECONDS,
@@ -62,6 +62,7 @@ def read_manifest(path: str | os.PathLike) -> list[Item]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
+    check_utf8(path)
     items: list[Item] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

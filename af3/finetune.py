@@ -37,7 +37,7 @@ from af3.audio import load_audio
 from af3.chat import AUDIO_KEYS, check_conversation
 from af3.config import is_int, is_number
 from af3.frontend import MAX_SECONDS, SAMPLING_RATE
-from af3.jsonfile import parse_json
+from af3.jsonfile import check_utf8, parse_json
 from af3.processor import IGNORE_INDEX
 
 PARTS = ("encoder", "projector", "decoder")  # what --train may fine-tune in full
@@ -119,6 +119,7 @@ def read_manifest(path: str | os.PathLike, processor: Any) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
+    check_utf8(path)
     examples, errors = [], []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):

@@ -39,6 +39,17 @@ def read_json_file(path: str | Path) -> Any:
     return parse_json(path.read_bytes(), str(path))
 
 
+def check_utf8(path: Path) -> None:
+    """A ValueError naming the line and byte where the file at `path` stops being UTF-8 text
+    (a JSON-lines manifest is read a line at a time; Python's own error names neither)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+
+
 def _field_of_long_integer(data: bytes | str) -> str:
     """', in "key"': the last key before the first over-long integer, to say where it is."""
     text = data if isinstance(data, str) else data.decode("utf-8", errors="replace")

@@ -326,3 +326,15 @@ def test_a_5000_digit_integer_in_a_finetuning_manifest_names_the_line(tiny, tmp_
     manifest.write_text('{"messages": [], "x": ' + "9" * 5000 + "}\n")
     with pytest.raises(ValueError, match=r"train\.jsonl:1: not valid JSON \(an integer of 5000 digits, in 'x'\)"):
         read_manifest(manifest, af3.load(tiny["af3"]).processor)
+
+
+def test_a_manifest_that_is_not_utf8_names_the_line(tiny, tmp_path) -> None:
+    from af3.corpus import read_manifest as corpus_manifest
+    from af3.finetune import read_manifest as finetune_manifest
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b'a.wav\n{"audio": "b\xff.wav"}\n')
+    with pytest.raises(ValueError, match=r"m\.jsonl, line 2: not UTF-8 text \(byte 0xff\)"):
+        corpus_manifest(manifest)
+    with pytest.raises(ValueError, match=r"m\.jsonl, line 2: not UTF-8 text \(byte 0xff\)"):
+        finetune_manifest(manifest, af3.load(tiny["af3"]).processor)
