@@ -288,12 +288,14 @@ class ChatSession:
             max_tokens = limit
         if not is_int(max_tokens) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        if max_tokens > limit:  # not cut to the context without a word
+            raise ValueError(f"max_tokens {max_tokens} exceeds the model's context of {limit} tokens")
         if system is not None and not isinstance(system, str):
             raise TypeError(f"system must be a string or None, got {type(system).__name__}")
         self.bundle = bundle
         self.audio = audio  # as given (history shows it so)
         self._clip = None if audio is None else load_audio(audio)  # a bad file fails here, not at ask()
-        self.max_tokens = min(max_tokens, limit)
+        self.max_tokens = max_tokens
         self.history: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         # (1, n): every token so far, the last reply included. The cache holds all but the last of
         # them (the last generated token is never fed back), so each turn re-feeds from there.

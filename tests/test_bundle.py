@@ -237,3 +237,11 @@ def test_start_chat_decodes_its_audio_at_once(tiny, tmp_path):
                                          {"type": "text", "text": "What do you hear?"}]}]
     assert reply == m.chat(same, max_new_tokens=3, do_sample=False)
     assert session.history[0]["content"][0] == {"type": "audio", "audio": str(path)}  # as given
+
+
+def test_a_chat_longer_than_the_context_is_refused_not_cut(tiny) -> None:
+    m, _, _ = tiny
+    limit = m.config.text.max_position_embeddings
+    assert m.start_chat(None, max_tokens=limit).max_tokens == limit
+    with pytest.raises(ValueError, match=f"max_tokens {limit + 1} exceeds the model's context of {limit} tokens"):
+        m.start_chat(None, max_tokens=limit + 1)
