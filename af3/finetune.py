@@ -370,6 +370,8 @@ def train(model: nn.Module, processor: Any, train_set: list[Example], config: Tr
     if run.resume and (found := latest_checkpoint(run.output)) is not None:
         start = load_checkpoint(found, model, optimizer, config, trained)
         run.log(f"resumed from {found} at step {start}")
+    elif run.resume:  # said, so that a mistyped --output does not pass for a resumed run
+        run.log(f"nothing to resume in {run.output}: starting at step 0")
     elif latest_checkpoint(run.output) is not None:
         raise FileExistsError(f"{run.output} already holds checkpoints; pass --resume to continue, or choose "
                               "another --output")

@@ -309,3 +309,8 @@ def test_a_damaged_checkpoint_file_is_named_on_resume(toy, tmp_path, capsys) -> 
     adapter.unlink()
     assert finetune_main(toy, tmp_path / "run", "--steps", "2", "--save-every", "1", "--resume") == 2
     assert f"error: {adapter} not found" in capsys.readouterr().err
+
+
+def test_resume_with_nothing_to_resume_says_so(toy, tmp_path, capsys) -> None:
+    assert finetune_main(toy, tmp_path / "run", "--steps", "1", "--resume") == 0
+    assert f"nothing to resume in {tmp_path / 'run'}: starting at step 0" in capsys.readouterr().out
