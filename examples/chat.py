@@ -89,7 +89,7 @@ def chat(args: argparse.Namespace) -> int:
     try:
         session = model.start_chat(clip, max_tokens=args.max_tokens)
     except (ValueError, TypeError, RuntimeError) as e:
-        print_error(str(e), FLAGS)
+        print_error(str(e).replace("the audio: ", f"{args.audio}: ", 1), FLAGS)  # the clip was read here
         return 1
     interactive = sys.stdin.isatty()
     if interactive:

@@ -245,3 +245,9 @@ def test_a_chat_longer_than_the_context_is_refused_not_cut(tiny) -> None:
     assert m.start_chat(None, max_tokens=limit).max_tokens == limit
     with pytest.raises(ValueError, match=f"max_tokens {limit + 1} exceeds the model's context of {limit} tokens"):
         m.start_chat(None, max_tokens=limit + 1)
+
+
+def test_a_clip_too_short_for_any_audio_token_is_refused_at_start_chat(tiny) -> None:
+    m, _, _ = tiny
+    with pytest.raises(ValueError, match="the audio: 100 samples is too short to give any audio token"):
+        m.start_chat(torch.zeros(100))

@@ -373,3 +373,10 @@ def test_a_bad_generation_config_names_its_file_not_a_flag(files, tmp_path, caps
     err = capsys.readouterr().err
     assert f"generation config {ckpt / 'generation_config.json'}: max_new_tokens must be >= 1, got -5" in err, err
     assert "--max-new-tokens" not in err
+
+
+def test_chat_names_a_clip_too_short_before_the_first_question(files, tmp_path, capsys, monkeypatch):
+    soundfile.write(str(tmp_path / "few.wav"), np.zeros(100, dtype=np.float32), 16000)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no question asked
+    assert example("chat").main([str(tmp_path / "few.wav"), "--checkpoint", str(files / "ckpt")]) == 1
+    assert f"error: {tmp_path / 'few.wav'}: 100 samples is too short" in capsys.readouterr().err
