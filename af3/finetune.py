@@ -139,6 +139,8 @@ def read_manifest(path: str | os.PathLike, processor: Any) -> list[Example]:
 
 def _check_example(number: int, line: str, root: Path, processor: Any) -> Example:
     record = parse_json(line, "")  # the caller names the file and line
+    if isinstance(record, dict) and "messages" not in record:
+        raise ValueError(f'a JSON object needs "messages" (a list of messages), got keys {sorted(record)[:5]}')
     messages = record.get("messages") if isinstance(record, dict) else record
     check_conversation(messages)
     if not any(m["role"] == "assistant" for m in messages):

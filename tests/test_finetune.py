@@ -194,6 +194,7 @@ def test_bad_examples_refused_before_training_with_line_numbers(toy, tmp_path, c
         json.dumps({"messages": conversation("long.wav", "Long.")}),
         "",
         json.dumps({"messages": conversation("dog.wav", "dog " * 600)}),  # over the tiny context of 512
+        json.dumps({"conversation": conversation("dog.wav", "A dog.")}),
     ]
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
     rc = example("finetune").main([str(tmp_path / "bad.jsonl"), "--checkpoint", str(toy / "ckpt"),
@@ -201,7 +202,8 @@ def test_bad_examples_refused_before_training_with_line_numbers(toy, tmp_path, c
     err = capsys.readouterr().err
     assert rc == 1
     bad = str(tmp_path / "bad.jsonl")
-    assert "5 of the manifest's examples cannot be used" in err
+    assert "6 of the manifest's examples cannot be used" in err
+    assert f"""{bad}:8: a JSON object needs "messages" (a list of messages), got keys ['conversation']""" in err
     assert f"{bad}:2: not valid JSON" in err
     assert f"{bad}:3: no assistant turn" in err
     assert re.search(rf"{re.escape(bad)}:4: .*missing\.wav", err)
