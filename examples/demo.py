@@ -78,6 +78,10 @@ def _rel(path: Path) -> str:
 
 def main(folder: Path = DEMO) -> int:
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        print(f"[demo] error: {_rel(folder)} exists and is not a folder; the demo keeps its files there: "
+              "move it away", file=sys.stderr)
+        return 1
     if (folder / DONE_NAME).exists():
         print(f"[demo] using the cached tiny checkpoint in {_rel(folder)}/ (delete it to rebuild)")
     else:

@@ -380,3 +380,10 @@ def test_chat_names_a_clip_too_short_before_the_first_question(files, tmp_path, 
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no question asked
     assert example("chat").main([str(tmp_path / "few.wav"), "--checkpoint", str(files / "ckpt")]) == 1
     assert f"error: {tmp_path / 'few.wav'}: 100 samples is too short" in capsys.readouterr().err
+
+
+def test_demo_with_a_file_in_the_way_says_so(tmp_path, capsys):
+    (tmp_path / ".demo").write_text("mine")
+    assert example("demo").main(tmp_path / ".demo") == 1
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert (tmp_path / ".demo").read_text() == "mine"
