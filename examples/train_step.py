@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         batch = m.processor.apply_chat_template(conversation, add_generation_prompt=False,
                                                 output_labels="assistant").to(device)
     except (OSError, ValueError, TypeError) as e:  # an unreadable audio file, a prompt too long
-        print_error(str(e), FLAGS)
+        text = str(e)  # "clip 0 of sample 0: ..." is about the one audio file: name it
+        print_error(f"{args.audio}: {text}" if text.startswith("clip ") else text, FLAGS)
         return 1
 
     model = m.model

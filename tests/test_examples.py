@@ -188,7 +188,7 @@ def test_chat_arguments_and_end_of_input(files, capsys, monkeypatch):
     assert err.count(missing) == 1 and "Traceback" not in err
 
 
-def test_train_step_errors_are_one_line(files, capsys):
+def test_train_step_errors_are_one_line(files, capsys, tmp_path):
     train = example("train_step")
     assert train.main([str(files / "missing.wav"), "x", "--checkpoint", str(files / "ckpt")]) == 1
     err = capsys.readouterr().err
@@ -198,6 +198,9 @@ def test_train_step_errors_are_one_line(files, capsys):
     with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         train.main([str(files / "a.wav"), "x", "--checkpoint", str(files / "ckpt"), "--lr", "-1"])
     assert "--lr must be > 0" in capsys.readouterr().err
+    soundfile.write(str(tmp_path / "few.wav"), np.zeros(100, dtype=np.float32), 16000)
+    assert train.main([str(tmp_path / "few.wav"), "x", "--checkpoint", str(files / "ckpt")]) == 1
+    assert f"error: {tmp_path / 'few.wav'}: clip 0 of sample 0: 100 samples is too short" in capsys.readouterr().err
 
 
 def test_transcribe_decodes_a_batch_at_a_time_and_keeps_repeats(files, capsys, monkeypatch):
