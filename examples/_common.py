@@ -20,7 +20,11 @@ COMPILE_HELP = ("run each decoding step through torch.compile (CUDA graphs on a 
 # A library error names the keyword of a Python call; a script's user changes a flag instead.
 FLAGS = {"max_new_tokens": "--max-new-tokens", "max_tokens": "--max-tokens", "batch_size": "--batch-size",
          "dtype": "--dtype", "device": "--device", "seed": "--seed", "chunk_seconds": "--chunk-seconds",
-         "margin_seconds": "--margin-seconds"}
+         "margin_seconds": "--margin-seconds",
+         # finetune.TrainConfig's settings (not "steps", "train" or "seed": words of other messages too)
+         "lr": "--lr", "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
+         "lora_targets": "--lora-targets", "grad_accum": "--grad-accum", "warmup_steps": "--warmup-steps",
+         "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm"}
 
 
 def seed(text: str) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 # Run from a clone without installing: make the repository importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples._common import default_device, finite, seed
+from examples._common import FLAGS, as_flags, default_device, finite, seed
 
 DTYPES = ("float32", "bfloat16")  # fp16 training would need loss scaling; bf16 does not
 
@@ -135,8 +135,8 @@ def run(args: argparse.Namespace, torch, af3, finetune, world: int, say, rank_de
             batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps or 1, lr=args.lr,
             warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
             seed=args.seed)
-    except ValueError as e:
-        say(f"error: {e}", file=sys.stderr)
+    except ValueError as e:  # in the flags' names: "lora_alpha must be ..." -> "--lora-alpha must be ..."
+        say(f"error: {as_flags(str(e), tuple(FLAGS.values()))}", file=sys.stderr)
         return 2
     problem = output_problem(Path(args.output))
     if problem:

@@ -316,3 +316,9 @@ def test_a_damaged_checkpoint_file_is_named_on_resume(toy, tmp_path, capsys) -> 
 def test_resume_with_nothing_to_resume_says_so(toy, tmp_path, capsys) -> None:
     assert finetune_main(toy, tmp_path / "run", "--steps", "1", "--resume") == 0
     assert f"nothing to resume in {tmp_path / 'run'}: starting at step 0" in capsys.readouterr().out
+
+
+def test_a_setting_refused_by_the_library_is_named_as_its_flag(toy, tmp_path, capsys) -> None:
+    assert finetune_main(toy, tmp_path / "run", "--weight-decay", "-1") == 2
+    err = capsys.readouterr().err
+    assert "--weight-decay" in err and "weight_decay" not in err.replace("--weight-decay", ""), err
