@@ -25,7 +25,7 @@ import torch
 
 from af3.audio import AudioSource, audio_seconds, iter_audio
 from af3.config import is_number
-from af3.frontend import CHUNK_LENGTH, MAX_SECONDS, SAMPLING_RATE
+from af3.frontend import CHUNK_LENGTH, HOP_LENGTH, MAX_SECONDS, SAMPLING_RATE
 
 CHUNK_SECONDS = float(CHUNK_LENGTH)  # one encoder window
 MAX_CHUNK_SECONDS = MAX_SECONDS  # all AF3 hears at once
@@ -82,7 +82,11 @@ def chunk_sizes(chunk_seconds: float, margin_seconds: float) -> tuple[int, int]:
     if not 0 <= margin_seconds < chunk_seconds:
         raise ValueError(f"margin_seconds must be >= 0 and below chunk_seconds ({chunk_seconds:g}), "
                          f"got {margin_seconds!r}")
-    return round(chunk_seconds * SAMPLING_RATE), round(margin_seconds * SAMPLING_RATE)
+    chunk, margin = round(chunk_seconds * SAMPLING_RATE), round(margin_seconds * SAMPLING_RATE)
+    if chunk - margin <= 2 * HOP_LENGTH:  # a cut may shorten a chunk by the margin
+        raise ValueError(f"chunk_seconds - margin_seconds must be more than {2 * HOP_LENGTH / SAMPLING_RATE:g} s, "
+                         f"the shortest audio AF3 gets a token from; got {chunk_seconds:g} - {margin_seconds:g}")
+    return chunk, margin
 
 
 def quiet_cut(samples: torch.Tensor, chunk: int, margin: int, frame: int = FRAME_SAMPLES) -> int:

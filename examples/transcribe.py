@@ -119,7 +119,13 @@ def run(args: argparse.Namespace) -> int:
 
     import af3
     from af3.corpus import init_distributed
+    from af3.longform import chunk_sizes
 
+    try:  # the library's own rule for a chunk too short to give a token, before anything loads
+        chunk_sizes(args.chunk_seconds, args.margin_seconds)
+    except ValueError as e:
+        print_error(str(e), FLAGS)
+        return CANNOT_START
     try:
         rank_device = init_distributed(args.device)  # under torchrun: join the group; None otherwise
     except (ValueError, RuntimeError) as e:  # too few GPUs for the processes; a device torch does not know

@@ -390,3 +390,10 @@ def test_demo_with_a_file_in_the_way_says_so(tmp_path, capsys):
     assert example("demo").main(tmp_path / ".demo") == 1
     assert "exists and is not a folder" in capsys.readouterr().err
     assert (tmp_path / ".demo").read_text() == "mine"
+
+
+def test_transcribe_refuses_chunks_too_short_for_a_token_before_loading(files, capsys):
+    assert example("transcribe").main([str(files / "a.wav"), "--checkpoint", str(files / "nope"),
+                                       "--chunk-seconds", "0.01", "--margin-seconds", "0"]) == 101
+    err = capsys.readouterr().err
+    assert "--chunk-seconds - --margin-seconds must be more than 0.02 s" in err and "nope" not in err

@@ -132,6 +132,11 @@ def test_chunk_settings_are_checked():
         chunk_sizes(10, 10)
     with pytest.raises(ValueError, match="chunk_seconds must be a finite number"):
         chunk_sizes(float("nan"), 1)
+    # A chunk that a cut may shorten to 20 ms or less would give no audio token at all.
+    assert chunk_sizes(0.5, 0.47) == (8000, 7520)
+    for chunk, margin in ((0.02, 0), (0.001, 0), (0.5, 0.48)):
+        with pytest.raises(ValueError, match="chunk_seconds - margin_seconds must be more than 0.02 s"):
+            chunk_sizes(chunk, margin)
 
 
 # ---- subtitle formats ---------------------------------------------------------------------------
