@@ -482,10 +482,15 @@ def _make_generator(seed: int | None, generator: torch.Generator | None,
         return generator
     if seed is None:
         return None
+    return torch.Generator(device=device).manual_seed(check_seed(seed))
+
+
+def check_seed(seed: Any) -> int:
+    """`seed` as an int that torch's generators take ([-2**63, 2**64)); TypeError or ValueError."""
     seed = _check_int(seed, "seed")
     if not -2**63 <= seed < 2**64:  # what torch.Generator.manual_seed accepts
         raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
-    return torch.Generator(device=device).manual_seed(seed)
+    return seed
 
 
 def _text_setting(model: torch.nn.Module, name: str) -> int | None:

@@ -28,11 +28,15 @@ FLAGS = {"max_new_tokens": "--max-new-tokens", "max_tokens": "--max-tokens", "ba
 
 
 def seed(text: str) -> int:
-    """argparse type for --seed: an int that torch's generators take, [-2**63, 2**64)."""
-    value = int(text)
-    if not -2**63 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**64), got {text}")
-    return value
+    """argparse type for --seed: an int that torch's generators take (af3's own check; called only
+    when --seed is given, so --help still imports nothing heavy)."""
+    from af3.generation import check_seed
+
+    value = int(text)  # not a number: argparse's own "invalid seed value"
+    try:
+        return check_seed(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def finite(text: str) -> float:
