@@ -23,7 +23,7 @@ from af3.chat import (
     is_conversation,
     render_conversation,
 )
-from af3.config import is_int, is_integer
+from af3.config import is_int, is_integer, is_real
 from af3.frontend import HOP_LENGTH, N_MELS, SAMPLING_RATE
 from af3.mel import extract_features
 from af3.windows import mel_length, window_ranges, window_token_count
@@ -160,8 +160,7 @@ class Processor:
         """Per prompt, its clips as 1-D float32 16 kHz tensors."""
         if audio is None:
             return [[] for _ in range(n_texts)]
-        if isinstance(audio, (list, tuple)) and audio and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for x in audio):
+        if isinstance(audio, (list, tuple)) and audio and all(is_real(x) for x in audio):
             raise TypeError(f"audio is a list of {len(audio)} numbers; pass a clip's samples as a numpy array or "
                             "a torch tensor (a list holds one clip, or a list of clips, per text)")
         if not isinstance(audio, (list, tuple)):

@@ -405,6 +405,8 @@ def test_clip_too_short_for_one_token_is_an_error(tiny):
 def test_list_of_numbers_is_not_a_batch_of_clips(tiny):
     with pytest.raises(TypeError, match="audio is a list of 3 numbers; pass a clip's samples as a numpy array"):
         tiny("<sound>hi", audio=[0.0, 0.1, 0.2])
+    with pytest.raises(TypeError, match="audio is a list of 2 numbers"):  # numpy's scalars, as list(array) gives
+        tiny("<sound>hi", audio=list(np.zeros(2, dtype=np.float32)))
 
 
 def test_processor_checks_each_clip_for_nan_once(tiny, monkeypatch):
