@@ -184,8 +184,11 @@ def transcribe_corpus(bundle: Any, manifest: str | os.PathLike, output: str | os
     split, n_done = plan[0]
     mine = split[rank]
     total = sum(s or 0.0 for _, s in mine)
-    print(f"rank {rank}/{world}: {len(mine)} to do, {total:.0f} s of audio ({n_done} of {len(items)} done before)",
-          file=log, flush=True)
+    # One write, newline included: under PYTHONUNBUFFERED, print writes the newline apart, and another
+    # rank's line sharing the stream could land between the two.
+    log.write(f"rank {rank}/{world}: {len(mine)} to do, {total:.0f} s of audio ({n_done} of {len(items)} done "
+              "before)\n")
+    log.flush()
     if sort:
         mine = sorted(mine, key=lambda pair: (-(pair[1] or 0.0), pair[0].index))  # longest first
     recordings = [Recording(it, it.audio, it.prompt, s) for it, s in mine]

@@ -206,8 +206,10 @@ def test_torchrun_two_processes_equal_one_and_resume_after_a_killed_rank(corpus,
     rerun = torchrun(*cli)
     # Exit statuses: rank 0 exits with the failure count (2), which torchrun reports as a failure.
     assert rerun.returncode != 0 and "2 recording(s) failed" in rerun.stderr, rerun.stderr[-3000:]
-    # Searched for anywhere, not at line starts: the two ranks and torch's own logging share one stderr,
-    # and in one CI run a rank's line was not found at a line start. Each is one write, so it stays whole.
+    # Searched for anywhere, not at line starts: both ranks and torch write to one stderr, and a line
+    # written without its newline (print writes the newline apart under PYTHONUNBUFFERED, set on these
+    # machines) lets another line land after it; a CI run once found a rank's line so. Each rank's
+    # line is one write (af3/corpus.py), so it stays whole.
     to_do = dict(re.findall(r"rank (\d)/2: (\d+) to do", rerun.stderr))
     assert to_do.keys() == {"0", "1"}, rerun.stderr[-3000:]
     assert sum(map(int, to_do.values())) == 8 - len(done_before)  # only what was missing

@@ -134,7 +134,8 @@ def test_two_processes_equal_one_process_on_the_combined_batch(toy, tmp_path) ->
                              str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300,
                          check=False)
     assert single.returncode == 0, single.stderr[-3000:]
-    assert losses(ddp.stdout) == pytest.approx(losses(single.stdout), rel=1e-6)
+    # Logged to 4 decimals: equal losses that round on either side of a last digit print 1e-4 apart.
+    assert losses(ddp.stdout) == pytest.approx(losses(single.stdout), abs=1.01e-4)
     # Gradients (through Adam's moments) to rounding; weights to 1% of a step, because Adam's first
     # step is lr * g / (|g| + 1e-8), which rounding moves visibly for the few g near 1e-8.
     for f, tol in ((finetune.OPTIMIZER_FILE, 1e-5), (lora.WEIGHTS_FILE, 1e-2 * 1e-2)):

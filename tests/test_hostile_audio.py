@@ -244,7 +244,7 @@ def test_a_trickling_server_is_cut_off_at_the_deadline(where: str) -> None:
         start = time.monotonic()
         with pytest.raises(AudioError, match=rf"/{where}: the download took longer than 1 s \(download_deadline\)"):
             load_audio(f"{url}/{where}", download_deadline=1)
-        assert time.monotonic() - start < 5  # each byte comes well within the per-read timeout
+        assert time.monotonic() - start < 30  # trickled to the end, either would take 200 s or more
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -128,6 +128,7 @@ def test_smallest_allowed_settings_and_non_default_ones() -> None:
     assert audio_token_count(16_000 * 5, hop_length=320) == 62
 
 
+@settings(deadline=None)  # no 200 ms limit on an example: a stalled CI machine is not a failure
 @given(n=st.integers(0, 10_000))
 def test_counts_are_ints(n: int) -> None:
     assert type(window_token_count(n)) is int and type(mel_length(n)) is int
