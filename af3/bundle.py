@@ -32,7 +32,6 @@ from af3.checkpoint import (
     resolve_dtype,
 )
 from af3.config import AF3Config, is_int
-from af3.frontend import HOP_LENGTH
 from af3.generation import GenerationConfig, compiled_length, generate
 from af3.longform import (
     CHUNK_SECONDS,
@@ -49,7 +48,7 @@ from af3.progress import ChunkProgress
 from af3.qwen2 import KVCache
 from af3.streaming import TextStreamer
 from af3.tokenizer import Tokenizer
-from af3.windows import audio_token_count
+from af3.windows import check_gives_a_token
 
 THINK_PROMPT = "Please think and reason about the input audio before you respond."
 
@@ -297,10 +296,8 @@ class ChatSession:
         self.bundle = bundle
         self.audio = audio  # as given (history shows it so)
         self._clip = None if audio is None else load_audio(audio)  # a bad file fails here, not at ask()
-        if self._clip is not None and audio_token_count(self._clip.shape[0]) == 0:  # nor one too short
-            name = audio if isinstance(audio, (str, os.PathLike)) else "the audio"
-            raise ValueError(f"{name}: {self._clip.shape[0]} samples is too short to give any audio token "
-                             f"(the first takes more than {2 * HOP_LENGTH} samples, 20 ms)")
+        if self._clip is not None:  # nor one too short to be heard
+            check_gives_a_token(self._clip.shape[0], audio if isinstance(audio, (str, os.PathLike)) else "the audio")
         self.max_tokens = max_tokens
         self.history: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         # (1, n): every token so far, the last reply included. The cache holds all but the last of

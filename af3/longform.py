@@ -25,7 +25,8 @@ import torch
 
 from af3.audio import AudioSource, audio_seconds, iter_audio
 from af3.config import is_number
-from af3.frontend import CHUNK_LENGTH, HOP_LENGTH, MAX_SECONDS, SAMPLING_RATE
+from af3.frontend import CHUNK_LENGTH, MAX_SECONDS, SAMPLING_RATE
+from af3.windows import SILENT_SAMPLES
 
 CHUNK_SECONDS = float(CHUNK_LENGTH)  # one encoder window
 MAX_CHUNK_SECONDS = MAX_SECONDS  # all AF3 hears at once
@@ -83,8 +84,8 @@ def chunk_sizes(chunk_seconds: float, margin_seconds: float) -> tuple[int, int]:
         raise ValueError(f"margin_seconds must be >= 0 and below chunk_seconds ({chunk_seconds:g}), "
                          f"got {margin_seconds!r}")
     chunk, margin = round(chunk_seconds * SAMPLING_RATE), round(margin_seconds * SAMPLING_RATE)
-    if chunk - margin <= 2 * HOP_LENGTH:  # a cut may shorten a chunk by the margin
-        raise ValueError(f"chunk_seconds - margin_seconds must be more than {2 * HOP_LENGTH / SAMPLING_RATE:g} s, "
+    if chunk - margin <= SILENT_SAMPLES:  # a cut may shorten a chunk by the margin
+        raise ValueError(f"chunk_seconds - margin_seconds must be more than {SILENT_SAMPLES / SAMPLING_RATE:g} s, "
                          f"the shortest audio AF3 gets a token from; got {chunk_seconds:g} - {margin_seconds:g}")
     return chunk, margin
 

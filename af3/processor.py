@@ -24,9 +24,14 @@ from af3.chat import (
     render_conversation,
 )
 from af3.config import is_int, is_integer, is_real
-from af3.frontend import HOP_LENGTH, N_MELS, SAMPLING_RATE
+from af3.frontend import N_MELS
 from af3.mel import extract_features
-from af3.windows import mel_length, window_ranges, window_token_count
+from af3.windows import (
+    check_gives_a_token,
+    mel_length,
+    window_ranges,
+    window_token_count,
+)
 
 if TYPE_CHECKING:
     from af3.tokenizer import Tokenizer
@@ -187,12 +192,9 @@ class Processor:
         # `<sound>` is an added token, so it encodes alone whatever surrounds it: expanding it in
         # the ids gives the same result as expanding it in the text, without re-tokenizing.
         found = ids.count(self.audio_token_id)
+        for j, clip in enumerate(clips):
+            check_gives_a_token(clip.shape[0], f"clip {j} of sample {index}")
         per_clip = [self._window_tokens(clip) for clip in clips]
-        for j, (clip, windows) in enumerate(zip(clips, per_clip)):
-            if sum(windows) == 0:  # its <sound> would vanish and the model would never hear it
-                raise ValueError(f"clip {j} of sample {index}: {clip.shape[0]} samples is too short to give any "
-                                 f"audio token (3 mel frames make the first one: more than {2 * HOP_LENGTH} "
-                                 f"samples, {2000 * HOP_LENGTH / SAMPLING_RATE:g} ms); pad or drop the clip")
         if not clips:
             if found:
                 raise ValueError(f"sample {index}: found {found} placeholders but no audio was given")

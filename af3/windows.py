@@ -13,7 +13,10 @@ full window, 25 per second.
 from __future__ import annotations
 
 from af3.config import is_int
-from af3.frontend import HOP_LENGTH, MAX_WINDOWS, N_SAMPLES
+from af3.frontend import HOP_LENGTH, MAX_WINDOWS, N_SAMPLES, SAMPLING_RATE
+
+# The first audio token takes 3 mel frames, so audio of this many samples or fewer gives none.
+SILENT_SAMPLES = 2 * HOP_LENGTH
 
 
 def _check_count(name: str, value: int, minimum: int) -> None:
@@ -74,3 +77,12 @@ def audio_token_count(n_samples: int, *, window_samples: int = N_SAMPLES,
     """Audio tokens for a whole clip: the sum over its windows (what one <sound> expands to)."""
     ranges = window_ranges(n_samples, window_samples=window_samples, max_windows=max_windows)
     return sum(window_token_count(mel_length(end - start, hop_length)) for start, end in ranges)
+
+
+def check_gives_a_token(n_samples: int, what: str) -> None:
+    """ValueError naming `what` if a clip of `n_samples` is too short to give any audio token
+    (its `<sound>` would vanish, and the model would never hear it)."""
+    if audio_token_count(n_samples) == 0:
+        raise ValueError(f"{what}: {n_samples} samples is too short to give any audio token (3 mel frames make "
+                         f"the first one: more than {SILENT_SAMPLES} samples, {1000 * SILENT_SAMPLES / SAMPLING_RATE:g}"
+                         " ms); pad or drop the clip")
